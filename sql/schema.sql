@@ -1,0 +1,102 @@
+-- The warehouse schema: every table the pipeline writes. Idempotent (IF NOT EXISTS); applied on every connect.
+-- Views a person queries live in views.sql.
+
+-- One row: the warehouse's identity, so caches keyed on it miss when the file is recreated.
+CREATE TABLE IF NOT EXISTS warehouse_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+
+-- One row per pipeline run of a stage: timings and the stage's stats, for "what did last night's run do".
+CREATE TABLE IF NOT EXISTS stage_runs (
+    run_id      VARCHAR NOT NULL,
+    stage       VARCHAR NOT NULL,
+    started_at  TIMESTAMP NOT NULL,
+    finished_at TIMESTAMP NOT NULL,
+    stats       JSON
+);
+
+-- ============================================================== data plane: ingest
+-- One row per (path, content) version of an input file. A changed file is a new version; the same file again
+-- is a no-op. A file that cannot be read at all (corrupt gzip, empty, unknown layout) is kept with its reason.
+CREATE TABLE IF NOT EXISTS source_files (
+    file_id        VARCHAR PRIMARY KEY,     -- sha256(path, content sha256), 16 hex
+    path           VARCHAR NOT NULL,
+    source         VARCHAR NOT NULL,        -- dataset name: the file name without extensions
+    content_sha256 VARCHAR NOT NULL,
+    size_bytes     BIGINT NOT NULL,
+    file_type      VARCHAR NOT NULL,        -- json | jsonl | csv | parquet
+    data_format    VARCHAR,                 -- alpaca | sharegpt | messages | preference (NULL: undetected)
+    n_rows         BIGINT NOT NULL,         -- raw rows kept for this file
+    status         VARCHAR NOT NULL,        -- ingested | quarantined
+    reason         VARCHAR,                 -- file-level reason code when quarantined
+    detail         VARCHAR,
+    ingest_run_id  VARCHAR NOT NULL,
+    ingested_at    TIMESTAMP NOT NULL
+);
+
+-- Every raw row verbatim with provenance. raw holds the text as read; raw_bytes only rows that are not UTF-8.
+CREATE TABLE IF NOT EXISTS raw_rows (
+    row_id        VARCHAR PRIMARY KEY,      -- <file_id>:<row_number>
+    file_id       VARCHAR NOT NULL,
+    row_number    BIGINT NOT NULL,          -- 1-based line (jsonl/csv) or array index + 1 (json) or row (parquet)
+    row_seq       BIGINT NOT NULL,          -- global ingest order: earlier rows win duplicate clusters
+    raw           VARCHAR,
+    raw_bytes     BLOB,
+    ingest_run_id VARCHAR NOT NULL
+);
+
+-- The canonical form of each raw row, or why it could not be put in that form.
+-- kind sft:        messages = the whole conversation.
+-- kind preference: messages = the prompt turns; responses = assistant answers best-first (a pair has two).
+CREATE TABLE IF NOT EXISTS parsed_rows (
+    row_id     VARCHAR PRIMARY KEY,
+    kind       VARCHAR,                     -- sft | preference (NULL when unparsed)
+    messages   STRUCT(role VARCHAR, content VARCHAR)[],
+    responses  VARCHAR[],
+    reason     VARCHAR,                     -- reason code when the row could not be parsed
+    detail     VARCHAR
+);
+
+-- ============================================================== data plane: clean / dedup / split
+-- Rebuilt by the clean stage: normalised text and the first rule each row broke (NULL: passed every rule).
+CREATE TABLE IF NOT EXISTS clean_rows (
+    row_id     VARCHAR PRIMARY KEY,
+    kind       VARCHAR NOT NULL,
+    source     VARCHAR NOT NULL,
+    row_seq    BIGINT NOT NULL,
+    messages   STRUCT(role VARCHAR, content VARCHAR)[],
+    responses  VARCHAR[],
+    dedup_text VARCHAR,                     -- what dedup compares: the conversation (sft) or the prompt (preference)
+    content_hash VARCHAR,                   -- sha256 of dedup_text, the exact-duplicate key
+    n_chars    BIGINT,
+    language   VARCHAR,                     -- zh | ja | ko | en | other (script-based)
+    reason     VARCHAR,
+    detail     VARCHAR
+);
+
+-- Rebuilt by the dedup stage: every clean, accepted row and the cluster it belongs to. cluster_id is the
+-- representative's row_id (the earliest-ingested member); singletons are their own cluster.
+CREATE TABLE IF NOT EXISTS cluster_members (
+    row_id      VARCHAR PRIMARY KEY,
+    cluster_id  VARCHAR NOT NULL,
+    method      VARCHAR NOT NULL,           -- representative | exact | near
+    similarity  DOUBLE NOT NULL             -- estimated Jaccard to the representative (1.0 for exact copies)
+);
+
+-- Insert-only: a cluster's split never changes once assigned, whatever data arrives later.
+CREATE TABLE IF NOT EXISTS split_assignments (
+    cluster_id  VARCHAR PRIMARY KEY,
+    split       VARCHAR NOT NULL,           -- train | validation | test
+    assigned_run VARCHAR NOT NULL,
+    assigned_at TIMESTAMP NOT NULL
+);
+
+-- Rebuilt by the split stage: validation/test rows whose n-grams overlap the training split too much.
+CREATE TABLE IF NOT EXISTS contamination (
+    row_id          VARCHAR PRIMARY KEY,
+    split           VARCHAR NOT NULL,
+    overlap         DOUBLE NOT NULL,        -- share of the row's n-grams found in the training split
+    closest_train_row VARCHAR
+);
+
+-- ============================================================== training plane (issue 3)
+
+-- ============================================================== evaluation plane (issue 4)

@@ -1,0 +1,167 @@
+-- Views named for the questions people ask of the warehouse. Recreated on every connect.
+--   duckdb runs/warehouse.duckdb -c "select * from quality_summary"
+
+-- What happened to every raw row: accepted, rejected (reason), duplicate (of which row), or pending (a later
+-- stage has not run yet).
+CREATE OR REPLACE VIEW row_dispositions AS
+SELECT
+    r.row_id, r.file_id, f.source, f.path, r.row_number,
+    CASE
+        WHEN p.reason IS NOT NULL OR c.reason IS NOT NULL THEN 'rejected'
+        WHEN m.method IN ('exact', 'near') THEN 'duplicate'
+        WHEN m.method = 'representative' THEN 'accepted'
+        ELSE 'pending'
+    END AS status,
+    coalesce(p.reason, c.reason) AS reason,
+    coalesce(p.detail, c.detail) AS detail,
+    CASE WHEN m.method IN ('exact', 'near') THEN m.cluster_id END AS duplicate_of,
+    CASE WHEN m.method IN ('exact', 'near') THEN m.similarity END AS similarity
+FROM raw_rows r
+JOIN source_files f USING (file_id)
+LEFT JOIN parsed_rows p USING (row_id)
+LEFT JOIN clean_rows c USING (row_id)
+LEFT JOIN cluster_members m USING (row_id);
+
+-- Per file version: raw = accepted + rejected + duplicate must hold (balanced) once every stage has run.
+CREATE OR REPLACE VIEW row_conservation AS
+SELECT
+    f.file_id, f.path, f.source, f.status AS file_status, f.reason AS file_reason,
+    count(d.row_id) AS raw,
+    count(*) FILTER (WHERE d.status = 'accepted') AS accepted,
+    count(*) FILTER (WHERE d.status = 'rejected') AS rejected,
+    count(*) FILTER (WHERE d.status = 'duplicate') AS duplicate,
+    count(*) FILTER (WHERE d.status = 'pending') AS pending,
+    count(d.row_id) = count(*) FILTER (WHERE d.status IN ('accepted', 'rejected', 'duplicate')) AS balanced
+FROM source_files f
+LEFT JOIN row_dispositions d USING (file_id)
+GROUP BY ALL
+ORDER BY f.path, f.file_id;
+
+-- One line per source dataset: how much survived, why the rest did not, and where it went.
+CREATE OR REPLACE VIEW quality_summary AS
+WITH splits AS (
+    SELECT c.source,
+        count(*) FILTER (WHERE s.split = 'train') AS train,
+        count(*) FILTER (WHERE s.split = 'validation') AS validation,
+        count(*) FILTER (WHERE s.split = 'test') AS test
+    FROM clean_rows c
+    JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
+    JOIN split_assignments s ON s.cluster_id = m.cluster_id
+    GROUP BY ALL
+)
+SELECT
+    d.source,
+    count(DISTINCT d.file_id) AS files,
+    count(*) AS raw,
+    count(*) FILTER (WHERE d.status = 'accepted') AS accepted,
+    count(*) FILTER (WHERE d.status = 'rejected') AS rejected,
+    count(*) FILTER (WHERE d.status = 'duplicate') AS duplicates,
+    count(*) FILTER (WHERE d.status = 'pending') AS pending,
+    round(count(*) FILTER (WHERE d.status = 'accepted') / count(*), 4) AS accepted_share,
+    coalesce(any_value(sp.train), 0) AS train,
+    coalesce(any_value(sp.validation), 0) AS validation,
+    coalesce(any_value(sp.test), 0) AS test
+FROM row_dispositions d
+LEFT JOIN splits sp USING (source)
+GROUP BY d.source
+ORDER BY d.source;
+
+CREATE OR REPLACE VIEW rejections_by_reason AS
+SELECT reason, source, count(*) AS rows, list(row_id ORDER BY row_id)[1:5] AS example_rows, any_value(detail) AS example_detail
+FROM row_dispositions
+WHERE status = 'rejected'
+GROUP BY ALL
+ORDER BY rows DESC, reason, source;
+
+-- Files that could not be read at all, with why.
+CREATE OR REPLACE VIEW quarantined_files AS
+SELECT path, file_id, reason, detail, ingested_at FROM source_files WHERE status = 'quarantined' ORDER BY path;
+
+-- Each cluster with more than one member: its kept row, its size, and what the duplicates look like.
+CREATE OR REPLACE VIEW duplicate_clusters AS
+SELECT
+    m.cluster_id AS representative,
+    count(*) AS members,
+    count(*) FILTER (WHERE m.method = 'exact') AS exact_copies,
+    count(*) FILTER (WHERE m.method = 'near') AS near_copies,
+    min(m.similarity) AS min_similarity,
+    any_value(rep.source) AS source,
+    left(any_value(rep.dedup_text), 120) AS representative_text,
+    list(m.row_id ORDER BY m.row_id) FILTER (WHERE m.method <> 'representative') AS duplicate_rows
+FROM cluster_members m
+JOIN clean_rows rep ON rep.row_id = m.cluster_id
+GROUP BY m.cluster_id
+HAVING count(*) > 1
+ORDER BY members DESC, representative;
+
+CREATE OR REPLACE VIEW split_balance AS
+SELECT c.source, c.kind, s.split, count(*) AS rows, round(avg(c.n_chars), 1) AS avg_chars
+FROM clean_rows c
+JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
+JOIN split_assignments s ON s.cluster_id = m.cluster_id
+GROUP BY ALL
+ORDER BY c.source, c.kind, s.split;
+
+-- Character lengths of accepted rows per source, in power-of-two buckets.
+CREATE OR REPLACE VIEW length_distribution AS
+SELECT c.source, c.kind,
+    CAST(pow(2, floor(log2(greatest(c.n_chars, 1)))) AS BIGINT) AS chars_from,
+    count(*) AS rows
+FROM clean_rows c
+JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
+GROUP BY ALL
+ORDER BY c.source, c.kind, chars_from;
+
+CREATE OR REPLACE VIEW length_stats AS
+SELECT c.source, c.kind, count(*) AS rows, min(c.n_chars) AS min_chars,
+    CAST(quantile_cont(c.n_chars, 0.5) AS BIGINT) AS median_chars,
+    CAST(quantile_cont(c.n_chars, 0.95) AS BIGINT) AS p95_chars, max(c.n_chars) AS max_chars
+FROM clean_rows c
+JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
+GROUP BY ALL
+ORDER BY c.source, c.kind;
+
+CREATE OR REPLACE VIEW language_mix AS
+WITH counts AS (
+    SELECT source, language, count(*) AS rows FROM clean_rows WHERE reason IS NULL GROUP BY source, language
+)
+SELECT source, language, rows, round(rows / sum(rows) OVER (PARTITION BY source), 4) AS share
+FROM counts
+ORDER BY source, rows DESC;
+
+CREATE OR REPLACE VIEW contaminated_examples AS
+SELECT k.split, k.overlap, k.row_id, left(e.dedup_text, 120) AS text, k.closest_train_row,
+    left(t.dedup_text, 120) AS closest_train_text
+FROM contamination k
+JOIN clean_rows e ON e.row_id = k.row_id
+LEFT JOIN clean_rows t ON t.row_id = k.closest_train_row
+ORDER BY k.overlap DESC;
+
+-- ============================================================== what training reads
+-- Conversations for SFT: one per duplicate cluster, with its split.
+CREATE OR REPLACE VIEW sft_examples AS
+SELECT c.row_id AS example_id, s.split, c.source, c.messages
+FROM clean_rows c
+JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
+JOIN split_assignments s ON s.cluster_id = m.cluster_id
+WHERE c.kind = 'sft';
+
+-- Preference pairs for DPO: a ranked list of n answers gives n*(n-1)/2 (better, worse) pairs.
+CREATE OR REPLACE VIEW preference_pairs AS
+WITH ranked AS (
+    SELECT c.row_id, s.split, c.source, c.messages, c.responses
+    FROM clean_rows c
+    JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
+    JOIN split_assignments s ON s.cluster_id = m.cluster_id
+    WHERE c.kind = 'preference'
+), idx AS (
+    SELECT r.*, i.i, j.j
+    FROM ranked r,
+        LATERAL (SELECT unnest(generate_series(1, len(r.responses))) AS i) i,
+        LATERAL (SELECT unnest(generate_series(1, len(r.responses))) AS j) j
+    WHERE i.i < j.j
+)
+SELECT
+    CASE WHEN len(responses) = 2 THEN row_id ELSE row_id || '#' || i || '>' || j END AS example_id,
+    split, source, messages AS prompt, responses[i] AS chosen, responses[j] AS rejected
+FROM idx;

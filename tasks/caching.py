@@ -1,0 +1,91 @@
+"""Cache keys for pipeline stages.
+
+Prefect 3's default cache policy includes the flow run id, so it only caches within one run. Every stage here is a
+Prefect task whose key is built from what actually determines its output:
+
+    stage name + hash of the stage's source file + the config the stage reads + fingerprints of its inputs
+
+Stages return a small dict (`StageResult`) with a `fingerprint` of what they wrote; the next stage receives that dict
+as an argument, so a changed upstream output changes every downstream key. A stage's outputs live in the
+warehouse or under the storage root, never only in the Prefect result, so the result stays tiny.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+
+from tasks.config import PipelineConfig
+
+StageResult = dict[str, Any]  # {"stage": str, "fingerprint": str, "stats": {...}, ...}
+
+
+def sha256_text(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def source_hash(fn: Callable) -> str:
+    """Hash of the whole module that defines `fn`: editing the stage's code invalidates its cache."""
+    return hashlib.sha256(Path(inspect.getsourcefile(fn)).read_bytes()).hexdigest()[:16]
+
+
+def _fingerprint_of(value: Any) -> str | None:
+    if isinstance(value, dict) and "fingerprint" in value:
+        return str(value["fingerprint"])
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return json.dumps([_fingerprint_of(v) for v in value])
+    return None
+
+
+class StagePolicy(CachePolicy):
+    """Key from: stage name, stage code, the config the stage reads, fingerprints of upstream results."""
+
+    def __init__(self, stage: str, code: str, config_of: Callable[[PipelineConfig], Any]):
+        super().__init__()
+        self.stage, self.code, self.config_of = stage, code, config_of
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        parts = [self.stage, self.code]
+        for name in sorted(inputs):
+            value = inputs[name]
+            if isinstance(value, PipelineConfig):
+                relevant = self.config_of(value)
+                parts.append(json.dumps(relevant, sort_keys=True, default=str))
+            else:
+                fp = _fingerprint_of(value)
+                if fp is None:
+                    return None  # an input we cannot fingerprint: do not cache rather than cache wrongly
+                parts.append(f"{name}={fp}")
+        return sha256_text(*parts)
+
+
+def stage_task(stage: str, config_of: Callable[[PipelineConfig], Any], **task_options):
+    """Wrap a plain stage function as a cached, persisted Prefect task.
+
+    `config_of(cfg)` returns the JSON-able part of the config the stage depends on (e.g. the dedup section plus
+    the warehouse path). Options such as `retries` pass through to `prefect.task`.
+    """
+
+    def wrap(fn: Callable) -> Any:
+        policy = StagePolicy(stage, source_hash(fn), config_of)
+        return task(name=stage, cache_policy=policy, persist_result=True, **task_options)(fn)
+
+    return wrap
+
+
+def results_dir(cfg: PipelineConfig) -> Path:
+    """Where the CLI points Prefect's result storage (PREFECT_RESULTS_LOCAL_STORAGE_PATH) unless already set."""
+    return (cfg.root / "prefect-results").resolve()
