@@ -72,6 +72,15 @@ CREATE TABLE IF NOT EXISTS clean_rows (
     detail     VARCHAR
 );
 
+-- MinHash signatures by content, so a nightly run signs only texts it has not seen. params names how they were
+-- made (permutations, seed, shingle size, code version).
+CREATE TABLE IF NOT EXISTS minhash_signatures (
+    content_hash VARCHAR NOT NULL,
+    params       VARCHAR NOT NULL,
+    signature    UBIGINT[] NOT NULL,
+    PRIMARY KEY (content_hash, params)
+);
+
 -- Rebuilt by the dedup stage: every clean, accepted row and the cluster it belongs to. cluster_id is the
 -- representative's row_id (the earliest-ingested member); singletons are their own cluster.
 CREATE TABLE IF NOT EXISTS cluster_members (
@@ -98,5 +107,35 @@ CREATE TABLE IF NOT EXISTS contamination (
 );
 
 -- ============================================================== training plane (issue 3)
+-- One row per training run of a stage (base warm-up, sft, dpo, merge): what it trained from, how long it took,
+-- and everything needed to reproduce it (seed and config in `config`, library versions, data fingerprint).
+CREATE TABLE IF NOT EXISTS training_runs (
+    run_id            VARCHAR PRIMARY KEY,  -- <stage>-<input key>: a rerun of the same inputs replaces its rows
+    stage             VARCHAR NOT NULL,     -- base | sft | dpo | merge
+    fingerprint       VARCHAR,              -- content hash of what the run wrote (adapter / model files)
+    base_model        VARCHAR,              -- path or hub id of the base model
+    data_fingerprint  VARCHAR,              -- fingerprint of the data stage result it trained on
+    output_dir        VARCHAR,
+    finished_at       TIMESTAMP NOT NULL,
+    wall_s            DOUBLE,
+    tokens_per_s      DOUBLE,
+    resumed_from_step BIGINT,               -- checkpoint step a retried run continued from (NULL: from scratch)
+    stats             JSON,
+    config            JSON,
+    versions          JSON
+);
+
+-- Every logged training / evaluation metric of every run, one value per row.
+-- Metrics: loss, learning_rate, grad_norm, tokens_per_s, num_tokens, eval_loss, rewards/*, eval_*_rewards/*, ...
+CREATE TABLE IF NOT EXISTS training_curves (
+    run_id    VARCHAR NOT NULL,
+    stage     VARCHAR NOT NULL,
+    step      BIGINT NOT NULL,
+    epoch     DOUBLE,
+    metric    VARCHAR NOT NULL,
+    value     DOUBLE,
+    logged_at TIMESTAMP
+);
+
 
 -- ============================================================== evaluation plane (issue 4)

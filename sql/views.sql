@@ -165,3 +165,42 @@ SELECT
     CASE WHEN len(responses) = 2 THEN row_id ELSE row_id || '#' || i || '>' || j END AS example_id,
     split, source, messages AS prompt, responses[i] AS chosen, responses[j] AS rejected
 FROM idx;
+
+-- ============================================================== training plane (issue 3)
+-- "How did last night's run train": select * from training_curves where run_id = (select run_id from
+-- training_summary where stage = 'sft' limit 1) order by step, or the one-line-per-run summary below.
+CREATE OR REPLACE VIEW training_summary AS
+SELECT
+    r.run_id, r.stage, r.finished_at, r.wall_s, r.tokens_per_s, r.resumed_from_step, r.base_model,
+    max(c.step) AS steps,
+    arg_min(c.value, c.step) FILTER (WHERE c.metric = 'loss') AS first_loss,
+    arg_max(c.value, c.step) FILTER (WHERE c.metric = 'loss') AS last_loss,
+    arg_min(c.value, c.step) FILTER (WHERE c.metric = 'eval_loss') AS first_eval_loss,
+    arg_max(c.value, c.step) FILTER (WHERE c.metric = 'eval_loss') AS last_eval_loss,
+    arg_max(c.value, c.step) FILTER (WHERE c.metric = 'eval_validation_rewards/accuracies') AS eval_reward_accuracy,
+    arg_max(c.value, c.step) FILTER (WHERE c.metric = 'eval_validation_rewards/margins') AS eval_reward_margin,
+    r.output_dir, r.fingerprint
+FROM training_runs r
+LEFT JOIN training_curves c USING (run_id)
+GROUP BY ALL
+ORDER BY r.finished_at DESC;
+
+-- The curves of the most recent run of each stage, wide enough to eyeball: one row per (stage, step).
+CREATE OR REPLACE VIEW latest_training_curves AS
+WITH latest AS (
+    SELECT stage, arg_max(run_id, finished_at) AS run_id FROM training_runs GROUP BY stage
+)
+SELECT c.stage, c.step,
+    max(c.value) FILTER (WHERE c.metric = 'loss') AS loss,
+    max(c.value) FILTER (WHERE c.metric = 'eval_loss') AS eval_loss,
+    max(c.value) FILTER (WHERE c.metric = 'learning_rate') AS learning_rate,
+    max(c.value) FILTER (WHERE c.metric = 'grad_norm') AS grad_norm,
+    max(c.value) FILTER (WHERE c.metric = 'tokens_per_s') AS tokens_per_s,
+    max(c.value) FILTER (WHERE c.metric = 'rewards/accuracies') AS reward_accuracy,
+    max(c.value) FILTER (WHERE c.metric = 'rewards/margins') AS reward_margin,
+    max(c.value) FILTER (WHERE c.metric = 'eval_validation_rewards/accuracies') AS eval_reward_accuracy,
+    max(c.value) FILTER (WHERE c.metric = 'eval_validation_rewards/margins') AS eval_reward_margin
+FROM training_curves c
+JOIN latest l USING (stage, run_id)
+GROUP BY c.stage, c.step
+ORDER BY c.stage, c.step;

@@ -86,6 +86,14 @@ def stage_task(stage: str, config_of: Callable[[PipelineConfig], Any], **task_op
     return wrap
 
 
+def current_run_id() -> str:
+    """The Prefect flow run id when called inside a flow run, else "local"."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return str(ctx.flow_run.id) if ctx and ctx.flow_run else "local"
+
+
 def results_dir(cfg: PipelineConfig) -> Path:
     """Where the CLI points Prefect's result storage (PREFECT_RESULTS_LOCAL_STORAGE_PATH) unless already set."""
     return (cfg.root / "prefect-results").resolve()

@@ -68,9 +68,7 @@ def open_warehouse(path: str | Path, read_only: bool = False) -> Iterator[duckdb
 
 
 def warehouse_id(path: str | Path) -> str:
-    """The warehouse's identity ('' when it does not exist yet): cache keys include it."""
-    if not Path(path).exists():
-        return ""
+    """The warehouse's identity (created with it): cache keys include it, so a new warehouse file misses them."""
     with open_warehouse(path) as con:
         return con.execute("SELECT value FROM warehouse_meta WHERE key = 'warehouse_id'").fetchone()[0]
 
@@ -86,6 +84,17 @@ def record_stage(con: duckdb.DuckDBPyConnection, run_id: str, stage: str, starte
         "INSERT INTO stage_runs VALUES (?, ?, ?, ?, ?)",
         [run_id, stage, started, utcnow(), json.dumps(stats, default=str)],
     )
+
+
+def insert_columns(con: duckdb.DuckDBPyConnection, table: str, columns: dict[str, list]) -> None:
+    """Bulk insert through Arrow (executemany is row-at-a-time and slow for large batches)."""
+    import pyarrow as pa
+
+    batch = pa.table(columns)
+    if batch.num_rows:
+        con.register("_insert_batch", batch)
+        con.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM _insert_batch")
+        con.unregister("_insert_batch")
 
 
 def utcnow() -> datetime:

@@ -1,0 +1,44 @@
+"""prepare-data: raw files → DuckDB → clean → MinHash dedup → split → data-quality report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, unmapped
+
+from tasks.clean import clean_task
+from tasks.config import PipelineConfig, load_config
+from tasks.dedup import dedup_task, signature_shard_task
+from tasks.ingest import ingest_task, input_fingerprint
+from tasks.quality_report import quality_report_task
+from tasks.split import split_task
+from tasks.warehouse import warehouse_id
+
+DATA_STAGES = ("ingest", "clean", "dedup", "split")
+
+
+def _refreshing(prefect_task, stage: str, refresh: list[str]):
+    return prefect_task.with_options(refresh_cache=True) if stage in refresh or "all" in refresh else prefect_task
+
+
+def prepare(cfg: PipelineConfig, refresh: list[str] = ()) -> dict[str, Any]:
+    """The data stages in order; each is served from cache when its inputs, config and code are unchanged."""
+    refresh = list(refresh)
+    ingest = _refreshing(ingest_task, "ingest", refresh)(
+        cfg, input_fingerprint(cfg), warehouse_id(cfg.warehouse_path))
+    clean = _refreshing(clean_task, "clean", refresh)(cfg, ingest)
+    shards = _refreshing(signature_shard_task, "dedup", refresh).map(
+        unmapped(cfg), unmapped(clean), range(cfg.data.dedup.shards))
+    dedup = _refreshing(dedup_task, "dedup", refresh)(cfg, clean, shards.result())
+    split = _refreshing(split_task, "split", refresh)(cfg, dedup)
+    quality_report_task(cfg, split)
+    return split
+
+
+@flow(name="prepare-data", log_prints=True)
+def prepare_data(config_path: str | None = None, overrides: dict[str, Any] | list[str] | None = None,
+                 refresh: list[str] | None = None) -> dict[str, Any]:
+    """Build the warehouse's training data. `overrides` are dotted `key=value` strings or a nested dict;
+    `refresh` names stages to recompute even when cached (or "all")."""
+    cfg = load_config(config_path, overrides)
+    return prepare(cfg, refresh or [])

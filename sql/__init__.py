@@ -1,0 +1,1 @@
+"""The warehouse schema (schema.sql) and the views people query (views.sql); applied by tasks.warehouse."""

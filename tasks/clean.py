@@ -1,0 +1,172 @@
+"""Clean and validate (polars): normalise text, then reject rows that break a rule, with a stable reason code.
+
+Rules run in a fixed order and a row keeps the first rule it breaks:
+  undecodable_text     text holds U+FFFD, the mark of a decoding accident upstream
+  empty_turn           a user/assistant turn (or a preference answer) is empty after normalisation
+  no_assistant_reply   an SFT conversation without an assistant turn
+  wrong_role_order     anything but [system] user assistant (user assistant)* for SFT, or a preference prompt
+                       not ending on a user turn
+  identical_responses  a preference row whose answers are not all different (chosen == rejected)
+  too_short            a turn shorter than data.clean.min_turn_chars
+  too_long             more than data.clean.max_chars characters in all
+  too_long_tokens      more than data.clean.max_tokens tokens (only with a known tokenizer)
+The table is rebuilt on every run, so a changed threshold re-judges old rows too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from tasks.caching import current_run_id, stage_task
+from tasks.config import PipelineConfig
+from tasks.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
+
+ROLE_CODE = {"system": "S", "user": "U", "assistant": "A"}
+_CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufeff\u200b]"  # keeps \t \n \r; drops BOMs and zero-width spaces
+_LATIN_STOPWORDS = r"\b(the|and|is|of|to|in|a|you|that|it|for|what|with)\b"
+
+
+def normalize_text(expr: pl.Expr, form: str) -> pl.Expr:
+    """NFC, no control characters or stray BOMs, Unix newlines, no trailing spaces, trimmed ends."""
+    return (
+        expr.str.normalize(form)
+        .str.replace_all(_CONTROL, "")
+        .str.replace_all(r"\r\n?", "\n")
+        .str.replace_all(r"[ \t]+\n", "\n")
+        .str.strip_chars()
+    )
+
+
+def language_of(text: pl.Expr) -> pl.Expr:
+    """Script-based language guess, enough for a language-mix report: zh / ja / ko / en / other."""
+    han = text.str.count_matches(r"[\u4e00-\u9fff\u3400-\u4dbf]")
+    kana = text.str.count_matches(r"[\u3040-\u30ff]")
+    hangul = text.str.count_matches(r"[\uac00-\ud7af]")
+    latin = text.str.count_matches(r"[A-Za-z]")
+    stop = text.str.to_lowercase().str.count_matches(_LATIN_STOPWORDS)
+    return (
+        pl.when(kana > 0).then(pl.lit("ja"))
+        .when(hangul > han).then(pl.lit("ko"))
+        .when(han > latin / 4).then(pl.lit("zh"))
+        .when((latin > 0) & (stop > 0)).then(pl.lit("en"))
+        .otherwise(pl.lit("other"))
+    )
+
+
+def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None) -> pl.DataFrame:
+    """Normalise and judge parsed rows. Input columns: row_id, kind, source, row_seq, messages, responses."""
+    c = cfg.data.clean
+    turns = (
+        rows.select("row_id", "messages").explode("messages").unnest("messages")
+        .with_columns(normalize_text(pl.col("content"), c.normalize_form).alias("content"),
+                      pl.col("content").alias("original"))
+        .filter(~((pl.col("role") == "system") & (pl.col("content") == "")))  # an empty system prompt says nothing
+    )
+    per_row = turns.group_by("row_id", maintain_order=True).agg(
+        pl.struct("role", "content").alias("messages"),
+        pl.col("role").replace_strict(ROLE_CODE, default="?").str.join("").alias("roles"),
+        ((pl.col("content") == "") & (pl.col("role") != "system")).any().alias("has_empty"),
+        pl.col("original").str.contains("\ufffd", literal=True).any().alias("undecodable"),
+        pl.when(pl.col("role") != "system").then(pl.col("content").str.len_chars()).min().alias("shortest_turn"),
+        pl.col("content").str.len_chars().sum().alias("turn_chars"),
+        pl.format("{}: {}", "role", "content").str.join("\n").alias("conversation"),
+    )
+    responses = (
+        rows.select("row_id", "responses").explode("responses")
+        .with_columns(normalize_text(pl.col("responses"), c.normalize_form).alias("response"),
+                      pl.col("responses").alias("original"))
+        .group_by("row_id", maintain_order=True).agg(
+            pl.col("response").drop_nulls().alias("responses"),
+            (pl.col("response") == "").any().alias("empty_response"),
+            pl.col("original").str.contains("\ufffd", literal=True).any().alias("undecodable_response"),
+            (pl.col("response").drop_nulls().n_unique() < pl.col("response").drop_nulls().len()).alias("dup_response"),
+            pl.col("response").str.len_chars().sum().alias("response_chars"),
+        )
+    )
+    df = (
+        rows.select("row_id", "kind", "source", "row_seq")
+        .join(per_row, on="row_id", how="left")
+        .join(responses, on="row_id", how="left")
+        .with_columns(pl.col("responses").fill_null([]).list.eval(pl.element()).alias("responses"))
+    )
+    is_pref = pl.col("kind") == "preference"
+    n_chars = pl.col("turn_chars").fill_null(0) + pl.col("response_chars").fill_null(0)
+    df = df.with_columns(
+        n_chars.alias("n_chars"),
+        # Preference data is deduplicated on its prompt, SFT data on the whole conversation.
+        pl.col("conversation").fill_null("").alias("dedup_text"),
+        language_of(pl.col("conversation").fill_null("") + "\n" + pl.col("responses").list.join("\n")).alias("language"),
+    )
+    sft_order_ok = pl.col("roles").str.contains(r"^S?(UA)+$")
+    pref_order_ok = pl.col("roles").str.contains(r"^S?(UA)*U$")
+    rules = [
+        ("undecodable_text", pl.col("undecodable").fill_null(False) | pl.col("undecodable_response").fill_null(False),
+         "text contains U+FFFD (replacement character)"),
+        ("empty_turn", pl.col("has_empty").fill_null(True) | pl.col("empty_response").fill_null(False),
+         "a turn or answer is empty after whitespace normalisation"),
+        ("no_assistant_reply", ~is_pref & ~pl.col("roles").fill_null("").str.contains("A"),
+         "the conversation has no assistant turn"),
+        ("wrong_role_order", pl.when(is_pref).then(~pref_order_ok).otherwise(~sft_order_ok).fill_null(True),
+         pl.format("role sequence {} (S=system U=user A=assistant)", pl.col("roles").fill_null(""))),
+        ("identical_responses", is_pref & pl.col("dup_response").fill_null(False), "chosen equals rejected"),
+        ("too_short", pl.col("shortest_turn").fill_null(0) < c.min_turn_chars,
+         pl.format("shortest turn has {} characters", pl.col("shortest_turn"))),
+        ("too_long", pl.col("n_chars") > c.max_chars, pl.format("{} characters", pl.col("n_chars"))),
+    ]
+    reason, detail = pl.lit(None, pl.String), pl.lit(None, pl.String)
+    for code, broken, why in reversed(rules):  # built inside-out so the first broken rule wins
+        reason = pl.when(broken).then(pl.lit(code)).otherwise(reason)
+        detail = pl.when(broken).then(why if isinstance(why, pl.Expr) else pl.lit(why)).otherwise(detail)
+    df = df.with_columns(reason.alias("reason"), detail.alias("detail"))
+    if token_counter is not None and c.max_tokens:
+        tokens = pl.Series([token_counter(t) for t in df["dedup_text"].to_list()])
+        too_long = pl.col("reason").is_null() & (tokens > c.max_tokens)
+        df = df.with_columns(
+            pl.when(too_long).then(pl.lit("too_long_tokens")).otherwise(pl.col("reason")).alias("reason"),
+            pl.when(too_long).then(pl.format("{} tokens", tokens)).otherwise(pl.col("detail")).alias("detail"),
+        )
+    return df.select("row_id", "kind", "source", "row_seq", "messages", "responses", "dedup_text", "n_chars",
+                     "language", "reason", "detail")
+
+
+def _token_counter(cfg: PipelineConfig):
+    if not cfg.data.clean.max_tokens or cfg.model.base == "embedded":
+        return None  # the embedded tokenizer is trained later, on the split this stage feeds
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.base, trust_remote_code=cfg.model.trust_remote_code)
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def run_clean(cfg: PipelineConfig, ingest: dict[str, Any], run_id: str = "local") -> dict[str, Any]:
+    started = utcnow()
+    with open_warehouse(cfg.warehouse_path) as con:
+        rows = con.sql(
+            "SELECT p.row_id, p.kind, f.source, r.row_seq, p.messages, p.responses "
+            "FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f USING (file_id) "
+            "WHERE p.reason IS NULL ORDER BY r.row_seq"
+        ).pl()
+        cleaned = clean_frame(rows, cfg, _token_counter(cfg))
+        con.begin()
+        con.execute("DELETE FROM clean_rows")
+        con.register("cleaned", cleaned.to_arrow())
+        con.execute(
+            "INSERT INTO clean_rows SELECT row_id, kind, source, row_seq, messages, responses, dedup_text, "
+            "sha256(kind || chr(0) || dedup_text), n_chars, language, reason, detail FROM cleaned"
+        )
+        con.unregister("cleaned")
+        con.commit()
+        by_reason = dict(con.execute(
+            "SELECT coalesce(reason, 'passed'), count(*) FROM clean_rows GROUP BY ALL ORDER BY ALL").fetchall())
+        stats = {"rows": len(cleaned), "passed": by_reason.pop("passed", 0), "rejected_by_reason": by_reason}
+        fingerprint = table_fingerprint(con, "SELECT row_id, content_hash, dedup_text, reason FROM clean_rows")
+        record_stage(con, run_id, "clean", started, stats)
+    return {"stage": "clean", "fingerprint": fingerprint, "warehouse": str(cfg.warehouse_path), "stats": stats}
+
+
+@stage_task("clean", lambda c: {"clean": c.data.clean.model_dump(), "warehouse": str(c.warehouse_path),
+                                "tokenizer": c.model.base if c.data.clean.max_tokens else None})
+def clean_task(cfg: PipelineConfig, ingest: dict[str, Any]) -> dict[str, Any]:
+    return run_clean(cfg, ingest, current_run_id())

@@ -1,0 +1,153 @@
+"""Deduplicate: exact copies by content hash, then near-duplicates by MinHash LSH, clustered transitively.
+
+Which row is kept: the earliest-ingested member of a cluster (lowest row_seq). So a row already in the warehouse is
+never displaced by data that arrives later, and its split never changes.
+What is compared: the whole conversation for SFT rows, the prompt for preference rows (clean_rows.dedup_text);
+SFT and preference rows are never clustered together.
+
+Signatures are computed in shards, each a Prefect task, so a Dask task runner spreads them over workers; they are
+stored in the warehouse by content hash, so a nightly run only signs rows it has not seen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks import minhash
+from tasks.caching import current_run_id, source_hash, stage_task
+from tasks.config import DedupConfig, PipelineConfig
+from tasks.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
+
+ACCEPTED_SQL = "SELECT row_id, kind, row_seq, content_hash, dedup_text FROM clean_rows WHERE reason IS NULL"
+
+
+def signature_params(d: DedupConfig) -> str:
+    """Identifies how a stored signature was made; a change re-signs everything."""
+    return f"p{d.num_perm}-s{d.seed}-n{d.ngram}-{source_hash(minhash.signatures)[:8]}"
+
+
+def _shard_texts(con, cfg: PipelineConfig, shard: int) -> pl.DataFrame:
+    d = cfg.data.dedup
+    return con.sql(
+        f"""SELECT DISTINCT content_hash, dedup_text FROM ({ACCEPTED_SQL})
+            WHERE hash(content_hash) % {d.shards} = {shard}
+              AND content_hash NOT IN (SELECT content_hash FROM minhash_signatures WHERE params = ?)
+            ORDER BY content_hash""",
+        params=[signature_params(d)],
+    ).pl()
+
+
+def compute_signature_shard(cfg: PipelineConfig, clean: dict[str, Any], shard: int) -> dict[str, Any]:
+    """Sign the not-yet-signed texts of one shard; writes a Parquet file the dedup stage loads."""
+    d = cfg.data.dedup
+    with open_warehouse(cfg.warehouse_path, read_only=True) as con:
+        todo = _shard_texts(con, cfg, shard)
+    sigs = minhash.signatures(todo["dedup_text"].to_list(), d.num_perm, d.seed, d.ngram)
+    out = cfg.root / "dedup" / signature_params(d) / f"{clean['fingerprint']}-shard{shard}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({
+        "content_hash": todo["content_hash"].to_arrow(),
+        "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs.reshape(-1), pa.uint64()), d.num_perm),
+    })
+    pq.write_table(table, out)
+    return {"stage": "minhash", "fingerprint": f"{clean['fingerprint']}-{signature_params(d)}-{shard}",
+            "path": str(out), "signed": len(todo)}
+
+
+def clusters(rows: pl.DataFrame, sigs: np.ndarray, d: DedupConfig) -> pl.DataFrame:
+    """cluster_members rows for accepted rows ordered by row_seq; `sigs` aligned with their exact representatives.
+
+    rows: row_id, kind, row_seq, content_hash (sorted by row_seq).
+    """
+    rows = rows.with_columns(
+        pl.col("row_id").first().over("kind", "content_hash").alias("exact_rep"),
+    )
+    reps = rows.filter(pl.col("row_id") == pl.col("exact_rep"))
+    near_rep = np.empty(len(reps), dtype=object)
+    near_sim = np.ones(len(reps))
+    kinds = reps["kind"].to_numpy()
+    rep_ids = reps["row_id"].to_numpy()
+    for kind in np.unique(kinds):
+        idx = np.flatnonzero(kinds == kind)
+        rep, sim = minhash.near_duplicate_clusters(sigs[idx], d.threshold, d.seed)
+        near_rep[idx] = rep_ids[idx[rep]]
+        near_sim[idx] = sim
+    reps = reps.select("row_id", pl.Series("cluster_id", near_rep, pl.String), pl.Series("sim", near_sim))
+    out = rows.join(reps.rename({"row_id": "exact_rep"}), on="exact_rep", how="left")
+    return out.select(
+        "row_id",
+        "cluster_id",
+        pl.when(pl.col("row_id") == pl.col("cluster_id")).then(pl.lit("representative"))
+        .when(pl.col("exact_rep") != pl.col("row_id")).then(
+            pl.when(pl.col("exact_rep") == pl.col("cluster_id")).then(pl.lit("exact")).otherwise(pl.lit("near")))
+        .otherwise(pl.lit("near")).alias("method"),
+        pl.when(pl.col("row_id") == pl.col("exact_rep")).then(pl.col("sim"))
+        .when(pl.col("exact_rep") == pl.col("cluster_id")).then(pl.lit(1.0))
+        .otherwise(pl.col("sim")).alias("similarity"),
+    )
+
+
+def run_dedup(cfg: PipelineConfig, clean: dict[str, Any], shards: list[dict[str, Any]],
+              run_id: str = "local") -> dict[str, Any]:
+    d = cfg.data.dedup
+    params = signature_params(d)
+    started = utcnow()
+    with open_warehouse(cfg.warehouse_path) as con:
+        con.begin()
+        for s in shards:
+            con.execute(
+                "INSERT INTO minhash_signatures SELECT content_hash, ?, signature FROM read_parquet(?) "
+                "ON CONFLICT DO NOTHING", [params, s["path"]])
+        rows = con.sql(f"SELECT row_id, kind, row_seq, content_hash FROM ({ACCEPTED_SQL}) ORDER BY row_seq").pl()
+        rep_hashes = rows.unique(["kind", "content_hash"], keep="first", maintain_order=True)["content_hash"]
+        con.register("wanted", pa.table({"content_hash": rep_hashes.to_arrow(),
+                                         "pos": pa.array(range(len(rep_hashes)), pa.int64())}))
+        stored = con.sql(
+            "SELECT w.pos, s.signature FROM wanted w LEFT JOIN minhash_signatures s "
+            "ON s.content_hash = w.content_hash AND s.params = ? ORDER BY w.pos", params=[params]
+        ).fetchnumpy()
+        con.unregister("wanted")
+        missing = sum(1 for s in stored["signature"] if s is None)
+        if missing:
+            raise RuntimeError(f"{missing} rows have no MinHash signature; were all signature shards run?")
+        sigs = np.array([np.asarray(s, dtype=np.uint64) for s in stored["signature"]]).reshape(-1, d.num_perm)
+        members = clusters(rows, sigs, d)
+        con.execute("DELETE FROM cluster_members")
+        con.register("members", members.to_arrow())
+        con.execute("INSERT INTO cluster_members SELECT * FROM members")
+        con.unregister("members")
+        con.commit()
+        counts = dict(con.execute("SELECT method, count(*) FROM cluster_members GROUP BY ALL").fetchall())
+        stats = {"accepted_rows": len(rows), "kept": counts.get("representative", 0),
+                 "exact_duplicates": counts.get("exact", 0), "near_duplicates": counts.get("near", 0),
+                 "clusters_with_duplicates": con.execute("SELECT count(*) FROM duplicate_clusters").fetchone()[0],
+                 "newly_signed": sum(s.get("signed", 0) for s in shards)}
+        fingerprint = table_fingerprint(con, "SELECT row_id, cluster_id, method FROM cluster_members")
+        record_stage(con, run_id, "dedup", started, stats)
+    return {"stage": "dedup", "fingerprint": fingerprint, "warehouse": str(cfg.warehouse_path), "stats": stats}
+
+
+def deduplicate(cfg: PipelineConfig, clean: dict[str, Any], run_id: str = "local") -> dict[str, Any]:
+    """The whole stage in one process (no Prefect): sign every shard, then cluster."""
+    shards = [compute_signature_shard(cfg, clean, i) for i in range(cfg.data.dedup.shards)]
+    return run_dedup(cfg, clean, shards, run_id)
+
+
+def _dedup_config(c: PipelineConfig) -> dict:
+    return {"dedup": c.data.dedup.model_dump(), "warehouse": str(c.warehouse_path), "minhash": source_hash(minhash.signatures)}
+
+
+@stage_task("minhash-shard", _dedup_config)
+def signature_shard_task(cfg: PipelineConfig, clean: dict[str, Any], shard: int) -> dict[str, Any]:
+    return compute_signature_shard(cfg, clean, shard)
+
+
+@stage_task("dedup", _dedup_config)
+def dedup_task(cfg: PipelineConfig, clean: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:
+    return run_dedup(cfg, clean, shards, current_run_id())

@@ -1,0 +1,302 @@
+"""Ingest: raw files → DuckDB, every row verbatim with provenance, in one transaction per file.
+
+CSV and Parquet are read by DuckDB itself. JSON / JSON Lines are parsed with orjson line by line because DuckDB's
+JSON reader either fails the whole file on one bad line or drops it silently (ignore_errors), and here a bad line
+must be kept and quarantined with its line number.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+
+from tasks import formats
+from tasks.caching import current_run_id, sha256_text, stage_task
+from tasks.config import PipelineConfig
+from tasks.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
+
+SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+class NothingToIngest(RuntimeError):
+    pass
+
+
+@dataclass
+class RawRow:
+    row_number: int
+    raw: str | None = None
+    raw_bytes: bytes | None = None
+    record: Any = None
+    reason: str | None = None  # set when the row could not be read as JSON
+    detail: str | None = None
+
+
+@dataclass
+class FileRead:
+    file_type: str
+    rows: list[RawRow] = field(default_factory=list)
+    reason: str | None = None  # set when the file as a whole could not be read
+    detail: str | None = None
+
+
+def file_type_of(path: Path) -> tuple[str | None, bool]:
+    """(json|jsonl|csv|parquet|None, gzipped)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    gz = bool(suffixes) and suffixes[-1] == ".gz"
+    if gz:
+        suffixes = suffixes[:-1]
+    return (SUFFIXES.get(suffixes[-1]) if suffixes else None), gz
+
+
+def source_name(path: Path) -> str:
+    name = path.name
+    for _ in range(2):
+        stem, dot, ext = name.rpartition(".")
+        if dot and ("." + ext.lower() in SUFFIXES or ext.lower() == "gz"):
+            name = stem
+    return name
+
+
+def discover(inputs: list[str]) -> list[Path]:
+    """Input files: listed files as given, folders searched recursively for supported types, sorted."""
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and file_type_of(f)[0])
+        elif p.exists():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"input {item} does not exist")
+    return [p.resolve() for p in dict.fromkeys(found)]
+
+
+# ------------------------------------------------------------------ readers
+def _decode(data: bytes) -> tuple[str | None, str | None]:
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as err:
+        return None, f"invalid UTF-8 at byte {err.start}: {data[max(0, err.start - 10):err.start + 10]!r}"
+
+
+def _json_row(n: int, text: str) -> RawRow:
+    try:
+        return RawRow(n, raw=text, record=orjson.loads(text))
+    except orjson.JSONDecodeError as err:
+        return RawRow(n, raw=text, reason="malformed_json", detail=str(err))
+
+
+def read_json_lines(data: bytes) -> list[RawRow]:
+    rows = []
+    for n, line in enumerate(data.split(b"\n"), start=1):
+        line = line.rstrip(b"\r")
+        if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a BOM is not part of the first record
+        if not line.strip():
+            continue
+        text, err = _decode(line)
+        rows.append(RawRow(n, raw_bytes=line, reason="invalid_utf8", detail=err) if err else _json_row(n, text))
+    return rows
+
+
+def read_json_document(data: bytes) -> FileRead:
+    """A JSON array (one row per element) or object; falls back to JSON Lines, which many .json files are."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as err:
+        lines = read_json_lines(data)
+        if len(lines) > 1 and any(r.reason is None for r in lines):
+            return FileRead("jsonl", lines)
+        if b"\xff" in data or _decode(data)[1]:
+            # Not UTF-8 throughout: parse with the offending bytes escaped so the other records survive.
+            try:
+                doc = json.loads(data.decode("utf-8", "surrogateescape"))
+            except json.JSONDecodeError:
+                return FileRead("json", [RawRow(1, raw_bytes=data, reason="invalid_utf8", detail=_decode(data)[1])])
+        else:
+            text = data.decode("utf-8")
+            return FileRead("json", [RawRow(1, raw=text, reason="malformed_json", detail=f"whole file: {err}")])
+    elements = doc if isinstance(doc, list) else [doc]
+    rows = []
+    for i, element in enumerate(elements, start=1):
+        raw = json.dumps(element, ensure_ascii=False)
+        try:
+            raw.encode("utf-8")
+            rows.append(RawRow(i, raw=raw, record=element))
+        except UnicodeEncodeError:
+            rows.append(RawRow(i, raw_bytes=raw.encode("utf-8", "surrogateescape"), reason="invalid_utf8",
+                               detail="element holds bytes that are not UTF-8"))
+    return FileRead("json", rows)
+
+
+def read_with_duckdb(path: Path, file_type: str, csv_delimiter: str) -> FileRead:
+    """CSV / Parquet through DuckDB's readers; each row re-emitted as a JSON object."""
+    if file_type == "csv":
+        source = "read_csv(?, all_varchar = true, header = true, delim = ?)"
+        params = [str(path), csv_delimiter]
+    else:
+        source = "read_parquet(?)"
+        params = [str(path)]
+    con = duckdb.connect()
+    try:
+        rows = con.execute(f"SELECT to_json(t)::VARCHAR FROM {source} t", params).fetchall()
+    except duckdb.Error as err:
+        return FileRead(file_type, reason=f"malformed_{file_type}", detail=str(err).splitlines()[0])
+    finally:
+        con.close()
+    return FileRead(file_type, [_json_row(i, r[0]) for i, r in enumerate(rows, start=1)])
+
+
+def read_file(path: Path, data: bytes, csv_delimiter: str = ",") -> FileRead:
+    file_type, gz = file_type_of(path)
+    if file_type is None:
+        return FileRead("unknown", reason="unsupported_file_type", detail=f"{path.name}: not one of {sorted(SUFFIXES)}")
+    if not data.strip():
+        return FileRead(file_type, reason="empty_file", detail="the file has no content")
+    if gz:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            return FileRead(file_type, reason="corrupt_gzip", detail=str(err))
+    if file_type in ("csv", "parquet"):
+        return read_with_duckdb(path, file_type, csv_delimiter)
+    if file_type == "jsonl":
+        return FileRead("jsonl", read_json_lines(data))
+    return read_json_document(data)
+
+
+# ------------------------------------------------------------------ parsing into canonical form
+def file_format(path: Path, rows: list[RawRow], overrides: dict[str, str]) -> str | None:
+    for pattern, fmt in overrides.items():
+        if fmt != "auto" and (fnmatch.fnmatch(str(path), pattern) or fnmatch.fnmatch(path.name, pattern)):
+            return fmt
+    return formats.detect_file_format([r.record for r in rows if r.reason is None])
+
+
+def parse_row(row: RawRow, fmt: str | None) -> tuple[str | None, list | None, list | None, str | None, str | None]:
+    if row.reason:
+        return None, None, None, row.reason, row.detail
+    try:
+        kind, msgs, responses = formats.normalize(row.record, fmt)
+        return kind, msgs, responses, None, None
+    except formats.RecordError as err:
+        return None, None, None, err.reason, err.detail
+
+
+# ------------------------------------------------------------------ the stage
+def ingest_file(con: duckdb.DuckDBPyConnection, path: Path, run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
+    """Ingest one file version in one transaction. Returns what happened (skipped when already ingested)."""
+    data = path.read_bytes()
+    content_sha = hashlib.sha256(data).hexdigest()
+    file_id = sha256_text(str(path), content_sha)[:16]
+    if con.execute("SELECT 1 FROM source_files WHERE file_id = ?", [file_id]).fetchone():
+        return {"path": str(path), "file_id": file_id, "skipped": True, "rows": 0}
+
+    read = read_file(path, data, cfg.data.ingest.csv_delimiter)
+    fmt = file_format(path, read.rows, cfg.data.ingest.formats) if read.rows else None
+    now = utcnow()
+    con.begin()
+    try:
+        seq0 = con.execute("SELECT coalesce(max(row_seq), 0) FROM raw_rows").fetchone()[0]
+        con.execute(
+            "INSERT INTO source_files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [file_id, str(path), source_name(path), content_sha, len(data), read.file_type, fmt, len(read.rows),
+             "quarantined" if read.reason else "ingested", read.reason, read.detail, run_id, now],
+        )
+        if read.rows:
+            parsed = [parse_row(r, fmt) for r in read.rows]
+            row_ids = [f"{file_id}:{r.row_number}" for r in read.rows]
+            raw_table = pa.table({
+                "row_id": row_ids,
+                "file_id": [file_id] * len(row_ids),
+                "row_number": pa.array([r.row_number for r in read.rows], pa.int64()),
+                "row_seq": pa.array(range(seq0 + 1, seq0 + 1 + len(row_ids)), pa.int64()),
+                "raw": pa.array([r.raw for r in read.rows], pa.string()),
+                "raw_bytes": pa.array([r.raw_bytes for r in read.rows], pa.binary()),
+                "ingest_run_id": [run_id] * len(row_ids),
+            })
+            parsed_table = pa.table({
+                "row_id": row_ids,
+                "kind": pa.array([p[0] for p in parsed], pa.string()),
+                "messages": pa.array([p[1] for p in parsed], MESSAGE_TYPE),
+                "responses": pa.array([p[2] for p in parsed], pa.list_(pa.string())),
+                "reason": pa.array([p[3] for p in parsed], pa.string()),
+                "detail": pa.array([p[4] for p in parsed], pa.string()),
+            })
+            con.register("raw_batch", raw_table)
+            con.register("parsed_batch", parsed_table)
+            con.execute("INSERT INTO raw_rows SELECT * FROM raw_batch")
+            con.execute("INSERT INTO parsed_rows SELECT * FROM parsed_batch")
+            con.unregister("raw_batch")
+            con.unregister("parsed_batch")
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    n_bad = sum(1 for r in read.rows if r.reason)
+    return {"path": str(path), "file_id": file_id, "skipped": False, "rows": len(read.rows), "format": fmt,
+            "unreadable_rows": n_bad, "file_reason": read.reason}
+
+
+def run_ingest(cfg: PipelineConfig, run_id: str = "local") -> dict[str, Any]:
+    """Ingest every input file not yet in the warehouse. Fails only when no input yields a usable row."""
+    from tasks.sample_data import ensure_sample_data
+
+    inputs = cfg.data.ingest.inputs or [str(ensure_sample_data(cfg.sample_data_dir))]
+    paths = discover(inputs)
+    if not paths:
+        raise NothingToIngest(f"no input files found in {inputs}")
+    started = utcnow()
+    with open_warehouse(cfg.warehouse_path) as con:
+        files = [ingest_file(con, p, run_id, cfg) for p in paths]
+        usable = con.execute(
+            "SELECT count(*) FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f USING (file_id) "
+            "WHERE p.reason IS NULL AND f.path IN (SELECT unnest(?))", [[str(p) for p in paths]]
+        ).fetchone()[0]
+        if usable == 0:
+            bad = ", ".join(f"{f['path']} ({f.get('file_reason') or 'no valid rows'})" for f in files)
+            raise NothingToIngest(f"nothing usable in the inputs: {bad}")
+        stats = {
+            "files": len(files),
+            "new_files": sum(not f["skipped"] for f in files),
+            "new_rows": sum(f["rows"] for f in files),
+            "warehouse_rows": con.execute("SELECT count(*) FROM raw_rows").fetchone()[0],
+        }
+        fingerprint = table_fingerprint(con, "SELECT row_id, kind, messages, responses, reason FROM parsed_rows")
+        record_stage(con, run_id, "ingest", started, stats)
+    return {"stage": "ingest", "fingerprint": fingerprint, "warehouse": str(cfg.warehouse_path), "stats": stats,
+            "files": files}
+
+
+def input_fingerprint(cfg: PipelineConfig) -> str:
+    """Content hash of every input file: the ingest stage's cache key."""
+    from tasks.sample_data import ensure_sample_data
+
+    inputs = cfg.data.ingest.inputs or [str(ensure_sample_data(cfg.sample_data_dir))]
+    h = hashlib.sha256()
+    for p in discover(inputs):
+        h.update(str(p).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@stage_task("ingest", lambda c: {"ingest": c.data.ingest.model_dump(), "warehouse": str(c.warehouse_path)})
+def ingest_task(cfg: PipelineConfig, inputs_fingerprint: str, warehouse_id: str) -> dict[str, Any]:
+    """Cached on the inputs' content and the warehouse's identity: unchanged files are not even opened."""
+    return run_ingest(cfg, current_run_id())

@@ -1,0 +1,61 @@
+"""The data-quality report: the warehouse's quality views as Prefect artifacts (markdown summary + table)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import PipelineConfig
+from tasks.warehouse import open_warehouse
+
+
+def _markdown_table(columns: list[str], rows: list[tuple]) -> str:
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in r) + " |\n"
+                          for r in rows)
+
+
+def _query(con, sql: str) -> tuple[list[str], list[tuple]]:
+    cur = con.execute(sql)
+    return [d[0] for d in cur.description], cur.fetchall()
+
+
+def build_quality_report(warehouse: str) -> tuple[str, list[dict[str, Any]]]:
+    """(markdown, table rows) from the quality views."""
+    with open_warehouse(warehouse, read_only=True) as con:
+        summary = _query(con, "SELECT * FROM quality_summary")
+        reasons = _query(con, "SELECT reason, source, rows, example_detail FROM rejections_by_reason")
+        files = _query(con, "SELECT path, reason, detail FROM quarantined_files")
+        clusters = _query(con, "SELECT representative, members, exact_copies, near_copies, round(min_similarity, 3), "
+                               "representative_text FROM duplicate_clusters LIMIT 10")
+        contaminated = con.execute("SELECT count(*) FROM contamination").fetchone()[0]
+        balanced = con.execute("SELECT count(*) FILTER (WHERE NOT balanced), count(*) FROM row_conservation").fetchone()
+    total = [sum(r[i] for r in summary[1]) for i in range(2, 6)]
+    md = [
+        "# Data quality",
+        f"**{total[0]} raw rows** → {total[1]} accepted, {total[2]} rejected, {total[3]} duplicates. "
+        f"Files balanced (raw = accepted + rejected + duplicate): {balanced[1] - balanced[0]}/{balanced[1]}. "
+        f"Validation/test rows overlapping the training split: {contaminated}.",
+        "## Per source", _markdown_table(*summary),
+        "## Rejections by reason", _markdown_table(*reasons) if reasons[1] else "None.",
+    ]
+    if files[1]:
+        md += ["## Quarantined files", _markdown_table(*files)]
+    md += ["## Largest duplicate clusters", _markdown_table(*clusters) if clusters[1] else "None."]
+    table = [dict(zip(summary[0], r)) for r in summary[1]]
+    return "\n\n".join(md), table
+
+
+def publish_quality_report(cfg: PipelineConfig, split: dict[str, Any]) -> dict[str, Any]:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    markdown, table = build_quality_report(str(cfg.warehouse_path))
+    create_markdown_artifact(markdown=markdown, key="data-quality-report", description="Data quality summary")
+    create_table_artifact(table=table, key="data-quality-by-source", description="Rows per source and outcome")
+    return {"stage": "quality-report", "fingerprint": split["fingerprint"], "markdown": markdown}
+
+
+# Never cached: the artifacts belong to the flow run that shows them.
+quality_report_task = task(name="quality-report", cache_policy=NO_CACHE)(publish_quality_report)

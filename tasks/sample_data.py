@@ -1,0 +1,146 @@
+"""The embedded sample data: what the demo runs on when no inputs are configured.
+
+Written by the pipeline itself (deterministic, seeded), one file per supported format, with the flaws real data
+has: exact and near-duplicate rows, Chinese rows, a malformed line, an empty answer, a KTO-negative row, a
+chosen == rejected pair. The tasks are small and regular (arithmetic, opposites, capitals, spelling) so that a tiny
+model trained on a CPU in a minute measurably learns them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
+             ("up", "down"), ("old", "new"), ("early", "late"), ("full", "empty"), ("hard", "soft"),
+             ("loud", "quiet"), ("rich", "poor"), ("strong", "weak"), ("wet", "dry"), ("high", "low")]
+CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
+            ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Canada", "Ottawa"), ("Norway", "Oslo"), ("Chile", "Santiago"),
+            ("Greece", "Athens"), ("Poland", "Warsaw"), ("Cuba", "Havana"), ("India", "New Delhi")]
+ANIMALS = ["cat", "dog", "fox", "owl", "bear", "wolf", "duck", "frog", "lion", "deer", "seal", "crab"]
+NUM_ZH = "零一二三四五六七八九十"
+
+
+WORDS = ANIMALS + ["apple", "river", "cloud", "stone", "green", "music", "table", "light", "dream", "house",
+                   "tiger", "plant", "ocean", "bread", "smile", "chair", "storm", "sugar", "paper", "glass"]
+
+
+def _arith(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    if rng.random() < 0.5:
+        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+    a, b = max(a, b), min(a, b)
+    return f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}."
+
+
+def _english_pair(rng: random.Random) -> tuple[str, str]:
+    kind = rng.choices(range(5), weights=[5, 2, 2, 2, 2])[0]
+    if kind == 0:
+        return _arith(rng)
+    if kind == 1:
+        w, o = rng.choice(OPPOSITES)
+        if rng.random() < 0.5:
+            w, o = o, w
+        q = rng.choice(["What is the opposite of {}?", "Give the opposite of the word {}.", "Name the antonym of {}."])
+        return q.format(w), f"The opposite of {w} is {o}."
+    if kind == 2:
+        c, cap = rng.choice(CAPITALS)
+        q = rng.choice(["What is the capital of {}?", "Which city is the capital of {}?", "Name the capital city of {}."])
+        return q.format(c), f"The capital of {c} is {cap}."
+    w = rng.choice(WORDS)
+    if kind == 3:
+        return f"How do you spell {w} backwards?", f"{w} backwards is {w[::-1]}."
+    return f"How many letters are in the word {w}?", f"The word {w} has {len(w)} letters."
+
+
+def _zh_pair(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return (f"{NUM_ZH[a]}加{NUM_ZH[b]}等于多少？请用阿拉伯数字回答并说明计算过程。",
+            f"{NUM_ZH[a]}加{NUM_ZH[b]}等于{a + b}，因为{a}加{b}的和是{a + b}。")
+
+
+def _write_jsonl(path: Path, rows: list) -> None:
+    text = "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows)
+    data = text.encode("utf-8")
+    # mtime=0: the same rows give the same bytes, so the file's content hash (and every cache key) is stable.
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+
+
+def write_sample_data(out: Path, seed: int = 0, n: int = 600) -> list[Path]:
+    """Write the sample files into `out` (replacing any there) and return their paths."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Alpaca JSON array, with exact copies, near copies and a few rows the clean stage must reject.
+    alpaca = []
+    for _ in range(n):
+        q, a = _english_pair(rng)
+        alpaca.append({"instruction": q, "input": "", "output": a})
+    alpaca += [dict(alpaca[i]) for i in range(0, 30, 3)]  # exact duplicates
+    for i in range(1, 30, 3):  # near duplicates: same long answer with one word changed
+        base = {"instruction": "Write a short story about a fox and an owl who become friends in the forest.",
+                "input": "", "output": "Once upon a time a small fox met a wise owl in the green forest. They "
+                "talked every night under the moon, shared berries and stories, and learned that friends can be "
+                f"very different. Story number {i} ends with the fox and the owl watching the sunrise together."}
+        alpaca.append(base)
+    alpaca += [{"instruction": "Say nothing.", "input": "", "output": "   "},  # empty answer
+               {"instruction": "What is 2 plus 2?", "input": "", "output": 4}]  # wrong type
+    (out / "instructions_alpaca.json").write_text(json.dumps(alpaca, ensure_ascii=False, indent=1), encoding="utf-8")
+
+    # Chinese Alpaca JSON Lines, with a near duplicate.
+    zh = [{"instruction": q, "input": "", "output": a} for q, a in (_zh_pair(rng) for _ in range(n // 4))]
+    story = "从前有一只小狐狸住在森林里，它每天早上都去河边喝水，然后和朋友们一起在草地上玩耍，直到太阳下山才回家。"
+    zh += [{"instruction": "讲一个关于小狐狸的故事。", "input": "", "output": story},
+           {"instruction": "讲一个关于小狐狸的故事。", "input": "", "output": story.replace("每天早上", "每天清晨")}]
+    _write_jsonl(out / "instructions_zh.jsonl", zh)
+
+    # ShareGPT multi-turn JSON.
+    sharegpt = []
+    for i in range(n // 4):
+        (q1, a1), (q2, a2) = _english_pair(rng), _english_pair(rng)
+        sharegpt.append({"id": f"chat-{i}", "conversations": [
+            {"from": "human", "value": q1}, {"from": "gpt", "value": a1},
+            {"from": "human", "value": q2}, {"from": "gpt", "value": a2}]})
+    sharegpt.append({"id": "bad-order", "conversations": [{"from": "human", "value": "Hello?"},
+                                                          {"from": "human", "value": "Anyone?"}]})
+    (out / "chat_sharegpt.json").write_text(json.dumps(sharegpt, ensure_ascii=False), encoding="utf-8")
+
+    # OpenAI messages, gzipped JSON Lines, with a system prompt, a malformed line and a KTO-negative row.
+    msgs = []
+    for _ in range(n // 4):
+        q, a = _english_pair(rng)
+        msgs.append({"messages": [{"role": "system", "content": "You answer in one short sentence."},
+                                  {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    msgs.append('{"messages": [{"role": "user", "content": "truncated')
+    msgs.append({"messages": [{"role": "user", "content": "What is 1 plus 1?"},
+                              {"role": "assistant", "content": "1 plus 1 is 3."}], "label": False})
+    _write_jsonl(out / "chat_messages.jsonl.gz", msgs)
+
+    # Preference pairs: the right answer is chosen, a wrong one rejected; one ranked list; one chosen == rejected.
+    prefs = []
+    for _ in range(n // 2):
+        q, a = _arith(rng)
+        wrong = a.rsplit(" ", 1)[0] + f" {int(a.rsplit(' ', 1)[1].rstrip('.')) + rng.choice([-2, -1, 1, 3])}."
+        prefs.append({"prompt": q, "chosen": a, "rejected": wrong})
+    prefs.append({"instruction": "What is the capital of Peru?", "input": "",
+                  "output": ["The capital of Peru is Lima.", "Peru's capital is Cusco.", "I don't know."]})
+    prefs.append({"prompt": "What is 3 plus 3?", "chosen": "3 plus 3 is 6.", "rejected": "3 plus 3 is 6."})
+    _write_jsonl(out / "preferences.jsonl", prefs)
+
+    # A Parquet file of plain Alpaca rows (a typical export from another tool).
+    rows = [dict(zip(("instruction", "output"), _english_pair(rng))) for _ in range(n // 6)]
+    pq.write_table(pa.Table.from_pylist(rows), out / "instructions_export.parquet")
+    return sorted(out.iterdir())
+
+
+def ensure_sample_data(out: Path) -> Path:
+    """Write the sample data once; later runs reuse it so its content hash (and every cache key) is stable."""
+    if not (out / ".complete").exists():
+        write_sample_data(out)
+        (out / ".complete").write_text("written by tasks.sample_data\n")
+    return out
