@@ -139,3 +139,88 @@ CREATE TABLE IF NOT EXISTS training_curves (
 
 
 -- ============================================================== evaluation plane (issue 4)
+-- One row per evaluation run: what was evaluated, on which data, with which settings, and where the report is.
+CREATE TABLE IF NOT EXISTS eval_runs (
+    run_id           VARCHAR PRIMARY KEY,
+    data_fingerprint VARCHAR,
+    variants         JSON NOT NULL,         -- {variant: {model path(s), fingerprint}}
+    settings         JSON NOT NULL,         -- the eval config in force
+    report_path      VARCHAR,
+    started_at       TIMESTAMP NOT NULL,
+    finished_at      TIMESTAMP NOT NULL
+);
+
+-- Every metric of every variant: per source dataset and overall (source 'all'). n: scored tokens for
+-- perplexity, examples for ROUGE.
+CREATE TABLE IF NOT EXISTS eval_results (
+    run_id   VARCHAR NOT NULL,
+    variant  VARCHAR NOT NULL,              -- base | sft | dpo | merged
+    split    VARCHAR NOT NULL,              -- validation | test
+    source   VARCHAR NOT NULL,
+    metric   VARCHAR NOT NULL,              -- perplexity | rouge1 | rouge2 | rougeL | rougeLsum
+    value    DOUBLE,
+    n        BIGINT NOT NULL,
+    PRIMARY KEY (run_id, variant, split, source, metric)
+);
+
+-- The greedy answers behind the ROUGE numbers (and the sample table artifact).
+CREATE TABLE IF NOT EXISTS eval_generations (
+    run_id        VARCHAR NOT NULL,
+    variant       VARCHAR NOT NULL,
+    split         VARCHAR NOT NULL,
+    example_id    VARCHAR NOT NULL,
+    source        VARCHAR NOT NULL,
+    prompt        VARCHAR NOT NULL,         -- the rendered prompt (chat template applied)
+    reference     VARCHAR NOT NULL,
+    prediction    VARCHAR NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    new_tokens    INTEGER NOT NULL,
+    PRIMARY KEY (run_id, variant, split, example_id)
+);
+
+-- The promotion gate's decision for an evaluation run. model_path points at the promoted merged model.
+CREATE TABLE IF NOT EXISTS promotions (
+    run_id           VARCHAR PRIMARY KEY,
+    variant          VARCHAR NOT NULL,
+    decision         VARCHAR NOT NULL,      -- promoted | rejected
+    model_path       VARCHAR,
+    baseline_kind    VARCHAR,               -- last_promoted | base | NULL (nothing to compare with)
+    baseline_run_id  VARCHAR,
+    baseline_variant VARCHAR,
+    checks           JSON NOT NULL,         -- [{check, candidate, baseline, limit, passed}]
+    reasons          VARCHAR[] NOT NULL,    -- why not promoted (empty when promoted)
+    decided_at       TIMESTAMP NOT NULL
+);
+
+-- One row per server started by the vLLM smoke test (target merged, or lora: the adapter on the base).
+CREATE TABLE IF NOT EXISTS serve_smoke_runs (
+    smoke_id       VARCHAR PRIMARY KEY,
+    run_id         VARCHAR NOT NULL,
+    target         VARCHAR NOT NULL,        -- merged | lora
+    model_path     VARCHAR NOT NULL,
+    command        VARCHAR NOT NULL,
+    startup_s      DOUBLE,                  -- process start to /health 200 (NULL: never became healthy)
+    passed         BOOLEAN NOT NULL,
+    parity_total   INTEGER NOT NULL,
+    parity_passed  INTEGER NOT NULL,
+    reason         VARCHAR,                 -- why it failed
+    started_at     TIMESTAMP NOT NULL,
+    finished_at    TIMESTAMP NOT NULL
+);
+
+-- Every request of a smoke test: latency and throughput, and for parity requests whether vLLM's greedy tokens
+-- equal the transformers reference.
+CREATE TABLE IF NOT EXISTS serve_smoke_requests (
+    smoke_id          VARCHAR NOT NULL,
+    seq               INTEGER NOT NULL,
+    endpoint          VARCHAR NOT NULL,     -- /v1/models | /v1/completions | /v1/chat/completions
+    example_id        VARCHAR,
+    latency_s         DOUBLE NOT NULL,
+    prompt_tokens     INTEGER,
+    completion_tokens INTEGER,
+    tokens_per_s      DOUBLE,
+    parity            BOOLEAN,              -- NULL: not a parity request
+    expected          VARCHAR,
+    served            VARCHAR,
+    PRIMARY KEY (smoke_id, seq)
+);

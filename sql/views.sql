@@ -204,3 +204,50 @@ FROM training_curves c
 JOIN latest l USING (stage, run_id)
 GROUP BY c.stage, c.step
 ORDER BY c.stage, c.step;
+
+-- ============================================================== evaluation plane (issue 4)
+-- "How did the variants of each run compare": one row per (run, variant), overall metrics side by side.
+CREATE OR REPLACE VIEW eval_summary AS
+SELECT
+    e.run_id, r.finished_at, e.variant,
+    max(e.value) FILTER (WHERE e.split = 'validation' AND e.metric = 'perplexity') AS ppl_validation,
+    max(e.value) FILTER (WHERE e.split = 'test' AND e.metric = 'perplexity') AS ppl_test,
+    max(e.value) FILTER (WHERE e.split = 'test' AND e.metric = 'rouge1') AS rouge1,
+    max(e.value) FILTER (WHERE e.split = 'test' AND e.metric = 'rouge2') AS rouge2,
+    max(e.value) FILTER (WHERE e.split = 'test' AND e.metric = 'rougeL') AS rougeL,
+    max(e.value) FILTER (WHERE e.split = 'test' AND e.metric = 'rougeLsum') AS rougeLsum,
+    max(e.n) FILTER (WHERE e.split = 'test' AND e.metric = 'rougeL') AS generated_examples,
+    p.decision AS promotion
+FROM eval_results e
+LEFT JOIN eval_runs r USING (run_id)
+LEFT JOIN promotions p ON p.run_id = e.run_id AND p.variant = e.variant
+WHERE e.source = 'all'
+GROUP BY e.run_id, r.finished_at, e.variant, p.decision
+ORDER BY r.finished_at DESC NULLS LAST, e.run_id,
+    CASE e.variant WHEN 'base' THEN 0 WHEN 'sft' THEN 1 WHEN 'dpo' THEN 2 WHEN 'merged' THEN 3 ELSE 4 END;
+
+-- The model that serves now: the most recently promoted run's merged model.
+CREATE OR REPLACE VIEW current_model AS
+SELECT run_id, variant, model_path, decided_at, checks
+FROM promotions
+WHERE decision = 'promoted'
+ORDER BY decided_at DESC
+LIMIT 1;
+
+CREATE OR REPLACE VIEW promotion_history AS
+SELECT decided_at, run_id, variant, decision, baseline_kind, baseline_run_id, reasons, model_path
+FROM promotions
+ORDER BY decided_at DESC;
+
+-- Serving smoke tests: startup time, request latency and throughput, parity.
+CREATE OR REPLACE VIEW serving_smoke_summary AS
+SELECT
+    s.run_id, s.target, s.passed, s.startup_s, s.parity_passed, s.parity_total, s.reason,
+    round(avg(q.latency_s) FILTER (WHERE q.endpoint <> '/v1/models'), 4) AS mean_latency_s,
+    round(sum(q.completion_tokens) / nullif(sum(q.latency_s) FILTER (WHERE q.completion_tokens IS NOT NULL), 0), 1)
+        AS tokens_per_s,
+    s.model_path, s.finished_at
+FROM serve_smoke_runs s
+LEFT JOIN serve_smoke_requests q USING (smoke_id)
+GROUP BY ALL
+ORDER BY s.finished_at DESC;

@@ -92,32 +92,157 @@ class ModelConfig(Section):
     chat_template: str | None = Field(None, description="Jinja chat template to use instead of the tokenizer's own "
                                       "(or the ChatML-style default where it has none).")
     max_length: int = Field(512, ge=16, description="Maximum tokens per training example.")
+    # Added by the training plane (issue 3).
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the training stages run; auto: cuda "
+                                                   "when available, else cpu.")
+    attn_implementation: str | None = Field(None, description="transformers attention implementation (sdpa, eager, "
+                                            "flash_attention_2, ...); None: the library default. Packing is only "
+                                            "used with a flash-attention implementation, which keeps packed "
+                                            "examples apart.")
+    quantization: Literal["none", "4bit"] = Field("4bit", description="4bit: QLoRA, the base is loaded in 4-bit "
+                                                  "with bitsandbytes while adapters train in full precision; "
+                                                  "none: plain LoRA on the base in compute_dtype.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (QLoRA uses nf4).")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantise the quantisation constants too (QLoRA).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype of the 4-bit layers and of mixed precision; auto: bfloat16 on a GPU that "
+        "supports it, float32 on CPU (bf16 is several times slower there).")
+    embedded_vocab_size: int = Field(1024, ge=300, description="Embedded base: byte-level BPE vocabulary size.")
+    embedded_hidden_size: int = Field(128, ge=16, description="Embedded base: hidden size of the tiny Llama.")
+    embedded_layers: int = Field(2, ge=1, description="Embedded base: transformer layers.")
+    embedded_heads: int = Field(4, ge=1, description="Embedded base: attention heads.")
+    embedded_warmup_steps: int = Field(150, ge=0, description="Embedded base: causal-LM warm-up steps on the "
+                                       "training split, so the base is not random noise.")
+    embedded_warmup_lr: float = Field(3e-3, gt=0, description="Embedded base: warm-up learning rate.")
+    embedded_warmup_max_length: int = Field(128, ge=16, description="Embedded base: tokens per warm-up example.")
+    embedded_seed: int = Field(0, description="Embedded base: seed of initialisation and warm-up.")
 
 
 # --- training plane (issue 3): tasks/model.py, tasks/sft.py, tasks/dpo.py, tasks/merge.py -----------------------
 class SFTConfig(Section):
-    pass
+    assistant_only_loss: bool = Field(True, description="Loss only on assistant tokens (needs a chat template with "
+                                      "generation markers; the default template has them). False: whole sequence.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters: 'all-linear' "
+                                            "(every linear layer except the output head) or a list of names.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
+    warmup_steps: float = Field(0.03, ge=0, description="Warm-up: steps, or a fraction of all steps when < 1.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_steps: int = Field(100, description="Optimizer steps; -1: run num_train_epochs instead.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
+    per_device_batch_size: int = Field(8, ge=1, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (saves GPU memory, "
+                                         "costs ~20% time).")
+    eval_steps: int = Field(25, ge=1, description="Validation loss every this many steps (and at start and end).")
+    save_steps: int = Field(25, ge=1, description="Checkpoint every this many steps; a retried stage resumes from the "
+                            "last one.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    logging_steps: int = Field(5, ge=1, description="Training metrics every this many steps.")
+    max_train_examples: int | None = Field(None, ge=1, description="Use at most this many training examples "
+                                           "(None: all).")
+    max_eval_examples: int = Field(128, ge=1, description="Validation examples used for the validation loss.")
+    packing: bool = Field(False, description="Pack examples into max_length blocks. Only honoured with a "
+                          "flash-attention implementation (model.attn_implementation); otherwise packed examples "
+                          "would attend to each other, so it is switched off with a log line.")
+    seed: int = Field(42, description="Seed of adapter init, data order and dropout.")
+    num_processes: int = Field(1, ge=1, description="Data-parallel processes; > 1 launches the stage with "
+                               "`launcher` (one per GPU; gloo processes on CPU).")
+    launcher: Literal["accelerate", "torchrun"] = Field("accelerate", description="Multi-process launcher.")
 
 
 class DPOConfig(Section):
-    pass
+    beta: float = Field(0.1, gt=0, description="DPO beta: strength of the pull towards the reference (SFT) model.")
+    loss_type: str = Field("sigmoid", description="trl DPO loss type (sigmoid, ipo, hinge, robust, ...).")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
+    warmup_steps: float = Field(0.03, ge=0, description="Warm-up: steps, or a fraction of all steps when < 1.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_steps: int = Field(50, description="Optimizer steps; -1: run num_train_epochs instead.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
+    per_device_batch_size: int = Field(4, ge=1, description="Preference pairs per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    eval_steps: int = Field(25, ge=1, description="Reward accuracy / margins on validation every this many steps.")
+    save_steps: int = Field(25, ge=1, description="Checkpoint every this many steps (resume on retry).")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    logging_steps: int = Field(5, ge=1, description="Training metrics every this many steps.")
+    max_train_pairs: int | None = Field(None, ge=1, description="Use at most this many training pairs (None: all).")
+    max_eval_pairs: int = Field(64, ge=1, description="Validation pairs for reward accuracy / margins.")
+    train_probe_pairs: int = Field(32, ge=0, description="A fixed sample of training pairs also evaluated at start "
+                                   "and end, so training reward accuracy is measured on the same pairs both times.")
+    precompute_ref_log_probs: bool = Field(True, description="Compute the reference log-probs once and cache them on "
+                                           "disk (keyed by SFT result + pairs), so a rerun with a new beta reuses "
+                                           "them.")
+    seed: int = Field(42, description="Seed of data order and dropout.")
+    num_processes: int = Field(1, ge=1, description="Data-parallel processes (see sft.num_processes).")
+    launcher: Literal["accelerate", "torchrun"] = Field("accelerate", description="Multi-process launcher.")
 
 
 class MergeConfig(Section):
-    pass
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Precision the base is loaded in "
+                                                           "for merging (never 4-bit: merging into quantised "
+                                                           "weights loses accuracy) and the merged model is saved in.")
+    parity_examples: int = Field(4, ge=1, description="Validation examples whose logits must match between the "
+                                 "adapter model and the merged model.")
+    parity_atol: float | None = Field(None, gt=0, description="Largest allowed absolute logit difference; None: "
+                                      "1e-3 for float32, 0.25 for float16, 1.0 for bfloat16.")
 
 
 # --- evaluation plane (issue 4): evals/, tasks/evaluate.py, tasks/promote.py, tasks/serve.py -----------------------
 class EvalConfig(Section):
-    pass
+    max_examples: int = Field(64, ge=1, description="Examples per split (validation, test) scored for perplexity, "
+                              "taken round-robin over sources so every dataset is represented.")
+    max_generate_examples: int = Field(16, ge=1, description="Test examples each variant generates answers for "
+                                       "(ROUGE and the sample table); a subset of the scored ones.")
+    max_new_tokens: int = Field(48, ge=1, description="Greedy generation length cap.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass (scoring and generation).")
+    seed: int = Field(0, description="Seed set before generating (greedy decoding needs none; sampling-free "
+                      "kernels may).")
+    perplexity_tokens: Literal["auto", "assistant", "all"] = Field(
+        "auto", description="Tokens perplexity is measured on; auto: those training has loss on (assistant tokens "
+        "when sft.assistant_only_loss).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Precision variants are loaded in (adapters on a full-precision base, as merged).")
+    stop_strings: list[str] = Field(["<|im_end|>"], description="A generated answer is cut at the first of these "
+                                    "(end-of-turn markers that are plain text in the vocabulary).")
+    sample_rows: int = Field(8, ge=0, description="Rows of the eval-samples table artifact.")
 
 
 class PromoteConfig(Section):
-    pass
+    candidate: str = Field("merged", description="Variant promoted (falls back to dpo, then sft, when absent).")
+    split: Literal["validation", "test"] = Field("test", description="Split whose overall metrics the gate reads.")
+    max_perplexity_rise: float = Field(0.0, ge=0, description="Allowed relative perplexity rise against the "
+                                       "baseline (0.0: must not rise).")
+    max_rouge_l_drop: float = Field(0.02, ge=0, description="Allowed absolute ROUGE-L drop against the baseline.")
+    first_run_baseline: Literal["base", "none"] = Field(
+        "base", description="Baseline when nothing was promoted yet: this run's base variant, or none (promote).")
 
 
 class ServeConfig(Section):
-    pass
+    venv: str = Field(".venv-serve", description="Serving virtualenv (made by .ci/setup-serve); relative paths are "
+                      "from the repository root.")
+    command: str | None = Field(None, description="Command that starts vLLM's OpenAI server for {model} (placeholders "
+                                "{python}, {vllm}: the venv's executables). None: `{vllm} serve {model}` with CUDA, "
+                                "`{python} -m vllm.entrypoints.openai.api_server --model {model} --enforce-eager` on "
+                                "CPU. The stage appends --host 127.0.0.1 --port <free> and the options below.")
+    extra_args: list[str] = Field(default_factory=list, description="More server arguments, appended last.")
+    env: dict[str, str] = Field({"VLLM_CPU_KVCACHE_SPACE": "1"}, description="Extra environment of the server "
+                                "(KV cache GiB on CPU).")
+    dtype: str = Field("float32", description="--dtype of the server; parity needs the reference's precision.")
+    max_model_len: int = Field(1024, ge=16, description="--max-model-len (capped at the model's context).")
+    startup_timeout_s: float = Field(600, gt=0, description="Give up waiting for /health after this long.")
+    request_timeout_s: float = Field(120, gt=0, description="Timeout of one request.")
+    parity_prompts: int = Field(3, ge=1, description="Validation prompts whose greedy output must equal the "
+                                "transformers reference.")
+    max_tokens: int = Field(16, ge=1, description="Tokens generated per smoke / parity request.")
+    check_lora: bool = Field(False, description="Also serve the adapter on the base with --enable-lora and check "
+                             "its parity (a second server start).")
+    seed: int = Field(0, description="Server and request seed.")
 
 
 class PipelineConfig(Section):

@@ -1,0 +1,1 @@
+"""Evaluation plane: local `evaluate` metrics (metrics/), generation and scoring helpers, report building."""

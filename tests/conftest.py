@@ -1,0 +1,126 @@
+"""Shared test setup: offline, one torch thread, and ONE real Prefect server for the whole session.
+
+Every flow a test runs talks to that server (a plain flow call without one would start its own temporary
+server each time, 10-20 s apiece). The server gets its own PREFECT_HOME and SQLite database under a temp dir and
+a free port on 127.0.0.1; it is stopped, with its whole process group, when the session ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SHARED_DATA = SHARED / "data"
+STORIES = SHARED / "models" / "stories260K"
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+_server: subprocess.Popen | None = None
+_server_dir: tempfile.TemporaryDirectory | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"prefect server at {url} not healthy after {timeout} s")
+
+
+def pytest_configure(config):
+    """Start the session's Prefect server before test modules import Prefect, so its settings see the URL."""
+    global _server, _server_dir
+    if os.environ.get("PREFECT_API_URL"):
+        return  # an outer harness (the end-to-end service test, CI) provides one
+    _server_dir = tempfile.TemporaryDirectory(prefix="sftpipe-prefect-")
+    home = Path(_server_dir.name)
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_API_HOST": "127.0.0.1",
+           "PREFECT_SERVER_API_PORT": str(port)}
+    log = open(home / "server.log", "wb")
+    _server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    _wait_healthy(url, _server)
+    os.environ["PREFECT_API_URL"] = url
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "results")
+
+
+def pytest_unconfigure(config):
+    if _server is not None and _server.poll() is None:
+        try:  # ship buffered run logs before the server goes away
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler.flush()
+        except Exception:
+            pass
+        os.killpg(_server.pid, signal.SIGTERM)
+        try:
+            _server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(_server.pid, signal.SIGKILL)
+    if _server_dir is not None:
+        _server_dir.cleanup()
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """A config rooted in the test's tmp dir, with overrides."""
+    from tasks.config import load_config
+
+    def make(*overrides: str, root: Path | None = None):
+        return load_config(None, [f"storage_root={root or tmp_path / 'runs'}", *overrides])
+
+    return make
+
+
+def run_data_plane(cfg):
+    """Ingest → clean → dedup → split as plain functions (no Prefect), returning each stage's result."""
+    from tasks.clean import run_clean
+    from tasks.dedup import deduplicate
+    from tasks.ingest import run_ingest
+    from tasks.split import run_split
+
+    ingest = run_ingest(cfg)
+    clean = run_clean(cfg, ingest)
+    dedup = deduplicate(cfg, clean)
+    split = run_split(cfg, dedup)
+    return {"ingest": ingest, "clean": clean, "dedup": dedup, "split": split}
+
+
+def query(cfg, sql: str, params=None):
+    from tasks.warehouse import open_warehouse
+
+    with open_warehouse(cfg.warehouse_path, read_only=True) as con:
+        return con.execute(sql, params or []).fetchall()

@@ -1,0 +1,188 @@
+"""Ingest: every supported format and file type, provenance, idempotence, atomicity, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SHARED_DATA, query, run_data_plane
+from tasks import formats
+from tasks.ingest import NothingToIngest, run_ingest
+
+SHARED_FILES = {
+    "instruct_alpaca_en/alpaca_en_demo.json": ("alpaca", 999),
+    "instruct_alpaca_en/alpaca_tiny.json": ("alpaca", 100),
+    "instruct_alpaca_zh/alpaca_zh_demo.json": ("alpaca", 1000),
+    "chat_sharegpt/fastchat_dummy_conversation.json": ("sharegpt", 500),
+    "chat_messages/kto_en_demo.json": ("messages", 300),
+    "preference_sharegpt/dpo_en_demo.json": ("preference", 300),
+}
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("rel", sorted(SHARED_FILES))
+def test_shared_files_ingest_in_their_format(make_cfg, rel):
+    fmt, n = SHARED_FILES[rel]
+    cfg = make_cfg(f"data.ingest.inputs=[{SHARED_DATA / rel}]")
+    result = run_ingest(cfg)
+    assert result["stats"]["new_rows"] == n
+    [(data_format, n_rows, status)] = query(cfg, "SELECT data_format, n_rows, status FROM source_files")
+    assert (data_format, n_rows, status) == (fmt, n, "ingested")
+    # Verbatim raw rows with provenance, and each parsed into the canonical roles.
+    rows = query(cfg, "SELECT r.row_number, r.raw, p.kind, p.messages, p.reason FROM raw_rows r "
+                      "JOIN parsed_rows p USING (row_id) ORDER BY r.row_number")
+    assert [r[0] for r in rows] == list(range(1, n + 1))
+    original = json.loads((SHARED_DATA / rel).read_text(encoding="utf-8"))
+    assert json.loads(rows[0][1]) == original[0]
+    parsed = [r for r in rows if r[4] is None]
+    assert parsed, "no row parsed"
+    for _, _, kind, msgs, _ in parsed:
+        assert kind == ("preference" if fmt == "preference" else "sft")
+        assert {m["role"] for m in msgs} <= {"system", "user", "assistant"}
+    if rel.endswith("kto_en_demo.json"):
+        negatives = sum(1 for r in original if r.get("label") is False)
+        assert sum(1 for r in rows if r[4] == "negative_label") == negatives > 0
+
+
+def test_alpaca_history_system_and_input_are_kept():
+    kind, msgs, _ = formats.normalize({"instruction": "Translate", "input": "bonjour", "output": "hello",
+                                       "system": "Be brief.", "history": [["hi", "hello!"]]}, "alpaca")
+    assert kind == "sft"
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
+    assert msgs[3]["content"] == "Translate\n\nbonjour"
+
+
+def test_preference_variants(tmp_path, make_cfg):
+    d = tmp_path / "in"
+    d.mkdir()
+    _write_jsonl(d / "explicit.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
+    _write_jsonl(d / "implicit.jsonl", [{
+        "chosen": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}],
+        "rejected": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Seven."}]}])
+    _write_jsonl(d / "ranked.jsonl", [{"instruction": "Rate", "input": "", "output": ["best", "good", "bad"]}])
+    _write_jsonl(d / "messages_pref.jsonl", [{"messages": [{"role": "user", "content": "Hi?"}],
+                                              "chosen": {"role": "assistant", "content": "Hello!"},
+                                              "rejected": {"role": "assistant", "content": "Go away."}}])
+    cfg = make_cfg(f"data.ingest.inputs=[{d}]")
+    run_data_plane(cfg)
+    got = query(cfg, "SELECT source, p.kind, p.messages, p.responses FROM parsed_rows p JOIN raw_rows USING (row_id) "
+                     "JOIN source_files USING (file_id) ORDER BY source")
+    by_source = {s: (k, m, r) for s, k, m, r in got}
+    assert by_source["explicit"] == ("preference", [{"role": "user", "content": "2+2?"}], ["4", "5"])
+    assert by_source["implicit"] == ("preference", [{"role": "user", "content": "Name a color."}], ["Blue.", "Seven."])
+    assert by_source["ranked"][2] == ["best", "good", "bad"]
+    assert by_source["messages_pref"][2] == ["Hello!", "Go away."]
+    # A ranked list of three gives three (better, worse) pairs.
+    pairs = query(cfg, "SELECT chosen, rejected FROM preference_pairs WHERE source = 'ranked' ORDER BY ALL")
+    assert pairs == [("best", "bad"), ("best", "good"), ("good", "bad")]
+
+
+def test_csv_parquet_and_gzip(tmp_path, make_cfg):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "rows.csv").write_text('instruction,input,output\n"Say hi","","Hi!"\n"Add 1 and 2","","3"\n', encoding="utf-8")
+    convs = [[{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi there"}]]
+    pq.write_table(pa.Table.from_pylist([{"conversations": c} for c in convs]), d / "chat.parquet")
+    with gzip.open(d / "msgs.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}) + "\n")
+    cfg = make_cfg(f"data.ingest.inputs=[{d}]")
+    run_data_plane(cfg)
+    got = dict(query(cfg, "SELECT file_type || ':' || data_format, n_rows FROM source_files"))
+    assert got == {"csv:alpaca": 2, "parquet:sharegpt": 1, "jsonl:messages": 1}
+    assert query(cfg, "SELECT count(*) FROM sft_examples")[0][0] == 4
+
+
+def test_bad_input_is_quarantined_with_reasons_and_the_run_goes_on(tmp_path, make_cfg):
+    d = tmp_path / "in"
+    d.mkdir()
+    good = {"instruction": "What is 1 plus 1?", "input": "", "output": "2"}
+    lines = [json.dumps(good).encode(), b'{"instruction": "truncated", "outp',
+             json.dumps({"instruction": "caf\u00e9", "input": "", "output": "ok"}).encode().replace(b"caf\\u00e9", b"caf\xe9"),
+             json.dumps({"instruction": "Wrong type", "input": "", "output": ["a"]}).encode(),
+             json.dumps({"instruction": "x", "input": "", "output": 7}).encode()]
+    (d / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (d / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n")
+    (d / "empty.jsonl").write_bytes(b"")
+    (d / "corrupt.jsonl.gz").write_bytes(gzip.compress(json.dumps(good).encode())[:-12])
+    _write_jsonl(d / "unknown.jsonl", [{"foo": 1, "bar": 2}])
+    _write_jsonl(d / "wrongtypes.jsonl", [{"conversations": "not a list"}, {"conversations": [{"from": "human", "value": 3}]},
+                                         {"conversations": [{"from": "alien", "value": "hi"}]}])
+    (d / "truncated.json").write_text('[{"instruction": "a", "input": "", "output": "b"}, {"instr', encoding="utf-8")
+    cfg = make_cfg(f"data.ingest.inputs=[{d}]")
+    run_data_plane(cfg)
+
+    files = {p.rsplit("/", 1)[1]: (s, r) for p, s, r in query(cfg, "SELECT path, status, reason FROM source_files")}
+    assert files["empty.jsonl"] == ("quarantined", "empty_file")
+    assert files["corrupt.jsonl.gz"] == ("quarantined", "corrupt_gzip")
+    assert files["mixed.jsonl"] == ("ingested", None)
+    reasons = dict(query(cfg, "SELECT f.path.split('/')[-1] || ':' || d.row_number, d.reason FROM row_dispositions d "
+                              "JOIN source_files f USING (file_id)"))
+    assert reasons["mixed.jsonl:1"] is None
+    assert reasons["mixed.jsonl:2"] == "malformed_json"
+    assert reasons["mixed.jsonl:3"] == "invalid_utf8"
+    # The undecodable row is still kept, byte for byte.
+    assert query(cfg, "SELECT raw_bytes FROM raw_rows WHERE row_number = 3 AND raw IS NULL")[0][0] == lines[2]
+    assert reasons["mixed.jsonl:4"] == "wrong_type"
+    assert reasons["mixed.jsonl:5"] == "wrong_type"
+    assert reasons["bom.jsonl:1"] is None
+    assert reasons["unknown.jsonl:1"] == "unknown_format"
+    assert [reasons[f"wrongtypes.jsonl:{i}"] for i in (1, 2, 3)] == ["wrong_type", "wrong_type", "unsupported_role"]
+    assert reasons["truncated.json:1"] == "malformed_json"
+    # Conservation holds on every file, and the good rows made it through.
+    assert all(b for (b,) in query(cfg, "SELECT balanced FROM row_conservation"))
+    assert query(cfg, "SELECT count(*) FROM row_dispositions WHERE status = 'accepted'")[0][0] >= 1
+
+
+def test_a_run_with_nothing_usable_fails_naming_the_file(tmp_path, make_cfg):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"broken\n', encoding="utf-8")
+    with pytest.raises(NothingToIngest, match="bad.jsonl"):
+        run_ingest(make_cfg(f"data.ingest.inputs=[{bad}]"))
+
+
+def test_reingest_is_idempotent_and_a_changed_file_is_a_new_version(tmp_path, make_cfg):
+    f = _write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)])
+    cfg = make_cfg(f"data.ingest.inputs=[{f}]")
+    assert run_ingest(cfg)["stats"]["new_rows"] == 5
+    assert run_ingest(cfg)["stats"]["new_rows"] == 0
+    assert query(cfg, "SELECT count(*) FROM raw_rows")[0][0] == 5
+    _write_jsonl(f, [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(6)])
+    assert run_ingest(cfg)["stats"]["new_rows"] == 6
+    assert query(cfg, "SELECT count(DISTINCT content_sha256), count(DISTINCT path) FROM source_files")[0] == (2, 1)
+    # The unchanged rows of the new version are exact duplicates of the first version's rows.
+    from tasks.clean import run_clean
+    from tasks.dedup import deduplicate
+
+    deduplicate(cfg, run_clean(cfg, {}))
+    assert query(cfg, "SELECT count(*) FROM row_dispositions WHERE status = 'duplicate'")[0][0] == 5
+
+
+def test_a_crash_mid_file_leaves_no_partial_rows(tmp_path, make_cfg, monkeypatch):
+    f = _write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(50)])
+    cfg = make_cfg(f"data.ingest.inputs=[{f}]")
+    from tasks import formats as fmt_module
+
+    real_normalize = fmt_module.normalize
+    calls = {"n": 0}
+
+    def crash_at_row_30(record, fmt):  # raw rows of the file are already inserted by then
+        calls["n"] += 1
+        if calls["n"] == 30:
+            raise RuntimeError("simulated crash mid-file")
+        return real_normalize(record, fmt)
+
+    monkeypatch.setattr(fmt_module, "normalize", crash_at_row_30)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_ingest(cfg)
+    monkeypatch.undo()
+    assert query(cfg, "SELECT count(*) FROM source_files")[0][0] == 0
+    assert query(cfg, "SELECT count(*) FROM raw_rows")[0][0] == 0
+    assert run_ingest(cfg)["stats"]["new_rows"] == 50
