@@ -23,7 +23,7 @@ import pyarrow as pa
 from tasks import formats
 from tasks.caching import current_run_id, sha256_text, stage_task
 from tasks.config import PipelineConfig
-from tasks.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
+from tasks.warehouse import insert_columns, open_warehouse, record_stage, table_fingerprint, utcnow
 
 SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -218,9 +218,8 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: Path, run_id: str, cfg: Pi
              "quarantined" if read.reason else "ingested", read.reason, read.detail, run_id, now],
         )
         if read.rows:
-            parsed = [parse_row(r, fmt) for r in read.rows]
             row_ids = [f"{file_id}:{r.row_number}" for r in read.rows]
-            raw_table = pa.table({
+            insert_columns(con, "raw_rows", {
                 "row_id": row_ids,
                 "file_id": [file_id] * len(row_ids),
                 "row_number": pa.array([r.row_number for r in read.rows], pa.int64()),
@@ -229,7 +228,8 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: Path, run_id: str, cfg: Pi
                 "raw_bytes": pa.array([r.raw_bytes for r in read.rows], pa.binary()),
                 "ingest_run_id": [run_id] * len(row_ids),
             })
-            parsed_table = pa.table({
+            parsed = [parse_row(r, fmt) for r in read.rows]
+            insert_columns(con, "parsed_rows", {
                 "row_id": row_ids,
                 "kind": pa.array([p[0] for p in parsed], pa.string()),
                 "messages": pa.array([p[1] for p in parsed], MESSAGE_TYPE),
@@ -237,12 +237,6 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: Path, run_id: str, cfg: Pi
                 "reason": pa.array([p[3] for p in parsed], pa.string()),
                 "detail": pa.array([p[4] for p in parsed], pa.string()),
             })
-            con.register("raw_batch", raw_table)
-            con.register("parsed_batch", parsed_table)
-            con.execute("INSERT INTO raw_rows SELECT * FROM raw_batch")
-            con.execute("INSERT INTO parsed_rows SELECT * FROM parsed_batch")
-            con.unregister("raw_batch")
-            con.unregister("parsed_batch")
         con.commit()
     except BaseException:
         con.rollback()
