@@ -1,0 +1,113 @@
+"""Real data and small configs for the training-plane tests (imported by tests/test_{model,sft,dpo,merge}.py).
+
+Examples come from the shared public files, mapped to the canonical {role, content} form the warehouse readers
+return; `make_warehouse` writes them into a real DuckDB warehouse through the data plane's tables, so the stage
+functions read them exactly as in the pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tasks.config import PipelineConfig, apply_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+ALPACA_EN = SHARED / "data" / "instruct_alpaca_en" / "alpaca_en_demo.json"
+DPO_EN = SHARED / "data" / "preference_sharegpt" / "dpo_en_demo.json"
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def alpaca_examples(n: int, offset: int = 0, max_chars: int = 600) -> list[dict]:
+    """Alpaca rows as single-turn conversations, short ones first-come (tests use max_length ~128 tokens)."""
+    rows = json.loads(ALPACA_EN.read_text())
+    out = []
+    for i, r in enumerate(rows):
+        prompt = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+        if len(prompt) + len(r["output"]) > max_chars:
+            continue
+        out.append({"example_id": f"alpaca-{i}", "source": "alpaca_en_demo",
+                    "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["output"]}]})
+    return out[offset: offset + n]
+
+
+def preference_pairs(n: int, offset: int = 0, max_prompt_chars: int = 200) -> list[dict]:
+    """dpo_en_demo rows (ShareGPT prompt turns + chosen/rejected) with short single-turn prompts."""
+    rows = json.loads(DPO_EN.read_text())
+    out = []
+    for i, r in enumerate(rows):
+        prompt = [{"role": ROLES[t["from"]], "content": t["value"]} for t in r["conversations"]]
+        if len(prompt) != 1 or len(prompt[0]["content"]) > max_prompt_chars:
+            continue
+        out.append({"example_id": f"dpo-{i}", "source": "dpo_en_demo", "prompt": prompt,
+                    "chosen": r["chosen"]["value"], "rejected": r["rejected"]["value"]})
+    return out[offset: offset + n]
+
+
+def small_config(root: Path, **overrides) -> PipelineConfig:
+    """A config sized for a 2-core CPU: short sequences, few steps, stories260K base unless overridden."""
+    tree = {
+        "storage_root": str(root),
+        "model": {"base": str(STORIES), "max_length": 128, "device": "cpu"},
+        "sft": {"max_steps": 30, "per_device_batch_size": 8, "learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16,
+                "lora_dropout": 0.0, "eval_steps": 10, "save_steps": 10, "logging_steps": 5, "max_eval_examples": 32,
+                "warmup_steps": 0},
+        "dpo": {"max_steps": 20, "per_device_batch_size": 8, "learning_rate": 2e-3, "eval_steps": 10,
+                "save_steps": 10, "logging_steps": 5, "max_eval_pairs": 16, "train_probe_pairs": 32,
+                "warmup_steps": 0},
+    }
+    for dotted, value in overrides.items():  # "sft.max_steps": 10 style keys, values kept as given
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return apply_overrides(tree)
+
+
+def make_warehouse(path: Path, sft: dict[str, list[dict]] | None = None,
+                   pairs: dict[str, list[dict]] | None = None) -> dict:
+    """Write examples into the data plane's tables of a real warehouse; returns a data-stage-like result dict."""
+    from tasks.warehouse import open_warehouse
+
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    seq = 0
+    digest = hashlib.sha256()
+    with open_warehouse(path) as con:
+        for kind, by_split in (("sft", sft or {}), ("preference", pairs or {})):
+            for split, rows in by_split.items():
+                for r in rows:
+                    seq += 1
+                    row_id = f"{split}:{r['example_id']}"
+                    messages = r["messages"] if kind == "sft" else r["prompt"]
+                    responses = None if kind == "sft" else [r["chosen"], r["rejected"]]
+                    text = json.dumps([messages, responses])
+                    digest.update(text.encode())
+                    con.execute(
+                        "INSERT INTO clean_rows (row_id, kind, source, row_seq, messages, responses, dedup_text, "
+                        "content_hash, n_chars, language) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'en')",
+                        [row_id, kind, r["source"], seq, messages, responses, text,
+                         hashlib.sha256(text.encode()).hexdigest(), len(text)])
+                    con.execute("INSERT INTO cluster_members VALUES (?, ?, 'representative', 1.0)", [row_id, row_id])
+                    con.execute("INSERT INTO split_assignments VALUES (?, ?, 'test', ?)", [row_id, split, now])
+    return {"stage": "split", "fingerprint": digest.hexdigest()[:16], "warehouse": str(path), "stats": {}}
+
+
+STORIES_BASE = {"stage": "base", "fingerprint": "stories260K", "path": str(STORIES)}
+
+
+def sft_on_stories(root: Path, **overrides) -> tuple[PipelineConfig, dict, dict]:
+    """A warehouse with Alpaca conversations and dpo_en_demo pairs, and a finished SFT run on stories260K."""
+    from tasks.sft import run_sft
+
+    pairs = preference_pairs(57)  # every dpo_en_demo pair with a short single-turn prompt
+    data = make_warehouse(root / "warehouse.duckdb",
+                          sft={"train": alpaca_examples(240), "validation": alpaca_examples(32, offset=240)},
+                          pairs={"train": pairs[:41], "validation": pairs[41:]})
+    cfg = small_config(root, **overrides)
+    return cfg, data, run_sft(cfg, STORIES_BASE, data)
