@@ -1,0 +1,254 @@
+"""Evaluation stage: perplexity and ROUGE of every model variant of a run, on the same examples, to DuckDB + report.
+
+- Perplexity on the validation and test splits, token-weighted over the tokens training has loss on (assistant
+  tokens by default), per source dataset and overall (evals/metrics/perplexity, a local `evaluate` module).
+- ROUGE-1/2/L/Lsum of greedy answers to the test prompts against the reference answers, per source and overall
+  (evals/metrics/rouge: scores Chinese per character).
+- Every variant sees the same examples (round-robin over sources, capped by eval.max_examples) and the same
+  generation settings (greedy, seeded, batched, eval.max_new_tokens).
+- Rows go to eval_results / eval_generations / eval_runs in one short write; the markdown report (variants x
+  metrics, deltas against the base and the last promoted run) is written under <storage_root>/reports and published
+  as the Prefect artifact "eval-report", the sample answers as the table artifact "eval-samples".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+from evals.generation import (describe_variant, encode_for_loss, encode_prompt, free, full_model_dir, adapter_of,
+                              greedy_generate, load_variant, split_conversation)
+from evals.metrics import evals_code_hash, load_metric
+from evals.report import eval_report_markdown, ordered_variants, sample_table
+from tasks.caching import current_run_id, stage_task
+from tasks.config import PipelineConfig
+from tasks.warehouse import open_warehouse, record_stage, sft_examples, table_fingerprint, utcnow
+
+log = logging.getLogger("sftpipe.eval")
+
+SPLITS = ("validation", "test")
+ROUGE_TYPES = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+
+
+def new_run_id() -> str:
+    """The Prefect flow run id inside a flow run; outside one a fresh id, so local runs never overwrite each other."""
+    run_id = current_run_id()
+    return run_id if run_id != "local" else f"local-{uuid.uuid4().hex[:12]}"
+
+
+def select_examples(examples: list[dict], limit: int) -> list[dict]:
+    """Up to `limit` examples taken round-robin over sources (each in its stable order): every dataset shows up."""
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for ex in examples:
+        by_source[ex["source"]].append(ex)
+    queues = [by_source[s] for s in sorted(by_source)]
+    picked: list[dict] = []
+    depth = 0
+    while len(picked) < limit and any(depth < len(q) for q in queues):
+        picked += [q[depth] for q in queues if depth < len(q)][: limit - len(picked)]
+        depth += 1
+    return picked
+
+
+def perplexity_scope(cfg: PipelineConfig) -> str:
+    if cfg.eval.perplexity_tokens != "auto":
+        return cfg.eval.perplexity_tokens
+    return "assistant" if getattr(cfg.sft, "assistant_only_loss", True) else "all"
+
+
+# ---------------------------------------------------------------------------------------------- one variant
+def score_perplexity(model, tokenizer, examples: list[dict], cfg: PipelineConfig) -> dict[str, tuple[float, int]]:
+    """{source: (summed NLL, scored tokens)} plus "all"."""
+    encoded = [encode_for_loss(tokenizer, ex["messages"], cfg.model.max_length, perplexity_scope(cfg))
+               for ex in examples]
+    out = load_metric("perplexity").compute(input_ids=[e["input_ids"] for e in encoded],
+                                            labels=[e["labels"] for e in encoded], model=model,
+                                            batch_size=cfg.eval.batch_size)
+    pooled: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ex, nll, n in zip(examples, out["nll_sums"], out["token_counts"]):
+        for key in (ex["source"], "all"):
+            pooled[key][0] += nll
+            pooled[key][1] += n
+    return {k: (v[0], int(v[1])) for k, v in pooled.items()}
+
+
+def generate_answers(model, tokenizer, examples: list[dict], cfg: PipelineConfig) -> list[dict]:
+    """Greedy answers to the prompts of `examples` (conversation up to its last assistant turn)."""
+    items = []
+    for ex in examples:
+        split = split_conversation(ex["messages"])
+        if split:
+            items.append((ex, *split))
+    max_prompt = max(cfg.model.max_length - cfg.eval.max_new_tokens, 8)
+    prompts = [encode_prompt(tokenizer, prompt, max_prompt) for _, prompt, _ in items]
+    gens = greedy_generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                           cfg.eval.stop_strings, cfg.eval.seed)
+    return [{"example_id": ex["example_id"], "source": ex["source"],
+             "prompt": tokenizer.decode(g.prompt_ids, skip_special_tokens=False), "reference": reference,
+             "prediction": g.text, "prompt_tokens": len(g.prompt_ids), "new_tokens": len(g.output_ids)}
+            for (ex, _, reference), g in zip(items, gens)]
+
+
+def score_rouge(generations: list[dict]) -> dict[str, tuple[dict[str, float], int]]:
+    """{source: ({rouge type: mean F}, examples)} plus "all"."""
+    if not generations:
+        return {}
+    per_example = load_metric("rouge").compute(predictions=[g["prediction"] for g in generations],
+                                               references=[g["reference"] for g in generations],
+                                               rouge_types=ROUGE_TYPES, use_aggregator=False)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(generations):
+        groups[g["source"]].append(i)
+        groups["all"].append(i)
+    return {src: ({t: sum(per_example[t][i] for i in idx) / len(idx) for t in ROUGE_TYPES}, len(idx))
+            for src, idx in groups.items()}
+
+
+def evaluate_variants(cfg: PipelineConfig, examples: dict[str, list[dict]],
+                      variants: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """Score every variant on the same examples. examples: {"validation": [...], "test": [...]} as returned by
+    tasks.warehouse.sft_examples. Returns (eval_results rows without run_id, generations rows)."""
+    chosen = {split: select_examples(examples.get(split, []), cfg.eval.max_examples) for split in SPLITS}
+    to_generate = chosen["test"][: cfg.eval.max_generate_examples]
+    rows: list[dict] = []
+    generations: list[dict] = []
+    for name in ordered_variants(variants):
+        started = time.time()
+        model, tokenizer = load_variant(variants[name], cfg, cfg.eval.dtype)
+        for split in SPLITS:
+            if not chosen[split]:
+                continue
+            for source, (nll, n) in score_perplexity(model, tokenizer, chosen[split], cfg).items():
+                value = math.exp(nll / n) if n else None
+                rows.append(dict(variant=name, split=split, source=source, metric="perplexity", value=value, n=n))
+        gens = [dict(g, variant=name, split="test") for g in generate_answers(model, tokenizer, to_generate, cfg)]
+        generations += gens
+        for source, (scores, n) in score_rouge(gens).items():
+            rows += [dict(variant=name, split="test", source=source, metric=t, value=v, n=n) for t, v in scores.items()]
+        free(model)
+        log.info("evaluated %s in %.1f s", name, time.time() - started)
+    return rows, generations
+
+
+# ------------------------------------------------------------------------------------------------- warehouse
+def last_promoted(con, exclude_run: str | None = None) -> dict | None:
+    """{"run_id", "variant", "model_path", "rows"} of the most recently promoted run (other than exclude_run)."""
+    row = con.execute(
+        "SELECT run_id, variant, model_path FROM promotions WHERE decision = 'promoted' AND run_id IS DISTINCT FROM ? "
+        "ORDER BY decided_at DESC LIMIT 1", [exclude_run]).fetchone()
+    if row is None:
+        return None
+    cols = ["variant", "split", "source", "metric", "value", "n"]
+    rows = [dict(zip(cols, r)) for r in con.execute(
+        f"SELECT {', '.join(cols)} FROM eval_results WHERE run_id = ?", [row[0]]).fetchall()]
+    return {"run_id": row[0], "variant": row[1], "model_path": row[2], "rows": rows}
+
+
+def _variant_record(result: dict) -> dict:
+    """The paths and fingerprint of a variant (what the promotion pointer and the report need)."""
+    record = {"fingerprint": result.get("fingerprint"), "model": describe_variant(result)}
+    if full_model_dir(result):
+        record["model_dir"] = str(full_model_dir(result))
+    if adapter_of(result):
+        record["adapter_dir"], record["base_dir"] = adapter_of(result)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- Prefect bits
+def in_flow_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return bool(FlowRunContext.get() or TaskRunContext.get())
+
+
+def publish_artifacts(markdown: dict[str, tuple[str, str]] | None = None,
+                      tables: dict[str, tuple[list[dict], str]] | None = None) -> list[str]:
+    """Markdown / table artifacts under stable keys, only inside a flow run (plain calls stay offline)."""
+    if not in_flow_run():
+        return []
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    made = []
+    for key, (text, description) in (markdown or {}).items():
+        create_markdown_artifact(markdown=text, key=key, description=description)
+        made.append(key)
+    for key, (rows, description) in (tables or {}).items():
+        create_table_artifact(table=rows, key=key, description=description)
+        made.append(key)
+    return made
+
+
+# ------------------------------------------------------------------------------------------------- the stage
+def run_eval(cfg: PipelineConfig, data: dict, variants: dict[str, dict]) -> dict:
+    """Evaluate every variant ("base", "sft", "dpo", "merged": stage results holding a model folder or an adapter
+    on a base) on data's validation/test splits; record and report. Returns the stage result."""
+    started_at, started = utcnow(), time.time()
+    run_id = new_run_id()
+    variants = {k: v for k, v in variants.items() if v}
+    if not variants:
+        raise ValueError("run_eval needs at least one model variant")
+    with open_warehouse(data["warehouse"], read_only=True) as con:
+        examples = {split: sft_examples(con, split) for split in SPLITS}
+    if not examples["test"]:
+        raise ValueError(f"the test split of {data['warehouse']} is empty: nothing to evaluate")
+
+    rows, generations = evaluate_variants(cfg, examples, variants)
+    settings = {"examples per split": cfg.eval.max_examples, "generated": cfg.eval.max_generate_examples,
+                "max_new_tokens": cfg.eval.max_new_tokens, "decoding": "greedy", "seed": cfg.eval.seed,
+                "perplexity tokens": perplexity_scope(cfg), "dtype": cfg.eval.dtype}
+    report_path = (cfg.root / "reports" / f"eval-{run_id}.md").resolve()
+    variant_records = {k: _variant_record(v) for k, v in variants.items()}
+
+    # One short write: DuckDB allows a single writing process.
+    with open_warehouse(data["warehouse"]) as con:
+        previous = last_promoted(con, exclude_run=run_id)
+        report = eval_report_markdown(run_id, rows, settings, previous)
+        con.execute("BEGIN TRANSACTION")
+        for table in ("eval_results", "eval_generations", "eval_runs"):
+            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+        con.executemany("INSERT INTO eval_results VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [[run_id, r["variant"], r["split"], r["source"], r["metric"], r["value"], r["n"]]
+                         for r in rows])
+        con.executemany("INSERT INTO eval_generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [[run_id, g["variant"], g["split"], g["example_id"], g["source"], g["prompt"],
+                          g["reference"], g["prediction"], g["prompt_tokens"], g["new_tokens"]]
+                         for g in generations])
+        con.execute("INSERT INTO eval_runs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [run_id, data.get("fingerprint"), json.dumps(variant_records), json.dumps(settings),
+                     str(report_path), started_at, utcnow()])
+        fingerprint = table_fingerprint(con, f"SELECT * FROM eval_results WHERE run_id = '{run_id}'")
+        stats = {"variants": list(ordered_variants(variants)), "rows": len(rows), "generations": len(generations),
+                 "wall_s": round(time.time() - started, 2)}
+        record_stage(con, run_id, "evaluate", started_at, stats)
+        con.execute("COMMIT")
+
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(report, encoding="utf-8")
+    samples = sample_table(generations, cfg.eval.sample_rows)
+    artifacts = publish_artifacts(
+        markdown={"eval-report": (report, f"Evaluation of run {run_id}: variants x metrics")},
+        tables={"eval-samples": (samples, f"Greedy answers of each variant, run {run_id}")} if samples else {},
+    )
+    metrics = {v: {f"{r['metric']}/{r['split']}": r["value"] for r in rows if r["variant"] == v and
+                   r["source"] == "all"} for v in ordered_variants(variants)}
+    log.info("eval run %s: %s", run_id, json.dumps(metrics))
+    return {"stage": "evaluate", "fingerprint": fingerprint, "run_id": run_id, "warehouse": data["warehouse"],
+            "report_path": str(report_path), "variants": variant_records, "metrics": metrics,
+            "artifacts": artifacts, "stats": stats}
+
+
+def _eval_config(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"eval": cfg.eval.model_dump(), "model": cfg.model.model_dump(), "scope": perplexity_scope(cfg),
+            "storage_root": cfg.storage_root, "code": evals_code_hash()}
+
+
+@stage_task("evaluate", _eval_config)
+def evaluate_task(cfg: PipelineConfig, data: dict, base: dict | None = None, sft: dict | None = None,
+                  dpo: dict | None = None, merged: dict | None = None) -> dict:
+    """Prefect task: variants as separate arguments so each one's fingerprint enters the cache key."""
+    return run_eval(cfg, data, {"base": base, "sft": sft, "dpo": dpo, "merged": merged})
