@@ -46,7 +46,11 @@ def _fingerprint_of(value: Any) -> str | None:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return json.dumps(value)
     if isinstance(value, (list, tuple)):
-        return json.dumps([_fingerprint_of(v) for v in value])
+        parts = [_fingerprint_of(v) for v in value]
+        return None if None in parts else json.dumps(parts)
+    if isinstance(value, dict):  # e.g. {"sft": <stage result>, "dpo": <stage result>}
+        parts = {str(k): _fingerprint_of(v) for k, v in value.items()}
+        return None if None in parts.values() else json.dumps(parts, sort_keys=True)
     return None
 
 

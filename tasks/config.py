@@ -59,8 +59,6 @@ class DedupConfig(Section):
     seed: int = Field(1, description="MinHash permutation seed (datasketch semantics).")
     shards: int = Field(2, ge=1, description="Signature shards; each is its own Prefect task, so a Dask task runner "
                         "spreads them over workers.")
-    lsh_backend: Literal["memory", "redis"] = Field("memory", description="Where datasketch keeps the LSH index.")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL when lsh_backend=redis.")
 
 
 class SplitConfig(Section):
@@ -245,6 +243,14 @@ class ServeConfig(Section):
     seed: int = Field(0, description="Server and request seed.")
 
 
+# --- orchestration (issue 5): flows/pipeline.py, prefect.yaml -----------------------------------------------------
+class OrchestrationConfig(Section):
+    gpu_deployment: str | None = Field(None, description="Prefect deployment (flow/deployment) that runs the GPU "
+                                       "stages (base, sft, dpo, merge, evaluate, serve), e.g. sft-stage/gpu, so they "
+                                       "run on the GPU work pool's worker. None: run them in the pipeline's process.")
+    stage_timeout_s: int = Field(6 * 3600, ge=60, description="How long the pipeline waits for a dispatched stage.")
+
+
 class PipelineConfig(Section):
     storage_root: str = Field("runs", description="Where the warehouse, sample data, models, reports and Prefect "
                               "results live.")
@@ -257,6 +263,7 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @property
     def root(self) -> Path:
@@ -309,7 +316,10 @@ def apply_overrides(cfg: PipelineConfig | dict, overrides: list[str] | dict | No
     """Return a new config with `key.sub=value` strings or a nested dict applied on top of `cfg`."""
     tree = cfg.model_dump() if isinstance(cfg, PipelineConfig) else dict(cfg)
     if isinstance(overrides, dict):
-        tree = _deep_merge(tree, overrides)
+        nested: dict = {}
+        for key, value in overrides.items():  # dotted keys allowed: {"dpo.beta": 0.2}
+            _set_dotted(nested, key, value) if "." in key else nested.update({key: value})
+        tree = _deep_merge(tree, nested)
     else:
         for item in overrides or []:
             if "=" not in item:

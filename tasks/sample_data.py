@@ -11,6 +11,8 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -139,8 +141,16 @@ def write_sample_data(out: Path, seed: int = 0, n: int = 600) -> list[Path]:
 
 
 def ensure_sample_data(out: Path) -> Path:
-    """Write the sample data once; later runs reuse it so its content hash (and every cache key) is stable."""
-    if not (out / ".complete").exists():
-        write_sample_data(out)
-        (out / ".complete").write_text("written by tasks.sample_data\n")
+    """Write the sample data once; later runs reuse it so its content hash (and every cache key) is stable.
+
+    Written to a temporary folder and renamed into place, so a concurrent run never reads half-written files."""
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".sample_data-", dir=out.parent))
+    write_sample_data(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another run got there first; its files are identical
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -1,0 +1,76 @@
+"""The DAG: which stage needs which, where it runs, and how a stage's result is kept for the stages after it.
+
+Stage results are small dicts (paths + fingerprint + stats). Each is written to
+<storage_root>/pipeline-runs/<flow run id>/<stage>.json, the place both work pools' workers can reach, so a stage
+dispatched to the GPU pool (another process, another machine) finds its inputs there, and any stage can be rerun
+later against an earlier run's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tasks.config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    gpu: bool  # runs on the GPU work pool when the pipeline dispatches GPU stages
+    task: Callable[[], Any]  # returns the cached Prefect task (imported lazily: torch is slow to import)
+    needs: tuple[str, ...]  # earlier stages whose results are the task's arguments after cfg, in order
+    keywords: tuple[tuple[str, str], ...] = ()  # (argument name, stage) passed by keyword
+
+
+def _task(module: str, name: str) -> Callable[[], Any]:
+    def load():
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+
+    return load
+
+
+TRAINING_STAGES = [
+    Stage("base", True, _task("tasks.model", "base_task"), ("data",)),
+    Stage("sft", True, _task("tasks.sft", "sft_task"), ("base", "data")),
+    Stage("dpo", True, _task("tasks.dpo", "dpo_task"), ("sft", "data")),
+    Stage("merge", True, _task("tasks.merge", "merge_task"), ("dpo",)),
+    Stage("evaluate", True, _task("tasks.evaluate", "evaluate_task"), ("data", "base", "sft", "dpo", "merge")),
+    Stage("serve", True, _task("tasks.serve", "serve_task"), ("merge",), (("data", "data"),)),
+    Stage("promote", False, _task("tasks.promote", "promote_task"), ("evaluate",)),
+]
+BY_NAME = {s.name: s for s in TRAINING_STAGES}
+
+
+def run_dir(cfg: PipelineConfig, run_id: str) -> Path:
+    return cfg.root / "pipeline-runs" / run_id
+
+
+def save_result(cfg: PipelineConfig, run_id: str, stage: str, result: dict[str, Any]) -> None:
+    d = run_dir(cfg, run_id)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{stage}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    tmp.replace(d / f"{stage}.json")  # atomic: a reader never sees half a result
+
+
+def load_results(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
+    d = run_dir(cfg, run_id)
+    if not d.is_dir():
+        raise FileNotFoundError(f"no stage results for run {run_id} under {d.parent}")
+    return {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(d.glob("*.json"))}
+
+
+def run_stage(cfg: PipelineConfig, stage: Stage, results: dict[str, Any], refresh: bool) -> dict[str, Any]:
+    """Run one stage's cached task in this process with its inputs taken from `results`."""
+    missing = [name for name in (*stage.needs, *(s for _, s in stage.keywords)) if name not in results]
+    if missing:
+        raise KeyError(f"stage {stage.name} needs the results of {missing}; run them first or pass a run_id that has them")
+    task = stage.task()
+    if refresh:
+        task = task.with_options(refresh_cache=True)
+    return task(cfg, *(results[n] for n in stage.needs), **{arg: results[s] for arg, s in stage.keywords})
