@@ -69,13 +69,20 @@ def source_name(path: Path) -> str:
     return name
 
 
-def discover(inputs: list[str]) -> list[Path]:
-    """Input files: listed files as given, folders searched recursively for supported types, sorted."""
+def discover(inputs: list[str], cfg: PipelineConfig | None = None) -> list[Path]:
+    """Input files: listed files as given, folders searched recursively for supported types, sorted.
+
+    Files under the storage root (other than the sample data) are skipped: the pipeline's own Parquet and JSON
+    outputs must never come back as input when the storage root sits inside an input folder."""
+    def own_output(f: Path) -> bool:
+        f = f.resolve()
+        return bool(cfg) and f.is_relative_to(cfg.root.resolve()) and not f.is_relative_to(cfg.sample_data_dir.resolve())
+
     found: list[Path] = []
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and file_type_of(f)[0])
+            found += sorted(f for f in p.rglob("*") if f.is_file() and file_type_of(f)[0] and not own_output(f))
         elif p.exists():
             found.append(p)
         else:
@@ -251,7 +258,7 @@ def run_ingest(cfg: PipelineConfig, run_id: str = "local") -> dict[str, Any]:
     from tasks.sample_data import ensure_sample_data
 
     inputs = cfg.data.ingest.inputs or [str(ensure_sample_data(cfg.sample_data_dir))]
-    paths = discover(inputs)
+    paths = discover(inputs, cfg)
     if not paths:
         raise NothingToIngest(f"no input files found in {inputs}")
     started = utcnow()
@@ -282,7 +289,7 @@ def input_fingerprint(cfg: PipelineConfig) -> str:
 
     inputs = cfg.data.ingest.inputs or [str(ensure_sample_data(cfg.sample_data_dir))]
     h = hashlib.sha256()
-    for p in discover(inputs):
+    for p in discover(inputs, cfg):
         h.update(str(p).encode())
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -186,3 +186,12 @@ def test_a_crash_mid_file_leaves_no_partial_rows(tmp_path, make_cfg, monkeypatch
     assert query(cfg, "SELECT count(*) FROM source_files")[0][0] == 0
     assert query(cfg, "SELECT count(*) FROM raw_rows")[0][0] == 0
     assert run_ingest(cfg)["stats"]["new_rows"] == 50
+
+
+def test_outputs_under_a_storage_root_inside_the_input_folder_are_not_ingested(tmp_path, make_cfg):
+    _write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)])
+    cfg = make_cfg(f"data.ingest.inputs=[{tmp_path}]", root=tmp_path / "runs")
+    run_data_plane(cfg)  # writes Parquet signature shards under tmp_path/runs
+    assert list((tmp_path / "runs").rglob("*.parquet"))
+    assert run_ingest(cfg)["stats"]["files"] == 1
+    assert [p for (p,) in query(cfg, "SELECT path FROM source_files")] == [str(tmp_path / "a.jsonl")]

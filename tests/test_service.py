@@ -1,0 +1,244 @@
+"""End to end as a service: real Prefect server, both work pools, `prefect deploy --all`, a worker per pool, and
+`sft-pipeline/prod` run through the API on the embedded default. Every process started here is stopped, also when
+an assertion fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+from conftest import ROOT, query
+from tasks.config import load_config
+
+pytestmark = pytest.mark.slow
+PREFECT = str(Path(sys.executable).parent / "prefect")
+# Small enough for 2 CPU cores; the same code runs full-size on a GPU pool.
+FAST = ["sft.max_steps=30", "dpo.max_steps=10", "eval.max_examples=8", "eval.max_new_tokens=12"]
+
+
+def _prefect(*args: str, cwd: Path = ROOT, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    out = subprocess.run([PREFECT, "--no-prompt", *args], cwd=cwd, capture_output=True, text=True, env=env or os.environ)
+    if check and out.returncode != 0:
+        raise AssertionError(f"prefect {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """Pools, deployments and one worker per pool against the session's Prefect server."""
+    root = tmp_path_factory.mktemp("service") / "runs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for pool in ("cpu-pool", "gpu-pool"):
+        if _prefect("work-pool", "inspect", pool, check=False).returncode != 0:
+            _prefect("work-pool", "create", pool, "--type", "process")
+    _prefect("deploy", "--all")
+    logs = root.parent / "logs"
+    logs.mkdir(parents=True)
+    workers = []
+    # Started from Python with their own process group: a worker started with `&` from a script ignores SIGTERM.
+    for pool, limit in (("cpu-pool", 4), ("gpu-pool", 1)):  # one GPU stage at a time per card
+        log = open(logs / f"worker-{pool}.log", "wb")
+        workers.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", pool, "--limit", str(limit)],
+                                        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True))
+    try:
+        yield {"root": root, "logs": logs}
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(w.pid, signal.SIGKILL)
+                w.wait()
+
+
+def _run_deployment(name: str, params: dict, timeout: float = 1500, cli: bool = False):
+    """Start a deployment run (with the `prefect deployment run` CLI as the README does, or the Python API) and
+    wait for it to end."""
+    if cli:
+        out = _prefect("deployment", "run", name, "--params", json.dumps(params))
+        run_id = next(line.split()[-1] for line in out.stdout.splitlines() if "UUID" in line)
+    else:
+        from prefect.deployments import run_deployment
+
+        run_id = run_deployment(name, parameters=params, timeout=0, as_subflow=False).id
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(run_id)
+            if run.state and run.state.is_final():
+                return run
+            time.sleep(2)
+    raise AssertionError(f"{name} did not finish within {timeout} s")
+
+
+def _children(run_id):
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
+
+
+def _task_states(run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def test_prod_deployment_end_to_end(service):
+    root = service["root"]
+    overrides = [f"storage_root={root}", "orchestration.gpu_deployment=sft-stage/gpu", *FAST]
+    started = time.monotonic()
+    run = _run_deployment("sft-pipeline/prod", {"overrides": overrides}, cli=True)
+    wall = time.monotonic() - started
+    assert run.state.name == "Promoted", (run.state.name, run.state.message, (service["logs"]).as_posix())
+
+    # The GPU stages ran as child flow runs on the GPU pool's worker; the pipeline itself on the CPU pool.
+    children = _children(run.id)
+    gpu_stages = {c.parameters["stage"] for c in children if c.work_pool_name == "gpu-pool"}
+    assert gpu_stages == {"base", "sft", "dpo", "merge", "evaluate", "serve"}
+    with get_client(sync_client=True) as client:
+        parent = client.read_flow_run(run.id)
+        keys = {a.key for a in client.read_artifacts()}
+    assert parent.work_pool_name == "cpu-pool"
+    assert {"data-quality-report", "eval-report", "promotion-decision", "serving-smoke-test"} <= keys
+
+    cfg = load_config(None, overrides)
+    assert query(cfg, "SELECT count(*) FROM sft_examples")[0][0] > 100
+    assert query(cfg, "SELECT count(DISTINCT variant) FROM eval_results")[0][0] == 4
+    assert query(cfg, "SELECT count(*) FROM training_curves")[0][0] > 0
+
+    # Nothing changed: every stage is served from cache.
+    started = time.monotonic()
+    again = _run_deployment("sft-pipeline/prod", {"overrides": overrides})
+    noop = time.monotonic() - started
+    assert again.state.is_final() and again.state.name == "Promoted"
+    states = _task_states(again.id)
+    for child in _children(again.id):
+        states.update(_task_states(child.id))
+    stage_tasks = {"ingest", "clean", "minhash-shard", "dedup", "split", "base", "sft", "dpo", "merge", "evaluate",
+                   "serve", "promote"}  # task runs are named "<stage>-<3 hex>"; the rest track child flow runs
+    cached = {name: state for name, state in states.items() if name.rsplit("-", 1)[0] in stage_tasks}
+    assert {n.rsplit("-", 1)[0] for n in cached} == stage_tasks and set(cached.values()) == {"Cached"}, states
+    print(f"\nend-to-end wall {wall:.0f} s; cached rerun {noop:.0f} s")
+    (root.parent / "timings.json").write_text(json.dumps({"end_to_end_s": wall, "cached_rerun_s": noop}))
+
+    # One stage alone against the first run's outputs: DPO with a new beta. The first run's outputs stay as they were.
+    first_dir = root / "pipeline-runs" / str(run.id)
+    before = {p.name: p.read_bytes() for p in first_dir.glob("*.json")}
+    rerun = _run_deployment("sft-stage/gpu", {"stage": "dpo", "run_id": str(run.id),
+                                              "overrides": overrides + ["dpo.beta=0.3"]})
+    assert rerun.state.is_completed(), rerun.state.message
+    assert rerun.work_pool_name == "gpu-pool"
+    assert {p.name: p.read_bytes() for p in first_dir.glob("*.json")} == before
+    new_dpo = json.loads((root / "pipeline-runs" / str(rerun.id) / "dpo.json").read_text())
+    assert new_dpo["fingerprint"] != json.loads(before["dpo.json"])["fingerprint"]
+
+
+def test_schedule_in_prefect_yaml_is_what_the_deployment_shows(service):
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    prod = next(d for d in spec["deployments"] if d["name"] == "prod")
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("sft-pipeline/prod")
+    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules] == \
+        [(s["cron"], s["timezone"], s["active"]) for s in prod["schedules"]]
+
+
+def test_new_raw_file_is_ingested_alone_and_old_splits_stay(service, tmp_path):
+    root = tmp_path / "runs"
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join(json.dumps({"instruction": f"Question number {i} about rivers?", "input": "",
+                                         "output": f"Answer number {i} about rivers."}) + "\n" for i in range(80)))
+    overrides = [f"storage_root={root}", f"data.ingest.inputs=[{tmp_path}]"]
+    assert _run_deployment("prepare-data/cpu", {"overrides": overrides}).state.is_completed()
+    cfg = load_config(None, overrides)
+    splits = dict(query(cfg, "SELECT cluster_id, split FROM split_assignments"))
+    (tmp_path / "second.jsonl").write_text("".join(
+        json.dumps({"instruction": f"Question number {i} about lakes?", "input": "",
+                    "output": f"Answer number {i} about lakes."}) + "\n" for i in range(40)))
+    run = _run_deployment("prepare-data/cpu", {"overrides": overrides})
+    assert run.state.is_completed()
+    ingested = query(cfg, "SELECT path, ingest_run_id FROM source_files ORDER BY ingested_at")
+    assert [Path(p).name for p, _ in ingested] == ["first.jsonl", "second.jsonl"]
+    assert ingested[1][1] == str(run.id) != ingested[0][1]
+    after = dict(query(cfg, "SELECT cluster_id, split FROM split_assignments"))
+    assert {k: after[k] for k in splits} == splits and len(after) > len(splits)
+
+
+def test_two_concurrent_runs_against_one_warehouse(service, tmp_path):
+    root = tmp_path / "runs"
+    overrides = [f"storage_root={root}"]
+    results = []
+
+    def go():
+        results.append(_run_deployment("prepare-data/cpu", {"overrides": overrides}))
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:  # the second waits for the warehouse lock (or fails saying so); nothing is corrupted
+        assert r.state.is_completed() or "locked" in (r.state.message or ""), r.state.message
+    assert any(r.state.is_completed() for r in results)
+    cfg = load_config(None, overrides)
+    assert all(b for (b,) in query(cfg, "SELECT balanced FROM row_conservation"))
+    assert query(cfg, "SELECT count(*) FROM raw_rows")[0][0] == \
+        query(cfg, "SELECT count(DISTINCT row_id) FROM raw_rows")[0][0] > 0
+
+
+def test_eval_report_renders_in_the_prefect_ui(service):
+    """What users look at, looked at the way they do: headless Chromium on the run's eval-report artifact page."""
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("Debian's chromium is not installed (.ci/setup installs it when run as root)")
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium must not try to fetch a driver
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["eval-report"])))
+    assert arts, "no eval-report artifact: run test_prod_deployment_end_to_end first"
+    ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1100", "--disable-dev-shm-usage"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver"))
+    shot = service["logs"] / "eval-report-ui.png"
+    try:
+        driver.get(f"{ui}/artifacts/artifact/{arts[0].id}")
+
+        def rendered_table(d):
+            for table in d.find_elements(By.TAG_NAME, "table"):
+                text = table.text.lower()
+                if "merged" in text and "perplexity" in text.replace("ppl", "perplexity"):
+                    return table
+            return False
+
+        table = WebDriverWait(driver, 90).until(rendered_table)
+        rows = table.find_elements(By.TAG_NAME, "tr")
+        assert len(rows) >= 5  # header + base, sft, dpo, merged
+    finally:
+        driver.save_screenshot(str(shot))
+        driver.quit()
+    print(f"\nscreenshot: {shot}")
