@@ -245,11 +245,17 @@ def to_lean(signature: np.ndarray, seed: int) -> LeanMinHash:
 # --- LSH banding and clustering -------------------------------------------------------------------------------
 
 
+# Every candidate pair is verified against the threshold afterwards, so a false positive costs one comparison and a
+# false negative loses a duplicate: weight misses 9:1. At 128 permutations and 0.8 this gives 14 bands of 9 rows,
+# which finds a pair at Jaccard 0.85 with probability 0.975 (datasketch's even 0.5/0.5 weights: 0.69).
+FALSE_POSITIVE_WEIGHT, FALSE_NEGATIVE_WEIGHT = 0.1, 0.9
+
+
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows per band) that datasketch's MinHashLSH would pick for this threshold."""
+    """(bands, rows per band): datasketch's optimum for this threshold with misses weighted 9:1."""
     from datasketch.lsh import _optimal_param
 
-    return _optimal_param(threshold, num_perm, 0.5, 0.5)
+    return _optimal_param(threshold, num_perm, FALSE_POSITIVE_WEIGHT, FALSE_NEGATIVE_WEIGHT)
 
 
 def _row_keys(block: np.ndarray) -> np.ndarray:

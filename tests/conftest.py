@@ -80,9 +80,9 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if _server is not None and _server.poll() is None:
         try:  # ship buffered run logs before the server goes away
-            from prefect.logging.handlers import APILogHandler
+            from prefect.logging.handlers import APILogWorker
 
-            APILogHandler.flush()
+            APILogWorker.drain_all(timeout=5)
         except Exception:
             pass
         os.killpg(_server.pid, signal.SIGTERM)

@@ -1,0 +1,162 @@
+"""MinHash core: batch signatures are datasketch's own, clustering matches datasketch's MinHashLSH."""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasketch import MinHashLSH
+
+from tasks import minhash
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+NUM_PERM, SEED, NGRAM, THRESHOLD = 128, 1, 5, 0.8
+
+
+def _alpaca_texts(name: str) -> list[str]:
+    rows = json.loads((SHARED / name).read_text())
+    return [" ".join([r["instruction"], r.get("input", ""), r["output"]]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def real_texts() -> list[str]:
+    en = _alpaca_texts("instruct_alpaca_en/alpaca_en_demo.json")
+    zh = _alpaca_texts("instruct_alpaca_zh/alpaca_zh_demo.json")
+    return en[:300] + zh[:300]
+
+
+EDGE_TEXTS = [
+    "",
+    "   ...  ",
+    "word",
+    "two words",
+    "exactly five tokens right here",
+    "中",
+    "中文短",
+    "mixed中文abc 字 and 日本語のテキスト 한국어 텍스트",
+    "ภาษาไทยก็มี and Thai",
+    "ΣΟΦΟΣ Σίσυφος naïve café x² ½ İstanbul e\u0301 under_score",  # characters polars and Python tokenise differently
+    "emoji 😀 between 🎉 words",
+]
+
+
+def _reference(texts, num_perm=NUM_PERM, seed=SEED, ngram=NGRAM) -> np.ndarray:
+    return np.array([minhash.datasketch_minhash(t, num_perm, seed, ngram).hashvalues for t in texts], dtype=np.uint64)
+
+
+def test_tokenize_and_shingles():
+    assert minhash.tokenize("Hello, World! 中文") == ["hello", "world", "中", "文"]
+    assert minhash.shingles("", 5) == []
+    assert minhash.shingles("a b c", 5) == [b"a b c"]
+    assert minhash.shingles("a b c d", 2) == [b"a b", b"b c", b"c d"]
+
+
+def test_hash64_is_order_sensitive_and_64_bit():
+    values = {minhash.hash64(s) for s in [b"a b c", b"c b a", b"a b", b"a b c d", b"ab c"]}
+    assert len(values) == 5
+    assert all(0 <= v < 2**64 for v in values)
+
+
+def test_signatures_bit_identical_to_datasketch_on_real_english_and_chinese(real_texts):
+    texts = real_texts + EDGE_TEXTS
+    sigs = minhash.signatures(texts, NUM_PERM, SEED, NGRAM)
+    assert sigs.dtype == np.uint64 and sigs.shape == (len(texts), NUM_PERM)
+    np.testing.assert_array_equal(sigs, _reference(texts))
+    # Empty texts keep datasketch's "empty" value; a text and its copy agree; different texts differ.
+    assert (sigs[len(real_texts)] == np.iinfo(np.uint64).max).all()
+    assert (sigs[0] != sigs[1]).any()
+
+
+@pytest.mark.parametrize("num_perm,seed,ngram", [(64, 7, 1), (32, 3, 3), (16, 0, 13)])
+def test_signatures_other_settings(real_texts, num_perm, seed, ngram):
+    texts = real_texts[::25] + EDGE_TEXTS
+    np.testing.assert_array_equal(
+        minhash.signatures(texts, num_perm, seed, ngram), _reference(texts, num_perm, seed, ngram)
+    )
+
+
+def test_signatures_of_no_texts():
+    assert minhash.signatures([], NUM_PERM, SEED, NGRAM).shape == (0, NUM_PERM)
+
+
+def test_to_lean_works_in_datasketch_lsh(real_texts):
+    sigs = minhash.signatures(real_texts[:50], NUM_PERM, SEED, NGRAM)
+    lsh = MinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM)
+    for i, row in enumerate(sigs):
+        lsh.insert(f"doc{i}", minhash.to_lean(row, SEED))
+    query = minhash.datasketch_minhash(real_texts[17], NUM_PERM, SEED, NGRAM)  # built by datasketch itself
+    assert "doc17" in lsh.query(query)
+
+
+def _naive_clusters(sigs, threshold, seed):
+    """The original implementation: datasketch MinHashLSH queries + union-find, one row at a time."""
+    lsh = MinHashLSH(threshold=threshold, num_perm=sigs.shape[1],
+                     weights=(minhash.FALSE_POSITIVE_WEIGHT, minhash.FALSE_NEGATIVE_WEIGHT))
+    parent = list(range(len(sigs)))
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    pairs = []
+    for i, row in enumerate(sigs):
+        lean = minhash.to_lean(row, seed)
+        pairs += [(j, i) for j in lsh.query(lean)]
+        lsh.insert(i, lean, check_duplication=False)
+    for i, j in pairs:
+        if np.mean(sigs[i] == sigs[j]) >= threshold:
+            ri, rj = find(i), find(j)
+            parent[max(ri, rj)] = min(ri, rj)
+    rep = np.array([find(i) for i in range(len(sigs))])
+    return np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2), rep
+
+
+@pytest.fixture(scope="module")
+def corpus_with_duplicates(real_texts):
+    """Real rows plus exact copies, light edits (Jaccard well above 0.8) and heavy edits (well below)."""
+    rng = random.Random(0)
+    texts = list(real_texts[:300])
+    for _ in range(60):
+        texts.append(rng.choice(texts[:300]))
+    for _ in range(80):
+        words = rng.choice(texts[:300]).split()
+        if len(words) > 60:
+            words[rng.randrange(len(words))] = "edited"
+            texts.append(" ".join(words))
+    for _ in range(40):
+        words = rng.choice(texts[:300]).split()
+        for _ in range(len(words) // 3):
+            words[rng.randrange(len(words))] = "x"
+        texts.append(" ".join(words))
+    texts += ["", ""]
+    rng.shuffle(texts)
+    return texts
+
+
+def test_candidate_pairs_and_clusters_match_datasketch_lsh(corpus_with_duplicates):
+    sigs = minhash.signatures(corpus_with_duplicates, NUM_PERM, SEED, NGRAM)
+    want_pairs, want_rep = _naive_clusters(sigs, THRESHOLD, SEED)
+    np.testing.assert_array_equal(minhash.candidate_pairs(sigs, THRESHOLD, SEED), want_pairs)
+    rep, sim = minhash.near_duplicate_clusters(sigs, THRESHOLD, SEED)
+    np.testing.assert_array_equal(rep, want_rep)
+    assert (rep <= np.arange(len(rep))).all()
+    np.testing.assert_array_equal(sim, (sigs == sigs[rep]).mean(axis=1))
+    dropped = int((rep != np.arange(len(rep))).sum())
+    assert dropped >= 60  # at least the exact copies and the empty duplicate
+    # Every exact copy joins the cluster of its first occurrence.
+    first_seen = {}
+    for i, t in enumerate(corpus_with_duplicates):
+        if t in first_seen:
+            assert rep[i] == rep[first_seen[t]]
+        else:
+            first_seen[t] = i
+
+
+def test_clusters_of_empty_and_single_inputs():
+    rep, sim = minhash.near_duplicate_clusters(np.empty((0, NUM_PERM), dtype=np.uint64), THRESHOLD, SEED)
+    assert rep.shape == (0,) and sim.shape == (0,)
+    one = minhash.signatures(["only one document here"], NUM_PERM, SEED, NGRAM)
+    rep, sim = minhash.near_duplicate_clusters(one, THRESHOLD, SEED)
+    assert rep.tolist() == [0] and sim.tolist() == [1.0]
