@@ -17,7 +17,7 @@ CREATE TABLE IF NOT EXISTS stage_runs (
 -- One row per (path, content) version of an input file. A changed file is a new version; the same file again
 -- is a no-op. A file that cannot be read at all (corrupt gzip, empty, unknown layout) is kept with its reason.
 CREATE TABLE IF NOT EXISTS source_files (
-    file_id        VARCHAR PRIMARY KEY,     -- sha256(path, content sha256), 16 hex
+    file_id        VARCHAR PRIMARY KEY,     -- sha256(file name, content sha256), 16 hex
     path           VARCHAR NOT NULL,
     source         VARCHAR NOT NULL,        -- dataset name: the file name without extensions
     content_sha256 VARCHAR NOT NULL,

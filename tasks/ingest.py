@@ -209,7 +209,9 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: Path, run_id: str, cfg: Pi
     """Ingest one file version in one transaction. Returns what happened (skipped when already ingested)."""
     data = path.read_bytes()
     content_sha = hashlib.sha256(data).hexdigest()
-    file_id = sha256_text(str(path), content_sha)[:16]
+    # Named by file name and content, not by folder: the same data gives the same row ids (and so the same splits)
+    # wherever a checkout or mount puts it. A copy of an ingested file under another folder adds nothing.
+    file_id = sha256_text(path.name, content_sha)[:16]
     if con.execute("SELECT 1 FROM source_files WHERE file_id = ?", [file_id]).fetchone():
         return {"path": str(path), "file_id": file_id, "skipped": True, "rows": 0}
 
