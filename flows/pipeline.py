@@ -15,7 +15,7 @@ from prefect import flow
 from prefect.deployments import run_deployment
 
 from flows.prepare_data import DATA_STAGES, prepare
-from flows.stages import BY_NAME, TRAINING_STAGES, load_results, run_stage, save_result
+from flows.stages import BY_NAME, TRAINING_STAGES, is_cached, load_results, run_stage, save_result
 from tasks.caching import current_run_id
 from tasks.config import PipelineConfig, load_config
 
@@ -62,7 +62,7 @@ def sft_pipeline(config_path: str | None = None, overrides: dict[str, Any] | lis
         return _summary(results)
     for stage in TRAINING_STAGES:
         forced = stage.name in refresh or "all" in refresh
-        if stage.gpu and cfg.orchestration.gpu_deployment:
+        if stage.gpu and cfg.orchestration.gpu_deployment and (forced or not is_cached(cfg, stage, results)):
             results[stage.name] = _dispatch(cfg, stage.name, run_id, config_path, overrides, forced)
         else:
             results[stage.name] = run_stage(cfg, stage, results, forced)

@@ -65,6 +65,27 @@ def load_results(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
     return {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(d.glob("*.json"))}
 
 
+def _arguments(stage: Stage, results: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    return [results[n] for n in stage.needs], {arg: results[s] for arg, s in stage.keywords}
+
+
+def is_cached(cfg: PipelineConfig, stage: Stage, results: dict[str, Any]) -> bool:
+    """True when this stage's result for these inputs is already in Prefect's result storage.
+
+    A cached GPU stage needs no GPU: the pipeline then takes it from the cache in its own process instead of
+    dispatching a flow run to the GPU pool, which keeps a nightly run with nothing new fast."""
+    import inspect
+
+    from prefect.results import get_result_store
+
+    task = stage.task()
+    args, kwargs = _arguments(stage, results)
+    bound = inspect.signature(task.fn).bind(cfg, *args, **kwargs)
+    bound.apply_defaults()  # Prefect keys a task run on every parameter, defaults included
+    key = task.cache_policy.compute_key(task_ctx=None, inputs=dict(bound.arguments), flow_parameters={})
+    return key is not None and get_result_store().update_for_task(task, _sync=True).exists(key)
+
+
 def run_stage(cfg: PipelineConfig, stage: Stage, results: dict[str, Any], refresh: bool) -> dict[str, Any]:
     """Run one stage's cached task in this process with its inputs taken from `results`."""
     missing = [name for name in (*stage.needs, *(s for _, s in stage.keywords)) if name not in results]
@@ -73,4 +94,5 @@ def run_stage(cfg: PipelineConfig, stage: Stage, results: dict[str, Any], refres
     task = stage.task()
     if refresh:
         task = task.with_options(refresh_cache=True)
-    return task(cfg, *(results[n] for n in stage.needs), **{arg: results[s] for arg, s in stage.keywords})
+    args, kwargs = _arguments(stage, results)
+    return task(cfg, *args, **kwargs)

@@ -115,7 +115,8 @@ def _naive_clusters(sigs, threshold, seed):
 
 @pytest.fixture(scope="module")
 def corpus_with_duplicates(real_texts):
-    """Real rows plus exact copies, light edits (Jaccard well above 0.8) and heavy edits (well below)."""
+    """Real rows plus exact copies, light edits (Jaccard well above 0.8), edits near the threshold (where the
+    banding decides) and heavy edits (well below)."""
     rng = random.Random(0)
     texts = list(real_texts[:300])
     for _ in range(60):
@@ -125,6 +126,11 @@ def corpus_with_duplicates(real_texts):
         if len(words) > 60:
             words[rng.randrange(len(words))] = "edited"
             texts.append(" ".join(words))
+    for _ in range(80):
+        words = rng.choice(texts[:300]).split()
+        for _ in range(max(1, len(words) // 30)):
+            words[rng.randrange(len(words))] = "near"
+        texts.append(" ".join(words))
     for _ in range(40):
         words = rng.choice(texts[:300]).split()
         for _ in range(len(words) // 3):
