@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -23,12 +22,12 @@ from typing import Any
 
 from tasks.caching import stage_task
 from tasks.config import PipelineConfig
-from tasks.model import (TrainingReporter, compute_dtype, configure_threads, distributed_backend, files_fingerprint,
-                         json_fingerprint, launch_command, library_versions, load_model, load_tokenizer,
-                         publish_markdown, read_curves, record_training_run, retry_unless_deterministic, run_launched,
-                         snapshot_trainable_params, trainer_precision, training_code_hash, upcast_trainable_params,
-                         use_cuda)
-from tasks.sft import _last_checkpoint, _metric_series, _write_jsonl, summary_markdown
+from tasks.model import (compute_dtype, configure_threads, distributed_backend, files_fingerprint, json_fingerprint,
+                         launch_command, launched_job, library_versions, load_model, load_tokenizer, publish_markdown,
+                         read_curves, read_jsonl, record_training_run, retry_unless_deterministic, run_launched,
+                         snapshot_trainable_params, trainer_precision, training_code_hash, TrainingReporter,
+                         upcast_trainable_params, use_cuda, write_jsonl)
+from tasks.sft import _last_checkpoint, _metric_series, summary_markdown
 
 log = logging.getLogger("sftpipe.dpo")
 
@@ -243,8 +242,8 @@ def run_dpo(cfg: PipelineConfig, sft: dict, data: dict) -> dict:
     started = time.time()
     salt = ref_cache_salt(cfg, sft)
     if cfg.dpo.num_processes > 1:
-        _write_jsonl(out_dir / "train.jsonl", train)
-        _write_jsonl(out_dir / "validation.jsonl", valid)
+        write_jsonl(out_dir / "train.jsonl", train)
+        write_jsonl(out_dir / "validation.jsonl", valid)
         job = {"config": cfg.model_dump(mode="json"), "base_path": sft["base"], "adapter_path": sft["adapter"],
                "out_dir": str(out_dir), "train": str(out_dir / "train.jsonl"),
                "validation": str(out_dir / "validation.jsonl"), "ref_cache_salt": salt}
@@ -281,13 +280,8 @@ dpo_task = stage_task("dpo", _dpo_config, retries=1, retry_condition_fn=retry_un
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of every launched process (accelerate launch / torchrun)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", required=True, help="job.json written by run_dpo")
-    job = json.loads(Path(parser.parse_args(argv).job).read_text())
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = PipelineConfig.model_validate(job["config"])
-    read = lambda p: [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]  # noqa: E731
-    train_dpo(cfg, job["base_path"], job["adapter_path"], read(job["train"]), read(job["validation"]),
+    job, cfg = launched_job(argv, __doc__.splitlines()[0])
+    train_dpo(cfg, job["base_path"], job["adapter_path"], read_jsonl(job["train"]), read_jsonl(job["validation"]),
               job["out_dir"], job["ref_cache_salt"])
 
 

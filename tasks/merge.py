@@ -22,7 +22,7 @@ import torch
 from tasks.caching import stage_task
 from tasks.config import PipelineConfig
 from tasks.model import (configure_threads, files_fingerprint, json_fingerprint, library_versions, load_model,
-                         load_tokenizer, publish_markdown, record_training_run, training_code_hash)
+                         load_tokenizer, publish_markdown, read_jsonl, record_training_run, training_code_hash)
 from tasks.sft import summary_markdown
 
 log = logging.getLogger("sftpipe.merge")
@@ -153,12 +153,6 @@ def merge_adapter(cfg: PipelineConfig, base_path: str | Path, adapter_dir: str |
     return {"path": str(final.resolve()), "stats": stats}
 
 
-def _read_jsonl(path: str | Path | None) -> list[dict]:
-    if not path or not Path(path).exists():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def run_merge(cfg: PipelineConfig, dpo_or_sft: dict) -> dict:
     """The merge stage: merge the upstream (DPO or SFT) adapter into its base; returns the merged model's path."""
     from tasks.caching import source_hash
@@ -170,7 +164,7 @@ def run_merge(cfg: PipelineConfig, dpo_or_sft: dict) -> dict:
     done = out_dir / "result.json"
     if done.exists():
         return json.loads(done.read_text())
-    merged = merge_adapter(cfg, upstream["base"], upstream["adapter"], _read_jsonl(upstream.get("validation_sample")),
+    merged = merge_adapter(cfg, upstream["base"], upstream["adapter"], read_jsonl(upstream.get("validation_sample")),
                            out_dir, expected_sha=upstream.get("adapter_sha"))
     result = {"stage": "merge", "fingerprint": files_fingerprint(merged["path"]), "path": merged["path"],
               "from_stage": upstream["stage"], "adapter": upstream["adapter"], "base": upstream["base"],

@@ -531,6 +531,28 @@ def run_launched(cmd: list[str], log_path: Path) -> None:
         raise RuntimeError(f"launched training exited with {proc.returncode}; last lines of {log_path}:\n{tail}")
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | Path | None) -> list[dict]:
+    """Rows of a JSON Lines file; [] when there is none."""
+    if not path or not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def launched_job(argv: list[str] | None, description: str) -> tuple[dict, PipelineConfig]:
+    """In a process started by accelerate launch / torchrun: the job file the stage wrote, and its config."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--job", required=True, help="job.json written by the stage")
+    job = json.loads(Path(parser.parse_args(argv).job).read_text())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return job, PipelineConfig.model_validate(job["config"])
+
+
 # ------------------------------------------------------------------------------------------------ Prefect task
 def _base_config(cfg: PipelineConfig) -> dict:
     return {"model": cfg.model.model_dump(), "storage_root": cfg.storage_root, "code": training_code_hash()}

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -26,11 +25,11 @@ from typing import Any
 
 from tasks.caching import stage_task
 from tasks.config import PipelineConfig
-from tasks.model import (TrainingReporter, attention_keeps_packed_examples_apart, compute_dtype, configure_threads,
-                         distributed_backend, files_fingerprint, json_fingerprint, launch_command, library_versions,
-                         load_model, load_tokenizer, publish_markdown, read_curves, record_training_run,
+from tasks.model import (attention_keeps_packed_examples_apart, compute_dtype, configure_threads, distributed_backend,
+                         files_fingerprint, json_fingerprint, launch_command, launched_job, library_versions,
+                         load_model, load_tokenizer, publish_markdown, read_curves, read_jsonl, record_training_run,
                          retry_unless_deterministic, run_launched, trainer_precision, training_code_hash,
-                         upcast_trainable_params, use_cuda)
+                         TrainingReporter, upcast_trainable_params, use_cuda, write_jsonl)
 
 log = logging.getLogger("sftpipe.sft")
 
@@ -242,10 +241,6 @@ def _own_hash() -> str:
     return source_hash(stage_key)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
-
-
 def run_sft(cfg: PipelineConfig, base: dict, data: dict) -> dict:
     """The SFT stage: train on data's training split from base; returns paths, fingerprint and stats."""
     key = stage_key(cfg, base, data)
@@ -258,8 +253,8 @@ def run_sft(cfg: PipelineConfig, base: dict, data: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if cfg.sft.num_processes > 1:
-        _write_jsonl(out_dir / "train.jsonl", train)
-        _write_jsonl(out_dir / "validation.jsonl", valid)
+        write_jsonl(out_dir / "train.jsonl", train)
+        write_jsonl(out_dir / "validation.jsonl", valid)
         job = {"config": cfg.model_dump(mode="json"), "base_path": base["path"], "out_dir": str(out_dir),
                "train": str(out_dir / "train.jsonl"), "validation": str(out_dir / "validation.jsonl")}
         (out_dir / "job.json").write_text(json.dumps(job, indent=2))
@@ -307,13 +302,8 @@ sft_task = stage_task("sft", _sft_config, retries=1, retry_condition_fn=retry_un
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of every launched process (accelerate launch / torchrun)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", required=True, help="job.json written by run_sft")
-    job = json.loads(Path(parser.parse_args(argv).job).read_text())
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = PipelineConfig.model_validate(job["config"])
-    read = lambda p: [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]  # noqa: E731
-    train_sft(cfg, job["base_path"], read(job["train"]), read(job["validation"]), job["out_dir"])
+    job, cfg = launched_job(argv, __doc__.splitlines()[0])
+    train_sft(cfg, job["base_path"], read_jsonl(job["train"]), read_jsonl(job["validation"]), job["out_dir"])
 
 
 if __name__ == "__main__":
