@@ -11,7 +11,6 @@ stored in the warehouse by content hash, so a nightly run only signs rows it has
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -80,15 +79,15 @@ def clusters(rows: pl.DataFrame, sigs: np.ndarray, d: DedupConfig) -> pl.DataFra
         near_sim[idx] = sim
     reps = reps.select("row_id", pl.Series("cluster_id", near_rep, pl.String), pl.Series("sim", near_sim))
     out = rows.join(reps.rename({"row_id": "exact_rep"}), on="exact_rep", how="left")
+    # A row is its cluster's representative, an exact copy of it, or a near copy (exact copies of a near copy
+    # included: they are as far from the representative as the copy they repeat).
     return out.select(
         "row_id",
         "cluster_id",
         pl.when(pl.col("row_id") == pl.col("cluster_id")).then(pl.lit("representative"))
-        .when(pl.col("exact_rep") != pl.col("row_id")).then(
-            pl.when(pl.col("exact_rep") == pl.col("cluster_id")).then(pl.lit("exact")).otherwise(pl.lit("near")))
+        .when(pl.col("exact_rep") == pl.col("cluster_id")).then(pl.lit("exact"))
         .otherwise(pl.lit("near")).alias("method"),
-        pl.when(pl.col("row_id") == pl.col("exact_rep")).then(pl.col("sim"))
-        .when(pl.col("exact_rep") == pl.col("cluster_id")).then(pl.lit(1.0))
+        pl.when(pl.col("exact_rep") == pl.col("cluster_id")).then(pl.lit(1.0))
         .otherwise(pl.col("sim")).alias("similarity"),
     )
 

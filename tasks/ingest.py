@@ -255,14 +255,20 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: Path, run_id: str, cfg: Pi
             "unreadable_rows": n_bad, "file_reason": read.reason}
 
 
-def run_ingest(cfg: PipelineConfig, run_id: str = "local") -> dict[str, Any]:
-    """Ingest every input file not yet in the warehouse. Fails only when no input yields a usable row."""
+def input_paths(cfg: PipelineConfig) -> list[Path]:
+    """The configured input files, or the embedded sample data (written on first use) when none are configured."""
     from tasks.sample_data import ensure_sample_data
 
     inputs = cfg.data.ingest.inputs or [str(ensure_sample_data(cfg.sample_data_dir))]
     paths = discover(inputs, cfg)
     if not paths:
         raise NothingToIngest(f"no input files found in {inputs}")
+    return paths
+
+
+def run_ingest(cfg: PipelineConfig, run_id: str = "local") -> dict[str, Any]:
+    """Ingest every input file not yet in the warehouse. Fails only when no input yields a usable row."""
+    paths = input_paths(cfg)
     started = utcnow()
     with open_warehouse(cfg.warehouse_path) as con:
         files = [ingest_file(con, p, run_id, cfg) for p in paths]
@@ -287,11 +293,8 @@ def run_ingest(cfg: PipelineConfig, run_id: str = "local") -> dict[str, Any]:
 
 def input_fingerprint(cfg: PipelineConfig) -> str:
     """Content hash of every input file: the ingest stage's cache key."""
-    from tasks.sample_data import ensure_sample_data
-
-    inputs = cfg.data.ingest.inputs or [str(ensure_sample_data(cfg.sample_data_dir))]
     h = hashlib.sha256()
-    for p in discover(inputs, cfg):
+    for p in input_paths(cfg):
         h.update(str(p).encode())
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

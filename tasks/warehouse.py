@@ -41,13 +41,11 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = 600.0) ->
             con = duckdb.connect(str(path), read_only=read_only)
             break
         except duckdb.IOException as err:
-            if "lock" not in str(err).lower() or time.monotonic() > deadline:
-                if "lock" in str(err).lower():
-                    raise WarehouseBusy(
-                        f"warehouse {path} is locked by another process (another pipeline run?); "
-                        f"waited {wait_s:.0f} s: {err}"
-                    ) from None
+            if "lock" not in str(err).lower():
                 raise
+            if time.monotonic() > deadline:
+                raise WarehouseBusy(f"warehouse {path} is locked by another process (another pipeline run?); "
+                                    f"waited {wait_s:.0f} s: {err}") from None
             time.sleep(1.0)
     if not read_only:
         con.execute(_sql("schema.sql"))
