@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tasks import storage
 from tasks.config import PipelineConfig
 
 
@@ -56,13 +57,13 @@ def load_variant(result: dict, cfg: PipelineConfig, dtype: str = "float32", pref
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pair = adapter_of(result)
     if full_model_dir(result) and not (prefer_adapter and pair):
-        path = full_model_dir(result)
+        path = storage.fetched(full_model_dir(result))
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         tokenizer = load_tokenizer(path, cfg)
     elif pair:
         from peft import PeftModel
 
-        adapter, base = pair
+        adapter, base = (storage.fetched(p) for p in pair)
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), adapter)
         # The adapter folder carries the tokenizer and chat template training used; older adapters may not.
         has_tokenizer = any((Path(adapter) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))

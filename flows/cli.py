@@ -19,11 +19,13 @@ from pathlib import Path
 
 
 def _setdefault_env(cfg) -> None:
-    # Before Prefect is imported: keep a local run's Prefect state and results under the storage root, so a
-    # demo leaves nothing behind elsewhere and deleting the root starts afresh (caches included).
-    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str((cfg.root / "prefect-results").resolve()))
+    # Before Prefect is imported: keep a local run's Prefect state under the storage root (its local copy, for a
+    # remote root), so a demo leaves nothing behind elsewhere and deleting the root starts afresh. Stage results and
+    # caches go to <storage_root>/prefect-results whatever the root is (tasks/caching.py).
     if not os.environ.get("PREFECT_API_URL"):
-        os.environ.setdefault("PREFECT_HOME", str((cfg.root / "prefect-home").resolve()))
+        from tasks import storage
+
+        os.environ.setdefault("PREFECT_HOME", str(storage.local_path(cfg.url("prefect-home"))))
         Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads at run time; set 0 to allow hub ids
@@ -40,12 +42,17 @@ def _load(args):
 
 
 def _print_where(cfg) -> None:
-    root = cfg.root.resolve()
-    print(f"storage root : {root}")
-    print(f"warehouse    : {cfg.warehouse_path.resolve()}")
-    print(f"sample data  : {cfg.sample_data_dir.resolve()}")
-    print(f"models       : {root / 'models'}")
-    print(f"query        : duckdb {cfg.warehouse_path} -c \"select * from quality_summary\"")
+    from tasks import storage
+
+    print(f"storage root : {cfg.root}")
+    print(f"warehouse    : {cfg.warehouse_url}")
+    print(f"sample data  : {cfg.sample_data_url}")
+    print(f"models       : {cfg.url('models')}")
+    if storage.is_local(cfg.warehouse_url):
+        print(f"query        : duckdb {cfg.warehouse_url} -c \"select * from quality_summary\"")
+    else:
+        print(f"local copies : {storage.local_path(cfg.root)}")
+        print(f"query        : sftpipe sql \"select * from quality_summary\" storage_root={cfg.storage_root}")
 
 
 def _run(cfg, args, until=None, refresh=()) -> int:
@@ -105,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     elif args.command == "sql":
+        from tasks import storage
         from tasks.warehouse import open_warehouse
 
-        if not Path(cfg.warehouse_path).exists():
-            sys.exit(f"sftpipe: no warehouse at {cfg.warehouse_path}; run `sftpipe run` first")
-        with open_warehouse(cfg.warehouse_path, read_only=True) as con:
+        if not storage.exists(cfg.warehouse_url):
+            sys.exit(f"sftpipe: no warehouse at {cfg.warehouse_url}; run `sftpipe run` first")
+        with open_warehouse(cfg.warehouse_url, read_only=True) as con:
             con.sql(args.query).show(max_width=200)
     return 0
 

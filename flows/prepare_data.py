@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow, unmapped
 
+from tasks.caching import for_config
 from tasks.clean import clean_task
 from tasks.config import PipelineConfig, load_config
 from tasks.dedup import dedup_task, signature_shard_task
@@ -17,20 +18,21 @@ from tasks.warehouse import warehouse_id
 DATA_STAGES = ("ingest", "clean", "dedup", "split")
 
 
-def _refreshing(prefect_task, stage: str, refresh: list[str]):
+def _bound(prefect_task, cfg: PipelineConfig, stage: str, refresh: list[str]):
+    """The stage task with cfg's result storage, recomputing when `refresh` names it."""
+    prefect_task = for_config(prefect_task, cfg)
     return prefect_task.with_options(refresh_cache=True) if stage in refresh or "all" in refresh else prefect_task
 
 
 def prepare(cfg: PipelineConfig, refresh: list[str] = ()) -> dict[str, Any]:
     """The data stages in order; each is served from cache when its inputs, config and code are unchanged."""
     refresh = list(refresh)
-    ingest = _refreshing(ingest_task, "ingest", refresh)(
-        cfg, input_fingerprint(cfg), warehouse_id(cfg.warehouse_path))
-    clean = _refreshing(clean_task, "clean", refresh)(cfg, ingest)
-    shards = _refreshing(signature_shard_task, "dedup", refresh).map(
+    ingest = _bound(ingest_task, cfg, "ingest", refresh)(cfg, input_fingerprint(cfg), warehouse_id(cfg.warehouse_url))
+    clean = _bound(clean_task, cfg, "clean", refresh)(cfg, ingest)
+    shards = _bound(signature_shard_task, cfg, "dedup", refresh).map(
         unmapped(cfg), unmapped(clean), range(cfg.data.dedup.shards))
-    dedup = _refreshing(dedup_task, "dedup", refresh)(cfg, clean, shards.result())
-    split = _refreshing(split_task, "split", refresh)(cfg, dedup)
+    dedup = _bound(dedup_task, cfg, "dedup", refresh)(cfg, clean, shards.result())
+    split = _bound(split_task, cfg, "split", refresh)(cfg, dedup)
     quality_report_task(cfg, split)
     return split
 

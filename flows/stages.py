@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any, Callable
 
+from tasks import storage
+from tasks.caching import for_config
 from tasks.config import PipelineConfig
 
 
@@ -46,23 +48,20 @@ TRAINING_STAGES = [
 BY_NAME = {s.name: s for s in TRAINING_STAGES}
 
 
-def run_dir(cfg: PipelineConfig, run_id: str) -> Path:
-    return cfg.root / "pipeline-runs" / run_id
+def run_dir(cfg: PipelineConfig, run_id: str) -> str:
+    return cfg.url("pipeline-runs", run_id)
 
 
 def save_result(cfg: PipelineConfig, run_id: str, stage: str, result: dict[str, Any]) -> None:
-    d = run_dir(cfg, run_id)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{stage}.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
-    tmp.replace(d / f"{stage}.json")  # atomic: a reader never sees half a result
+    # written whole (atomic rename locally, one PUT remotely): a reader never sees half a result
+    storage.write_text(storage.join(run_dir(cfg, run_id), f"{stage}.json"), json.dumps(result, indent=1, default=str))
 
 
 def load_results(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
-    d = run_dir(cfg, run_id)
-    if not d.is_dir():
-        raise FileNotFoundError(f"no stage results for run {run_id} under {d.parent}")
-    return {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(d.glob("*.json"))}
+    files = storage.list_files(run_dir(cfg, run_id), ".json")
+    if not files:
+        raise FileNotFoundError(f"no stage results for run {run_id} under {cfg.url('pipeline-runs')}")
+    return {PurePosixPath(f).stem: json.loads(storage.read_text(f)) for f in files}
 
 
 def _arguments(stage: Stage, results: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -78,7 +77,7 @@ def is_cached(cfg: PipelineConfig, stage: Stage, results: dict[str, Any]) -> boo
 
     from prefect.results import get_result_store
 
-    task = stage.task()
+    task = for_config(stage.task(), cfg)
     args, kwargs = _arguments(stage, results)
     bound = inspect.signature(task.fn).bind(cfg, *args, **kwargs)
     bound.apply_defaults()  # Prefect keys a task run on every parameter, defaults included
@@ -91,7 +90,7 @@ def run_stage(cfg: PipelineConfig, stage: Stage, results: dict[str, Any], refres
     missing = [name for name in (*stage.needs, *(s for _, s in stage.keywords)) if name not in results]
     if missing:
         raise KeyError(f"stage {stage.name} needs the results of {missing}; run them first or pass a run_id that has them")
-    task = stage.task()
+    task = for_config(stage.task(), cfg)
     if refresh:
         task = task.with_options(refresh_cache=True)
     args, kwargs = _arguments(stage, results)

@@ -22,6 +22,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import CachePolicy
 
+from tasks import storage
 from tasks.config import PipelineConfig
 
 StageResult = dict[str, Any]  # {"stage": str, "fingerprint": str, "stats": {...}, ...}
@@ -98,6 +99,27 @@ def current_run_id() -> str:
     return str(ctx.flow_run.id) if ctx and ctx.flow_run else "local"
 
 
-def results_dir(cfg: PipelineConfig) -> Path:
-    """Where the CLI points Prefect's result storage (PREFECT_RESULTS_LOCAL_STORAGE_PATH) unless already set."""
-    return (cfg.root / "prefect-results").resolve()
+_saved_storage: dict[str, str] = {}
+
+
+def result_storage(cfg: PipelineConfig):
+    """Prefect's result storage for stage results: <storage_root>/prefect-results, so a cache hit recorded by one
+    worker is a hit for every worker that reaches the storage root.
+
+    A local root is a path; a remote one is a RemoteFileSystem (fsspec) block, which Prefect needs saved on the
+    server: it is saved once per process under a name derived from the URL."""
+    url = cfg.url("prefect-results")
+    if storage.is_local(url):
+        return Path(url)
+    if url not in _saved_storage:
+        from prefect.filesystems import RemoteFileSystem
+
+        name = f"sftpipe-results-{sha256_text(url)[:12]}"
+        RemoteFileSystem(basepath=url).save(name, overwrite=True)
+        _saved_storage[url] = f"remote-file-system/{name}"
+    return _saved_storage[url]
+
+
+def for_config(prefect_task, cfg: PipelineConfig):
+    """The stage task with its results (and so its cache) kept under cfg's storage root."""
+    return prefect_task.with_options(result_storage=result_storage(cfg))

@@ -142,7 +142,7 @@ def _token_counter(cfg: PipelineConfig):
 
 def run_clean(cfg: PipelineConfig, ingest: dict[str, Any], run_id: str = "local") -> dict[str, Any]:
     started = utcnow()
-    with open_warehouse(cfg.warehouse_path) as con:
+    with open_warehouse(cfg.warehouse_url) as con:
         rows = con.sql(
             "SELECT p.row_id, p.kind, f.source, r.row_seq, p.messages, p.responses "
             "FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f USING (file_id) "
@@ -163,10 +163,10 @@ def run_clean(cfg: PipelineConfig, ingest: dict[str, Any], run_id: str = "local"
         stats = {"rows": len(cleaned), "passed": by_reason.pop("passed", 0), "rejected_by_reason": by_reason}
         fingerprint = table_fingerprint(con, "SELECT row_id, content_hash, dedup_text, reason FROM clean_rows")
         record_stage(con, run_id, "clean", started, stats)
-    return {"stage": "clean", "fingerprint": fingerprint, "warehouse": str(cfg.warehouse_path), "stats": stats}
+    return {"stage": "clean", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats}
 
 
-@stage_task("clean", lambda c: {"clean": c.data.clean.model_dump(), "warehouse": str(c.warehouse_path),
+@stage_task("clean", lambda c: {"clean": c.data.clean.model_dump(), "warehouse": c.warehouse_url,
                                 "tokenizer": c.model.base if c.data.clean.max_tokens else None})
 def clean_task(cfg: PipelineConfig, ingest: dict[str, Any]) -> dict[str, Any]:
     return run_clean(cfg, ingest, current_run_id())

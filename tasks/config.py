@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks import storage
+
 Format = Literal["auto", "alpaca", "sharegpt", "messages", "preference"]
 
 
@@ -253,8 +255,10 @@ class OrchestrationConfig(Section):
 
 class PipelineConfig(Section):
     storage_root: str = Field("runs", description="Where the warehouse, sample data, models, reports and Prefect "
-                              "results live.")
-    warehouse: str | None = Field(None, description="DuckDB file; default <storage_root>/warehouse.duckdb.")
+                              "results live: a local folder or any fsspec URL (s3://bucket/prefix, gs://..., ...); "
+                              "credentials come from each worker's environment.")
+    warehouse: str | None = Field(None, description="DuckDB file (path or URL); default "
+                                  "<storage_root>/warehouse.duckdb.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
@@ -266,16 +270,25 @@ class PipelineConfig(Section):
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @property
-    def root(self) -> Path:
-        return Path(self.storage_root)
+    def root(self) -> str:
+        """The storage root as a URL: an absolute path when it is local."""
+        return storage.normalize(self.storage_root)
+
+    def url(self, *parts: str) -> str:
+        """A place under the storage root (tasks/storage.py moves files to and from it)."""
+        return storage.join(self.storage_root, *parts)
 
     @property
-    def warehouse_path(self) -> Path:
-        return Path(self.warehouse) if self.warehouse else self.root / "warehouse.duckdb"
+    def warehouse_url(self) -> str:
+        return storage.normalize(self.warehouse) if self.warehouse else self.url("warehouse.duckdb")
 
     @property
-    def sample_data_dir(self) -> Path:
-        return self.root / "sample_data"
+    def sample_data_url(self) -> str:
+        return self.url("sample_data")
+
+    def cache_dir(self, name: str) -> Path:
+        """A machine-local cache (never published): under the root when it is local, else in the work dir."""
+        return storage.local_path(self.url("cache", name))
 
 
 class ConfigError(ValueError):

@@ -18,7 +18,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks import minhash
+from tasks import minhash, storage
 from tasks.caching import current_run_id, source_hash, stage_task
 from tasks.config import DedupConfig, PipelineConfig
 from tasks.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
@@ -45,10 +45,11 @@ def _shard_texts(con, cfg: PipelineConfig, shard: int) -> pl.DataFrame:
 def compute_signature_shard(cfg: PipelineConfig, clean: dict[str, Any], shard: int) -> dict[str, Any]:
     """Sign the not-yet-signed texts of one shard; writes a Parquet file the dedup stage loads."""
     d = cfg.data.dedup
-    with open_warehouse(cfg.warehouse_path, read_only=True) as con:
+    with open_warehouse(cfg.warehouse_url, read_only=True) as con:
         todo = _shard_texts(con, cfg, shard)
     sigs = minhash.signatures(todo["dedup_text"].to_list(), d.num_perm, d.seed, d.ngram)
-    out = cfg.root / "dedup" / signature_params(d) / f"{clean['fingerprint']}-shard{shard}.parquet"
+    url = cfg.url("dedup", signature_params(d), f"{clean['fingerprint']}-shard{shard}.parquet")
+    out = storage.local_path(url)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({
         "content_hash": todo["content_hash"].to_arrow(),
@@ -56,7 +57,7 @@ def compute_signature_shard(cfg: PipelineConfig, clean: dict[str, Any], shard: i
     })
     pq.write_table(table, out)
     return {"stage": "minhash", "fingerprint": f"{clean['fingerprint']}-{signature_params(d)}-{shard}",
-            "path": str(out), "signed": len(todo)}
+            "path": storage.publish(url), "signed": len(todo)}
 
 
 def clusters(rows: pl.DataFrame, sigs: np.ndarray, d: DedupConfig) -> pl.DataFrame:
@@ -97,12 +98,12 @@ def run_dedup(cfg: PipelineConfig, clean: dict[str, Any], shards: list[dict[str,
     d = cfg.data.dedup
     params = signature_params(d)
     started = utcnow()
-    with open_warehouse(cfg.warehouse_path) as con:
+    with open_warehouse(cfg.warehouse_url) as con:
         con.begin()
         for s in shards:
             con.execute(
                 "INSERT INTO minhash_signatures SELECT content_hash, ?, signature FROM read_parquet(?) "
-                "ON CONFLICT DO NOTHING", [params, s["path"]])
+                "ON CONFLICT DO NOTHING", [params, str(storage.fetch(s["path"]))])
         rows = con.sql(f"SELECT row_id, kind, row_seq, content_hash FROM ({ACCEPTED_SQL}) ORDER BY row_seq").pl()
         rep_hashes = rows.unique(["kind", "content_hash"], keep="first", maintain_order=True)["content_hash"]
         con.register("wanted", pa.table({"content_hash": rep_hashes.to_arrow(),
@@ -129,7 +130,7 @@ def run_dedup(cfg: PipelineConfig, clean: dict[str, Any], shards: list[dict[str,
                  "newly_signed": sum(s.get("signed", 0) for s in shards)}
         fingerprint = table_fingerprint(con, "SELECT row_id, cluster_id, method FROM cluster_members")
         record_stage(con, run_id, "dedup", started, stats)
-    return {"stage": "dedup", "fingerprint": fingerprint, "warehouse": str(cfg.warehouse_path), "stats": stats}
+    return {"stage": "dedup", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats}
 
 
 def deduplicate(cfg: PipelineConfig, clean: dict[str, Any], run_id: str = "local") -> dict[str, Any]:
@@ -139,7 +140,8 @@ def deduplicate(cfg: PipelineConfig, clean: dict[str, Any], run_id: str = "local
 
 
 def _dedup_config(c: PipelineConfig) -> dict:
-    return {"dedup": c.data.dedup.model_dump(), "warehouse": str(c.warehouse_path), "minhash": source_hash(minhash.signatures)}
+    return {"dedup": c.data.dedup.model_dump(), "warehouse": c.warehouse_url,
+            "minhash": source_hash(minhash.signatures)}
 
 
 @stage_task("minhash-shard", _dedup_config)

@@ -3,9 +3,9 @@
 - Policy: base (4-bit when model.quantization=4bit) + the SFT adapter, trainable. Reference: the SFT model itself.
   trl keeps it as a frozen copy of the adapter next to the trained one (peft multi-adapter), so the base weights
   exist once; with dpo.precompute_ref_log_probs it is only used to compute the reference log-probs, once.
-- Reference log-probs are cached on disk under <storage_root>/cache/ref_logps, keyed by the SFT result, the
-  quantisation settings and the tokenized pairs (not beta, loss type or learning rate): a rerun with a new beta
-  reads them instead of recomputing.
+- Reference log-probs are cached on this machine's disk (cfg.cache_dir: <storage_root>/cache/ref_logps for a local
+  root, the work dir for a remote one), keyed by the SFT result, the quantisation settings and the tokenized pairs
+  (not beta, loss type or learning rate): a rerun with a new beta reads them instead of recomputing.
 - Trains on the training split only; reward accuracy and margins are evaluated on the validation split (and on a
   fixed sample of training pairs) at start, every eval_steps and at the end.
 """
@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks import storage
 from tasks.caching import stage_task
 from tasks.config import PipelineConfig
 from tasks.model import (compute_dtype, configure_threads, distributed_backend, files_fingerprint, json_fingerprint,
                          launch_command, launched_job, library_versions, load_model, load_tokenizer, publish_markdown,
                          read_curves, read_jsonl, record_training_run, retry_unless_deterministic, run_launched,
-                         snapshot_trainable_params, trainer_precision, training_code_hash, TrainingReporter,
-                         upcast_trainable_params, use_cuda, write_jsonl)
+                         snapshot_trainable_params, StageOutput, trainer_precision, training_code_hash,
+                         TrainingReporter, upcast_trainable_params, use_cuda, write_jsonl)
 from tasks.sft import _last_checkpoint, _metric_series, summary_markdown
 
 log = logging.getLogger("sftpipe.dpo")
@@ -133,7 +134,7 @@ def build_trainer(cfg: PipelineConfig, base_path: str | Path, adapter_path: str 
         model=model, args=dpo_arguments(cfg, out_dir, has_eval=bool(evals)),
         train_dataset=preference_dataset(train_pairs), eval_dataset=evals or None, processing_class=tokenizer,
         callbacks=list(callbacks),
-        ref_cache_dir=(cfg.root / "cache" / "ref_logps").resolve() if cfg.dpo.precompute_ref_log_probs else None,
+        ref_cache_dir=cfg.cache_dir("ref_logps") if cfg.dpo.precompute_ref_log_probs else None,
         ref_cache_salt=ref_cache_salt,
     )
     trainer.remove_callback(PrinterCallback)
@@ -232,10 +233,10 @@ def run_dpo(cfg: PipelineConfig, sft: dict, data: dict) -> dict:
     """The DPO stage: continue the SFT adapter on data's training preference pairs."""
     key = json_fingerprint({"sft": sft["fingerprint"], "data": data["fingerprint"], "model": cfg.model.model_dump(),
                             "dpo": cfg.dpo.model_dump(), "code": [training_code_hash(), _own_hash()]})
-    out_dir = (cfg.root / "models" / "dpo" / key).resolve()
-    done = out_dir / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    out = StageOutput(cfg, "dpo", key)
+    if (done := out.finished()) is not None:
+        return done
+    out_dir, base_path, adapter_path = out.dir, storage.fetched(sft["base"]), storage.fetched(sft["adapter"])
     train = _read_pairs(data["warehouse"], "train")[: cfg.dpo.max_train_pairs]
     valid = _read_pairs(data["warehouse"], "validation")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +245,7 @@ def run_dpo(cfg: PipelineConfig, sft: dict, data: dict) -> dict:
     if cfg.dpo.num_processes > 1:
         write_jsonl(out_dir / "train.jsonl", train)
         write_jsonl(out_dir / "validation.jsonl", valid)
-        job = {"config": cfg.model_dump(mode="json"), "base_path": sft["base"], "adapter_path": sft["adapter"],
+        job = {"config": cfg.model_dump(mode="json"), "base_path": base_path, "adapter_path": adapter_path,
                "out_dir": str(out_dir), "train": str(out_dir / "train.jsonl"),
                "validation": str(out_dir / "validation.jsonl"), "ref_cache_salt": salt}
         (out_dir / "job.json").write_text(json.dumps(job, indent=2))
@@ -252,22 +253,21 @@ def run_dpo(cfg: PipelineConfig, sft: dict, data: dict) -> dict:
                      out_dir / "launch.log")
         run = json.loads((out_dir / "train.json").read_text())
     else:
-        run = train_dpo(cfg, sft["base"], sft["adapter"], train, valid, out_dir, salt)
+        run = train_dpo(cfg, base_path, adapter_path, train, valid, out_dir, salt)
     stats = {**run["stats"], "wall_s": round(time.time() - started, 2)}
     result = {
         "stage": "dpo", "fingerprint": json_fingerprint({"adapter": run["adapter_sha"], "sft": sft["fingerprint"]}),
-        "adapter": run["adapter"], "adapter_sha": run["adapter_sha"], "base": sft["base"],
-        "base_fingerprint": sft["base_fingerprint"], "sft_fingerprint": sft["fingerprint"], "out_dir": str(out_dir),
+        "adapter": out.url_of(run["adapter"]), "adapter_sha": run["adapter_sha"], "base": sft["base"],
+        "base_fingerprint": sft["base_fingerprint"], "sft_fingerprint": sft["fingerprint"], "out_dir": out.url,
         "warehouse": data["warehouse"], "data_fingerprint": data["fingerprint"],
         "validation_sample": sft.get("validation_sample"), "stats": stats,
     }
     record_training_run(data["warehouse"], run_id=f"dpo-{key}", stage="dpo", fingerprint=result["fingerprint"],
-                        base=sft["base"], data_fingerprint=data["fingerprint"], output_dir=str(out_dir), stats=stats,
+                        base=sft["base"], data_fingerprint=data["fingerprint"], output_dir=out.url, stats=stats,
                         config={"model": cfg.model.model_dump(), "dpo": cfg.dpo.model_dump()},
                         curves_path=out_dir / "metrics.jsonl")
     publish_markdown("dpo-summary", summary_markdown("DPO", result), "DPO run summary")
-    done.write_text(json.dumps(result, indent=2, default=str))
-    return result
+    return out.finish(result)
 
 
 def _dpo_config(cfg: PipelineConfig) -> dict:

@@ -25,6 +25,7 @@ from evals.generation import (describe_variant, encode_for_loss, encode_prompt, 
                               greedy_generate, load_variant, split_conversation)
 from evals.metrics import evals_code_hash, load_metric
 from evals.report import eval_report_markdown, ordered_variants, sample_table
+from tasks import storage
 from tasks.caching import current_run_id, stage_task
 from tasks.config import PipelineConfig
 from tasks.warehouse import open_warehouse, record_stage, sft_examples, table_fingerprint, utcnow
@@ -201,7 +202,7 @@ def run_eval(cfg: PipelineConfig, data: dict, variants: dict[str, dict]) -> dict
     settings = {"examples per split": cfg.eval.max_examples, "generated": cfg.eval.max_generate_examples,
                 "max_new_tokens": cfg.eval.max_new_tokens, "decoding": "greedy", "seed": cfg.eval.seed,
                 "perplexity tokens": perplexity_scope(cfg), "dtype": cfg.eval.dtype}
-    report_path = (cfg.root / "reports" / f"eval-{run_id}.md").resolve()
+    report_path = cfg.url("reports", f"eval-{run_id}.md")
     variant_records = {k: _variant_record(v) for k, v in variants.items()}
 
     # One short write: DuckDB allows a single writing process.
@@ -227,8 +228,7 @@ def run_eval(cfg: PipelineConfig, data: dict, variants: dict[str, dict]) -> dict
         record_stage(con, run_id, "evaluate", started_at, stats)
         con.execute("COMMIT")
 
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(report, encoding="utf-8")
+    storage.write_text(report_path, report)
     samples = sample_table(generations, cfg.eval.sample_rows)
     artifacts = publish_artifacts(
         markdown={"eval-report": (report, f"Evaluation of run {run_id}: variants x metrics")},

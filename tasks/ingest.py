@@ -13,14 +13,14 @@ import hashlib
 import json
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import duckdb
 import orjson
 import pyarrow as pa
 
-from tasks import formats
+from tasks import formats, storage
 from tasks.caching import current_run_id, sha256_text, stage_task
 from tasks.config import PipelineConfig
 from tasks.warehouse import insert_columns, open_warehouse, record_stage, table_fingerprint, utcnow
@@ -69,25 +69,25 @@ def source_name(path: Path) -> str:
     return name
 
 
-def discover(inputs: list[str], cfg: PipelineConfig | None = None) -> list[Path]:
-    """Input files: listed files as given, folders searched recursively for supported types, sorted.
+def discover(inputs: list[str], cfg: PipelineConfig | None = None) -> list[str]:
+    """Input files as URLs (absolute paths when local): listed files as given, folders searched recursively for
+    supported types, sorted. Any fsspec URL works (s3://bucket/raw/); tasks/storage.py fetches each file.
 
     Files under the storage root (other than the sample data) are skipped: the pipeline's own Parquet and JSON
     outputs must never come back as input when the storage root sits inside an input folder."""
-    def own_output(f: Path) -> bool:
-        f = f.resolve()
-        return bool(cfg) and f.is_relative_to(cfg.root.resolve()) and not f.is_relative_to(cfg.sample_data_dir.resolve())
+    def own_output(url: str) -> bool:
+        return bool(cfg) and storage.is_under(url, cfg.root) and not storage.is_under(url, cfg.sample_data_url)
 
-    found: list[Path] = []
+    found: list[str] = []
     for item in inputs:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and file_type_of(f)[0] and not own_output(f))
-        elif p.exists():
-            found.append(p)
+        url = storage.normalize(item)
+        if storage.is_dir(url):
+            found += [f for f in storage.find_files(url) if file_type_of(Path(f))[0] and not own_output(f)]
+        elif storage.exists(url):
+            found.append(url)
         else:
             raise FileNotFoundError(f"input {item} does not exist")
-    return [p.resolve() for p in dict.fromkeys(found)]
+    return list(dict.fromkeys(found))
 
 
 # ------------------------------------------------------------------ readers
@@ -187,9 +187,9 @@ def read_file(path: Path, data: bytes, csv_delimiter: str = ",") -> FileRead:
 
 
 # ------------------------------------------------------------------ parsing into canonical form
-def file_format(path: Path, rows: list[RawRow], overrides: dict[str, str]) -> str | None:
+def file_format(url: str, rows: list[RawRow], overrides: dict[str, str]) -> str | None:
     for pattern, fmt in overrides.items():
-        if fmt != "auto" and (fnmatch.fnmatch(str(path), pattern) or fnmatch.fnmatch(path.name, pattern)):
+        if fmt != "auto" and (fnmatch.fnmatch(url, pattern) or fnmatch.fnmatch(PurePosixPath(url).name, pattern)):
             return fmt
     return formats.detect_file_format([r.record for r in rows if r.reason is None])
 
@@ -205,25 +205,27 @@ def parse_row(row: RawRow, fmt: str | None) -> tuple[str | None, list | None, li
 
 
 # ------------------------------------------------------------------ the stage
-def ingest_file(con: duckdb.DuckDBPyConnection, path: Path, run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
+def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
     """Ingest one file version in one transaction. Returns what happened (skipped when already ingested)."""
-    data = path.read_bytes()
+    local = storage.fetch(url)
+    path = PurePosixPath(url)  # names and patterns come from where the file lives, not from its local copy
+    data = local.read_bytes()
     content_sha = hashlib.sha256(data).hexdigest()
     # Named by file name and content, not by folder: the same data gives the same row ids (and so the same splits)
     # wherever a checkout or mount puts it. A copy of an ingested file under another folder adds nothing.
     file_id = sha256_text(path.name, content_sha)[:16]
     if con.execute("SELECT 1 FROM source_files WHERE file_id = ?", [file_id]).fetchone():
-        return {"path": str(path), "file_id": file_id, "skipped": True, "rows": 0}
+        return {"path": url, "file_id": file_id, "skipped": True, "rows": 0}
 
-    read = read_file(path, data, cfg.data.ingest.csv_delimiter)
-    fmt = file_format(path, read.rows, cfg.data.ingest.formats) if read.rows else None
+    read = read_file(local, data, cfg.data.ingest.csv_delimiter)
+    fmt = file_format(url, read.rows, cfg.data.ingest.formats) if read.rows else None
     now = utcnow()
     con.begin()
     try:
         seq0 = con.execute("SELECT coalesce(max(row_seq), 0) FROM raw_rows").fetchone()[0]
         con.execute(
             "INSERT INTO source_files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [file_id, str(path), source_name(path), content_sha, len(data), read.file_type, fmt, len(read.rows),
+            [file_id, url, source_name(path), content_sha, len(data), read.file_type, fmt, len(read.rows),
              "quarantined" if read.reason else "ingested", read.reason, read.detail, run_id, now],
         )
         if read.rows:
@@ -251,15 +253,15 @@ def ingest_file(con: duckdb.DuckDBPyConnection, path: Path, run_id: str, cfg: Pi
         con.rollback()
         raise
     n_bad = sum(1 for r in read.rows if r.reason)
-    return {"path": str(path), "file_id": file_id, "skipped": False, "rows": len(read.rows), "format": fmt,
+    return {"path": url, "file_id": file_id, "skipped": False, "rows": len(read.rows), "format": fmt,
             "unreadable_rows": n_bad, "file_reason": read.reason}
 
 
-def input_paths(cfg: PipelineConfig) -> list[Path]:
+def input_paths(cfg: PipelineConfig) -> list[str]:
     """The configured input files, or the embedded sample data (written on first use) when none are configured."""
     from tasks.sample_data import ensure_sample_data
 
-    inputs = cfg.data.ingest.inputs or [str(ensure_sample_data(cfg.sample_data_dir))]
+    inputs = cfg.data.ingest.inputs or [ensure_sample_data(cfg.sample_data_url)]
     paths = discover(inputs, cfg)
     if not paths:
         raise NothingToIngest(f"no input files found in {inputs}")
@@ -270,11 +272,11 @@ def run_ingest(cfg: PipelineConfig, run_id: str = "local") -> dict[str, Any]:
     """Ingest every input file not yet in the warehouse. Fails only when no input yields a usable row."""
     paths = input_paths(cfg)
     started = utcnow()
-    with open_warehouse(cfg.warehouse_path) as con:
+    with open_warehouse(cfg.warehouse_url) as con:
         files = [ingest_file(con, p, run_id, cfg) for p in paths]
         usable = con.execute(
             "SELECT count(*) FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f USING (file_id) "
-            "WHERE p.reason IS NULL AND f.path IN (SELECT unnest(?))", [[str(p) for p in paths]]
+            "WHERE p.reason IS NULL AND f.path IN (SELECT unnest(?))", [paths]
         ).fetchone()[0]
         if usable == 0:
             bad = ", ".join(f"{f['path']} ({f.get('file_reason') or 'no valid rows'})" for f in files)
@@ -287,22 +289,22 @@ def run_ingest(cfg: PipelineConfig, run_id: str = "local") -> dict[str, Any]:
         }
         fingerprint = table_fingerprint(con, "SELECT row_id, kind, messages, responses, reason FROM parsed_rows")
         record_stage(con, run_id, "ingest", started, stats)
-    return {"stage": "ingest", "fingerprint": fingerprint, "warehouse": str(cfg.warehouse_path), "stats": stats,
+    return {"stage": "ingest", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats,
             "files": files}
 
 
 def input_fingerprint(cfg: PipelineConfig) -> str:
-    """Content hash of every input file: the ingest stage's cache key."""
+    """Content hash of every input file: the ingest stage's cache key (remote files are fetched when changed)."""
     h = hashlib.sha256()
-    for p in input_paths(cfg):
-        h.update(str(p).encode())
-        with open(p, "rb") as f:
+    for url in input_paths(cfg):
+        h.update(url.encode())
+        with open(storage.fetch(url), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
 
 
-@stage_task("ingest", lambda c: {"ingest": c.data.ingest.model_dump(), "warehouse": str(c.warehouse_path)})
+@stage_task("ingest", lambda c: {"ingest": c.data.ingest.model_dump(), "warehouse": c.warehouse_url})
 def ingest_task(cfg: PipelineConfig, inputs_fingerprint: str, warehouse_id: str) -> dict[str, Any]:
     """Cached on the inputs' content and the warehouse's identity: unchanged files are not even opened."""
     return run_ingest(cfg, current_run_id())

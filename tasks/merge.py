@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 
+from tasks import storage
 from tasks.caching import stage_task
 from tasks.config import PipelineConfig
 from tasks.model import (configure_threads, files_fingerprint, json_fingerprint, library_versions, load_model,
-                         load_tokenizer, publish_markdown, read_jsonl, record_training_run, training_code_hash)
+                         load_tokenizer, publish_markdown, read_jsonl, record_training_run, StageOutput,
+                         training_code_hash)
 from tasks.sft import summary_markdown
 
 log = logging.getLogger("sftpipe.merge")
@@ -160,23 +162,22 @@ def run_merge(cfg: PipelineConfig, dpo_or_sft: dict) -> dict:
     upstream = dpo_or_sft
     key = json_fingerprint({"adapter": upstream["fingerprint"], "model": cfg.model.model_dump(),
                             "merge": cfg.merge.model_dump(), "code": [training_code_hash(), source_hash(run_merge)]})
-    out_dir = (cfg.root / "models" / "merged" / key).resolve()
-    done = out_dir / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    merged = merge_adapter(cfg, upstream["base"], upstream["adapter"], read_jsonl(upstream.get("validation_sample")),
-                           out_dir, expected_sha=upstream.get("adapter_sha"))
-    result = {"stage": "merge", "fingerprint": files_fingerprint(merged["path"]), "path": merged["path"],
+    out = StageOutput(cfg, "merged", key)
+    if (done := out.finished()) is not None:
+        return done
+    merged = merge_adapter(cfg, storage.fetched(upstream["base"]), storage.fetched(upstream["adapter"]),
+                           read_jsonl(upstream.get("validation_sample")), out.dir,
+                           expected_sha=upstream.get("adapter_sha"))
+    result = {"stage": "merge", "fingerprint": files_fingerprint(merged["path"]), "path": out.url_of(merged["path"]),
               "from_stage": upstream["stage"], "adapter": upstream["adapter"], "base": upstream["base"],
               "warehouse": upstream.get("warehouse"), "stats": merged["stats"]}
     record_training_run(upstream.get("warehouse"), run_id=f"merge-{key}", stage="merge",
                         fingerprint=result["fingerprint"], base=upstream["base"],
-                        data_fingerprint=upstream.get("data_fingerprint", ""), output_dir=str(out_dir),
+                        data_fingerprint=upstream.get("data_fingerprint", ""), output_dir=out.url,
                         stats=merged["stats"], config={"merge": cfg.merge.model_dump()},
-                        curves_path=out_dir / "no-curves.jsonl")
+                        curves_path=out.dir / "no-curves.jsonl")
     publish_markdown("merge-summary", summary_markdown("Merge", result), "LoRA merge summary")
-    done.write_text(json.dumps(result, indent=2, default=str))
-    return result
+    return out.finish(result)
 
 
 def _merge_config(cfg: PipelineConfig) -> dict:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from tasks import storage
 from tasks.caching import source_hash, stage_task
 from tasks.config import PipelineConfig
 
@@ -326,12 +327,40 @@ def resolve_base(cfg: PipelineConfig, data: dict | None = None) -> dict:
     with open_warehouse(data["warehouse"], read_only=True) as con:
         train = sft_examples(con, "train")
     key = json_fingerprint({"data": data["fingerprint"], "model": cfg.model.model_dump(), "code": training_code_hash()})
-    result = build_embedded_base(cfg, train, cfg.root / "models" / "base" / key)
+    out = StageOutput(cfg, "base", key)
+    if (done := out.finished()) is not None:
+        return done
+    result = build_embedded_base(cfg, train, out.dir)
     curves = Path(result["path"]) / "metrics.jsonl"
+    result["path"] = out.url
     record_training_run(data["warehouse"], run_id=f"base-{key}", stage="base", fingerprint=result["fingerprint"],
-                        base=str(result["path"]), data_fingerprint=data["fingerprint"], output_dir=result["path"],
+                        base=out.url, data_fingerprint=data["fingerprint"], output_dir=out.url,
                         stats=result["stats"], config=cfg.model.model_dump(), curves_path=curves)
-    return result
+    return out.finish(result)
+
+
+class StageOutput:
+    """A training stage's output folder: named by its URL under the storage root, written in this machine's local
+    copy of it, published (uploaded when the root is remote) once complete. Published folders are never rewritten,
+    so a finished stage's result is read back instead of training again."""
+
+    def __init__(self, cfg: PipelineConfig, kind: str, key: str):
+        self.url = cfg.url("models", kind, key)
+        self.dir = storage.local_path(self.url)
+
+    def finished(self) -> dict | None:
+        if not storage.is_published(self.url):
+            return None
+        return json.loads(storage.read_text(storage.join(self.url, "result.json")))
+
+    def url_of(self, local: str | Path) -> str:
+        """The URL a file or folder written under self.dir will have."""
+        return storage.join(self.url, Path(local).resolve().relative_to(self.dir.resolve()).as_posix())
+
+    def finish(self, result: dict) -> dict:
+        (self.dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+        storage.publish(self.url)
+        return result
 
 
 # ------------------------------------------------------------------------------------- progress, curves, artifacts
@@ -535,11 +564,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
 
 
-def read_jsonl(path: str | Path | None) -> list[dict]:
-    """Rows of a JSON Lines file; [] when there is none."""
-    if not path or not Path(path).exists():
+def read_jsonl(url: str | Path | None) -> list[dict]:
+    """Rows of a JSON Lines file (path or URL); [] when there is none."""
+    if not url or not storage.exists(url):
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_text(url).splitlines() if line.strip()]
 
 
 def launched_job(argv: list[str] | None, description: str) -> tuple[dict, PipelineConfig]:

@@ -51,7 +51,7 @@ def build_quality_report(warehouse: str) -> tuple[str, list[dict[str, Any]]]:
 def publish_quality_report(cfg: PipelineConfig, split: dict[str, Any]) -> dict[str, Any]:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    markdown, table = build_quality_report(str(cfg.warehouse_path))
+    markdown, table = build_quality_report(cfg.warehouse_url)
     create_markdown_artifact(markdown=markdown, key="data-quality-report", description="Data quality summary")
     create_table_artifact(table=table, key="data-quality-by-source", description="Rows per source and outcome")
     return {"stage": "quality-report", "fingerprint": split["fingerprint"], "markdown": markdown}

@@ -18,6 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks import storage
+
 OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
              ("up", "down"), ("old", "new"), ("early", "late"), ("full", "empty"), ("hard", "soft"),
              ("loud", "quiet"), ("rich", "poor"), ("strong", "weak"), ("wet", "dry"), ("high", "low")]
@@ -140,17 +142,20 @@ def write_sample_data(out: Path, seed: int = 0, n: int = 600) -> list[Path]:
     return sorted(out.iterdir())
 
 
-def ensure_sample_data(out: Path) -> Path:
-    """Write the sample data once; later runs reuse it so its content hash (and every cache key) is stable.
+def ensure_sample_data(url: str) -> str:
+    """Write the sample data to url once; later runs reuse it so its content hash (and every cache key) is stable.
 
-    Written to a temporary folder and renamed into place, so a concurrent run never reads half-written files."""
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".sample_data-", dir=out.parent))
-    write_sample_data(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another run got there first; its files are identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    Written to a temporary folder and renamed into place, so a concurrent run never reads half-written files; then
+    published (uploaded, when url is remote)."""
+    if storage.is_published(url):
+        return url
+    out = storage.local_path(url)
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".sample_data-", dir=out.parent))
+        write_sample_data(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another run got there first; its files are identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return storage.publish(url)

@@ -35,6 +35,7 @@ from typing import Any
 from evals.generation import (adapter_of, encode_prompt, free, full_model_dir, greedy_generate, load_variant,
                               render_prompt, split_conversation, stop_token_ids)
 from evals.report import serve_markdown
+from tasks import storage
 from tasks.caching import stage_task
 from tasks.config import PipelineConfig
 from tasks.evaluate import new_run_id, publish_artifacts, select_examples
@@ -371,19 +372,20 @@ def run_serve_smoke(cfg: PipelineConfig, merged: dict, adapter: dict | None = No
     merged: the merge stage's result (model folder as model_dir or path; adapter/base of the merge when it names
     them). adapter: a result holding the adapter the merge came from, when merged does not name it; with it the
     reference applies the adapter at run time, and serve.check_lora can serve it with --enable-lora.
-    data: the data stage's result (its warehouse holds the validation prompts); default cfg.warehouse_path.
+    data: the data stage's result (its warehouse holds the validation prompts); default cfg.warehouse_url.
     """
     started_at, started = utcnow(), time.time()
     run_id = new_run_id()
     model = full_model_dir(merged)
     if not model:
         raise ValueError(f"merged result has no model folder: {sorted(merged)}")
-    model = str(Path(model).resolve())
+    model_url, model = model, storage.fetched(model)
     python = serve_venv(cfg) / "bin" / "python"
     if not cfg.serve.command and not python.exists():
         raise ServeSmokeError(f"no serving environment at {serve_venv(cfg)}: run .ci/setup-serve")
-    warehouse = (data or {}).get("warehouse") or merged.get("warehouse") or cfg.warehouse_path
+    warehouse = (data or {}).get("warehouse") or merged.get("warehouse") or cfg.warehouse_url
     pair = adapter_of(merged) or (adapter_of(adapter) if adapter else None)
+    pair = tuple(storage.fetched(p) for p in pair) if pair else None
     reference = {"model_dir": model, **({"adapter_dir": pair[0], "base_dir": pair[1]} if pair else {})}
     limit = max_model_len(cfg, model)
 
@@ -392,7 +394,8 @@ def run_serve_smoke(cfg: PipelineConfig, merged: dict, adapter: dict | None = No
     examples = parity_examples(cfg, warehouse, load_tokenizer(pair[0] if pair else model, cfg),
                                limit - cfg.serve.max_tokens)
     refs, stops, template = reference_outputs(cfg, reference, examples, limit)
-    log_dir = (cfg.root / "serve" / run_id).resolve()
+    log_url = cfg.url("serve", run_id)
+    log_dir = storage.local_path(log_url)
     results = [smoke_target(cfg, "merged", model, refs, stops, [], "merged", log_dir)]
     if cfg.serve.check_lora and pair:
         adapter_dir, base_dir = pair
@@ -417,14 +420,15 @@ def run_serve_smoke(cfg: PipelineConfig, merged: dict, adapter: dict | None = No
     }
     markdown = serve_markdown(summary)
     (log_dir / "report.md").write_text(markdown, encoding="utf-8")
+    storage.publish(log_url)  # the server logs and report, also (especially) when the check failed
     artifacts = publish_artifacts(markdown={"serving-smoke-test": (markdown, f"vLLM smoke test of {model}")})
     failed = [r for r in results if not r.passed]
     if failed:
         error = ParityError if failed[0].mismatches else ServeSmokeError
         raise error(f"serving smoke test failed ({failed[0].target}): {failed[0].reason}")
     fingerprint = hashlib.sha256(json.dumps([merged.get("fingerprint"), stats["parity"]]).encode()).hexdigest()[:16]
-    return {"stage": "serve", "fingerprint": fingerprint, "run_id": run_id, "passed": True, "model_dir": model,
-            "report_path": str(log_dir / "report.md"), "artifacts": artifacts, "stats": stats,
+    return {"stage": "serve", "fingerprint": fingerprint, "run_id": run_id, "passed": True, "model_dir": model_url,
+            "report_path": storage.join(log_url, "report.md"), "artifacts": artifacts, "stats": stats,
             "targets": [{k: v for k, v in r.summary().items() if k not in ("requests", "mismatches")}
                         for r in results]}
 

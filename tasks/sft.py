@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks import storage
 from tasks.caching import stage_task
 from tasks.config import PipelineConfig
 from tasks.model import (attention_keeps_packed_examples_apart, compute_dtype, configure_threads, distributed_backend,
                          files_fingerprint, json_fingerprint, launch_command, launched_job, library_versions,
                          load_model, load_tokenizer, publish_markdown, read_curves, read_jsonl, record_training_run,
-                         retry_unless_deterministic, run_launched, trainer_precision, training_code_hash,
+                         retry_unless_deterministic, run_launched, StageOutput, trainer_precision, training_code_hash,
                          TrainingReporter, upcast_trainable_params, use_cuda, write_jsonl)
 
 log = logging.getLogger("sftpipe.sft")
@@ -244,10 +245,10 @@ def _own_hash() -> str:
 def run_sft(cfg: PipelineConfig, base: dict, data: dict) -> dict:
     """The SFT stage: train on data's training split from base; returns paths, fingerprint and stats."""
     key = stage_key(cfg, base, data)
-    out_dir = (cfg.root / "models" / "sft" / key).resolve()
-    done = out_dir / "result.json"
-    if done.exists():  # finished earlier with these exact inputs: nothing to train
-        return json.loads(done.read_text())
+    out = StageOutput(cfg, "sft", key)
+    if (done := out.finished()) is not None:  # finished earlier with these exact inputs: nothing to train
+        return done
+    out_dir, base_path = out.dir, storage.fetched(base["path"])
     train = _read_split(data["warehouse"], "train")[: cfg.sft.max_train_examples]
     valid = _read_split(data["warehouse"], "validation")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,29 +256,28 @@ def run_sft(cfg: PipelineConfig, base: dict, data: dict) -> dict:
     if cfg.sft.num_processes > 1:
         write_jsonl(out_dir / "train.jsonl", train)
         write_jsonl(out_dir / "validation.jsonl", valid)
-        job = {"config": cfg.model_dump(mode="json"), "base_path": base["path"], "out_dir": str(out_dir),
+        job = {"config": cfg.model_dump(mode="json"), "base_path": base_path, "out_dir": str(out_dir),
                "train": str(out_dir / "train.jsonl"), "validation": str(out_dir / "validation.jsonl")}
         (out_dir / "job.json").write_text(json.dumps(job, indent=2))
         run_launched(launch_command(cfg.sft.launcher, cfg.sft.num_processes, "tasks.sft", out_dir / "job.json"),
                      out_dir / "launch.log")
         run = json.loads((out_dir / "train.json").read_text())
     else:
-        run = train_sft(cfg, base["path"], train, valid, out_dir)
+        run = train_sft(cfg, base_path, train, valid, out_dir)
     stats = {**run["stats"], "wall_s": round(time.time() - started, 2)}
     result = {
         "stage": "sft", "fingerprint": json_fingerprint({"adapter": run["adapter_sha"], "base": base["fingerprint"]}),
-        "adapter": run["adapter"], "adapter_sha": run["adapter_sha"], "base": base["path"],
-        "base_fingerprint": base["fingerprint"], "out_dir": str(out_dir), "warehouse": data["warehouse"],
-        "data_fingerprint": data["fingerprint"], "validation_sample": str(out_dir / "validation_sample.jsonl"),
+        "adapter": out.url_of(run["adapter"]), "adapter_sha": run["adapter_sha"], "base": base["path"],
+        "base_fingerprint": base["fingerprint"], "out_dir": out.url, "warehouse": data["warehouse"],
+        "data_fingerprint": data["fingerprint"], "validation_sample": out.url_of(out_dir / "validation_sample.jsonl"),
         "stats": stats,
     }
     record_training_run(data["warehouse"], run_id=f"sft-{key}", stage="sft", fingerprint=result["fingerprint"],
-                        base=base["path"], data_fingerprint=data["fingerprint"], output_dir=str(out_dir), stats=stats,
+                        base=base["path"], data_fingerprint=data["fingerprint"], output_dir=out.url, stats=stats,
                         config={"model": cfg.model.model_dump(), "sft": cfg.sft.model_dump()},
                         curves_path=out_dir / "metrics.jsonl")
     publish_markdown("sft-summary", summary_markdown("SFT", result), "SFT run summary")
-    done.write_text(json.dumps(result, indent=2, default=str))
-    return result
+    return out.finish(result)
 
 
 def summary_markdown(title: str, result: dict) -> str:

@@ -56,7 +56,7 @@ def contamination(train: list[tuple[str, str]], held_out: list[tuple[str, str, s
 def run_split(cfg: PipelineConfig, dedup: dict[str, Any], run_id: str = "local") -> dict[str, Any]:
     s = cfg.data.split
     started = utcnow()
-    with open_warehouse(cfg.warehouse_path) as con:
+    with open_warehouse(cfg.warehouse_url) as con:
         new = con.execute(
             "SELECT cluster_id FROM cluster_members WHERE method = 'representative' "
             "AND cluster_id NOT IN (SELECT cluster_id FROM split_assignments) ORDER BY cluster_id"
@@ -86,9 +86,9 @@ def run_split(cfg: PipelineConfig, dedup: dict[str, Any], run_id: str = "local")
             con, "SELECT m.row_id, a.split FROM cluster_members m JOIN split_assignments a USING (cluster_id) "
                  "WHERE m.method = 'representative'")
         record_stage(con, run_id, "split", started, stats)
-    return {"stage": "split", "fingerprint": fingerprint, "warehouse": str(cfg.warehouse_path), "stats": stats}
+    return {"stage": "split", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats}
 
 
-@stage_task("split", lambda c: {"split": c.data.split.model_dump(), "warehouse": str(c.warehouse_path)})
+@stage_task("split", lambda c: {"split": c.data.split.model_dump(), "warehouse": c.warehouse_url})
 def split_task(cfg: PipelineConfig, dedup: dict[str, Any]) -> dict[str, Any]:
     return run_split(cfg, dedup, current_run_id())

@@ -6,6 +6,7 @@ The schema and views live in sql/ (the single home of both); this module only ap
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -15,6 +16,8 @@ from typing import Any, Iterator
 
 import duckdb
 
+from tasks import storage
+
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
 
@@ -22,7 +25,7 @@ def _sql(name: str) -> str:
     return (SQL_DIR / name).read_text(encoding="utf-8")
 
 
-class WarehouseBusy(RuntimeError):
+class WarehouseBusy(storage.StorageBusy):
     """Another process holds the warehouse's write lock for longer than we are willing to wait."""
 
 
@@ -57,18 +60,78 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = 600.0) ->
 
 
 @contextmanager
-def open_warehouse(path: str | Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    con = connect(path, read_only=read_only)
-    try:
-        yield con
-    finally:
-        con.close()
+def open_warehouse(url: str | Path, read_only: bool = False,
+                   wait_s: float = 600.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection to the warehouse at url, a local path or any fsspec URL (tasks/storage.py).
+
+    Readers get the latest copy. Writers take the warehouse's lease, so one writer at a time across every machine,
+    and work on their own copy, which goes back to url when the block ends (for a local warehouse the copy is the
+    file itself). Nested writers in one process share the outer one's copy and lease. A writer that waits longer than
+    wait_s fails with WarehouseBusy naming the holder.
+    """
+    if read_only:
+        con = connect(storage.fetch(url), read_only=True)
+        try:
+            yield con
+        finally:
+            con.close()
+        return
+    with _writable(url, wait_s) as (local, outermost):
+        con = connect(local, wait_s=wait_s)
+        try:
+            yield con
+        finally:
+            if outermost:
+                try:
+                    con.execute("CHECKPOINT")  # fold the write-ahead log into the file that goes back to url
+                except duckdb.Error:
+                    pass  # e.g. a failed transaction still open: closing rolls it back and checkpoints
+            con.close()
+
+
+# (warehouse url, thread) -> the writable copy while its lease is held. Per thread: another thread of this process
+# waits for the lease like any other writer.
+_writing: dict[tuple[str, int], Path] = {}
+_writing_lock = threading.Lock()
+
+
+@contextmanager
+def _writable(url: str | Path, wait_s: float) -> Iterator[tuple[Path, bool]]:
+    url = storage.normalize(url)
+    key = (url, threading.get_ident())
+    with _writing_lock:
+        nested = _writing.get(key)
+    if nested is not None:
+        yield nested, False
+        return
+    with storage.lease(url, wait_s, what=f"warehouse {url}", error=WarehouseBusy):
+        local = storage.private_copy(url)
+        with _writing_lock:
+            _writing[key] = local
+        try:
+            yield local, True
+        finally:
+            with _writing_lock:
+                del _writing[key]
+            if local.exists():  # committed transactions go back even when the block failed, as they do locally
+                if local.with_name(local.name + ".wal").exists() and not storage.is_local(url):
+                    raise RuntimeError(f"warehouse copy {local} still has a write-ahead log; not uploading it")
+                storage.publish(url, source=local)
 
 
 def warehouse_id(path: str | Path) -> str:
     """The warehouse's identity (created with it): cache keys include it, so a new warehouse file misses them."""
-    with open_warehouse(path) as con:
-        return con.execute("SELECT value FROM warehouse_meta WHERE key = 'warehouse_id'").fetchone()[0]
+    sql = "SELECT value FROM warehouse_meta WHERE key = 'warehouse_id'"
+    if storage.exists(path):  # the common case: read, without taking the writers' lease
+        with open_warehouse(path, read_only=True) as con:
+            try:
+                row = con.execute(sql).fetchone()
+            except duckdb.CatalogException:  # a file from before warehouse_meta existed
+                row = None
+        if row:
+            return row[0]
+    with open_warehouse(path) as con:  # creates it
+        return con.execute(sql).fetchone()[0]
 
 
 def table_fingerprint(con: duckdb.DuckDBPyConnection, query: str) -> str:

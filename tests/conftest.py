@@ -75,6 +75,7 @@ def pytest_configure(config):
     os.environ["PREFECT_API_URL"] = url
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "results")
+    os.environ.setdefault("SFTPIPE_WORK_DIR", str(home / "work"))  # local copies of s3:// roots, not ~/.cache
 
 
 def pytest_unconfigure(config):
@@ -92,6 +93,52 @@ def pytest_unconfigure(config):
             os.killpg(_server.pid, signal.SIGKILL)
     if _server_dir is not None:
         _server_dir.cleanup()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A local S3 endpoint for s3:// storage roots: moto's standalone server, spoken to over real HTTP by s3fs and
+    botocore exactly as AWS would be (there is no network here). Its settings go into os.environ, so workers and
+    subprocesses started afterwards reach it too."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto server did not start (exit {proc.poll()})")
+            time.sleep(0.3)
+    settings = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    import fsspec
+
+    fsspec.filesystem("s3").mkdir("sftpipe-test")
+    try:
+        yield {"endpoint": endpoint, "bucket": "sftpipe-test"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_root(s3_server):
+    """A fresh s3:// storage root for one test."""
+    import uuid
+
+    return f"s3://{s3_server['bucket']}/{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture
@@ -122,5 +169,5 @@ def run_data_plane(cfg):
 def query(cfg, sql: str, params=None):
     from tasks.warehouse import open_warehouse
 
-    with open_warehouse(cfg.warehouse_path, read_only=True) as con:
+    with open_warehouse(cfg.warehouse_url, read_only=True) as con:
         return con.execute(sql, params or []).fetchall()

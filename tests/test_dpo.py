@@ -54,7 +54,7 @@ def test_dpo_reward_accuracy_rises_and_margins_grow(sft_run, dpo_run):
 def test_new_beta_reuses_cached_reference_log_probs(sft_run, dpo_run):
     cfg, data, sft = sft_run
     assert dpo_run["stats"]["ref_logps_computed"] == 3  # train, validation, train probe: computed once
-    cache = sorted((cfg.root / "cache" / "ref_logps").glob("*.safetensors"))
+    cache = sorted(cfg.cache_dir("ref_logps").glob("*.safetensors"))
     assert len(cache) == 3
     before = {p: p.stat().st_mtime_ns for p in cache}
 
@@ -79,7 +79,7 @@ def test_two_process_dpo_computes_the_same_reference_log_probs(sft_run, dpo_run)
     from safetensors.torch import load_file
 
     cfg, data, sft = sft_run
-    cache = cfg.root / "cache" / "ref_logps"
+    cache = cfg.cache_dir("ref_logps")
     single = {p.name: load_file(str(p)) for p in cache.glob("*.safetensors")}
     shutil.rmtree(cache)  # force the 2-process run to compute them itself
     d = cfg.dpo.model_copy(update={"num_processes": 2, "max_steps": 4, "eval_steps": 4, "save_steps": 4,

@@ -1,6 +1,9 @@
 """End to end as a service: real Prefect server, both work pools, `prefect deploy --all`, a worker per pool, and
 `sft-pipeline/prod` run through the API on the embedded default. Every process started here is stopped, also when
 an assertion fails.
+
+The two workers stand for two machines: each has its own work dir (SFTPIPE_WORK_DIR) and the prod run's storage root
+is an s3:// bucket (a local S3 endpoint, see conftest), so everything one stage hands the next goes through it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
 from conftest import ROOT, query
+from tasks import storage
 from tasks.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -37,10 +41,9 @@ def _prefect(*args: str, cwd: Path = ROOT, check: bool = True, env: dict | None 
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tmp_path_factory, s3_server):
     """Pools, deployments and one worker per pool against the session's Prefect server."""
     root = tmp_path_factory.mktemp("service") / "runs"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for pool in ("cpu-pool", "gpu-pool"):
         if _prefect("work-pool", "inspect", pool, check=False).returncode != 0:
             _prefect("work-pool", "create", pool, "--type", "process")
@@ -51,11 +54,12 @@ def service(tmp_path_factory):
     # Started from Python with their own process group: a worker started with `&` from a script ignores SIGTERM.
     for pool, limit in (("cpu-pool", 4), ("gpu-pool", 1)):  # one GPU stage at a time per card
         log = open(logs / f"worker-{pool}.log", "wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SFTPIPE_WORK_DIR": str(root.parent / f"work-{pool}")}
         workers.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", pool, "--limit", str(limit)],
                                         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True))
     try:
-        yield {"root": root, "logs": logs}
+        yield {"root": root, "logs": logs, "s3_root": f"s3://{s3_server['bucket']}/service"}
     finally:
         for w in workers:
             if w.poll() is None:
@@ -101,7 +105,7 @@ def _task_states(run_id) -> dict[str, str]:
 
 
 def test_prod_deployment_end_to_end(service):
-    root = service["root"]
+    root = service["s3_root"]
     overrides = [f"storage_root={root}", "orchestration.gpu_deployment=sft-stage/gpu", *FAST]
     started = time.monotonic()
     run = _run_deployment("sft-pipeline/prod", {"overrides": overrides}, cli=True)
@@ -136,18 +140,25 @@ def test_prod_deployment_end_to_end(service):
     cached = {name: state for name, state in states.items() if name.rsplit("-", 1)[0] in stage_tasks}
     assert {n.rsplit("-", 1)[0] for n in cached} == stage_tasks and set(cached.values()) == {"Cached"}, states
     print(f"\nend-to-end wall {wall:.0f} s; cached rerun {noop:.0f} s")
-    (root.parent / "timings.json").write_text(json.dumps({"end_to_end_s": wall, "cached_rerun_s": noop}))
+    (service["logs"] / "timings.json").write_text(json.dumps({"end_to_end_s": wall, "cached_rerun_s": noop}))
+
+    # Every output is in the bucket; each worker kept only local copies of what it used.
+    merged = json.loads(storage.read_text(f"{root}/pipeline-runs/{run.id}/merge.json"))
+    model_folder = merged["path"].rsplit("/", 1)[0]  # <root>/models/merged/<key>/model
+    assert model_folder.startswith(f"{root}/models/merged/") and storage.is_published(model_folder)
+    gpu_work = service["root"].parent / "work-gpu-pool"
+    assert (gpu_work / "s3").is_dir() and not (service["root"].parent / "work-cpu-pool" / "s3" / "models").exists()
 
     # One stage alone against the first run's outputs: DPO with a new beta. The first run's outputs stay as they were.
-    first_dir = root / "pipeline-runs" / str(run.id)
-    before = {p.name: p.read_bytes() for p in first_dir.glob("*.json")}
+    first_dir = f"{root}/pipeline-runs/{run.id}"
+    before = {f: storage.read_text(f) for f in storage.list_files(first_dir, ".json")}
     rerun = _run_deployment("sft-stage/gpu", {"stage": "dpo", "run_id": str(run.id),
                                               "overrides": overrides + ["dpo.beta=0.3"]})
     assert rerun.state.is_completed(), rerun.state.message
     assert rerun.work_pool_name == "gpu-pool"
-    assert {p.name: p.read_bytes() for p in first_dir.glob("*.json")} == before
-    new_dpo = json.loads((root / "pipeline-runs" / str(rerun.id) / "dpo.json").read_text())
-    assert new_dpo["fingerprint"] != json.loads(before["dpo.json"])["fingerprint"]
+    assert {f: storage.read_text(f) for f in storage.list_files(first_dir, ".json")} == before
+    new_dpo = json.loads(storage.read_text(f"{root}/pipeline-runs/{rerun.id}/dpo.json"))
+    assert new_dpo["fingerprint"] != json.loads(before[f"{first_dir}/dpo.json"])["fingerprint"]
 
 
 def test_schedule_in_prefect_yaml_is_what_the_deployment_shows(service):
@@ -182,8 +193,9 @@ def test_new_raw_file_is_ingested_alone_and_old_splits_stay(service, tmp_path):
     assert {k: after[k] for k in splits} == splits and len(after) > len(splits)
 
 
-def test_two_concurrent_runs_against_one_warehouse(service, tmp_path):
-    root = tmp_path / "runs"
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_two_concurrent_runs_against_one_warehouse(service, tmp_path, kind):
+    root = tmp_path / "runs" if kind == "local" else f"{service['s3_root']}-concurrent"
     overrides = [f"storage_root={root}"]
     results = []
 
@@ -195,8 +207,8 @@ def test_two_concurrent_runs_against_one_warehouse(service, tmp_path):
         t.start()
     for t in threads:
         t.join()
-    for r in results:  # the second waits for the warehouse lock (or fails saying so); nothing is corrupted
-        assert r.state.is_completed() or "locked" in (r.state.message or ""), r.state.message
+    for r in results:  # the second waits for the warehouse's lease (or fails saying so); nothing is corrupted
+        assert r.state.is_completed() or "in use by" in (r.state.message or ""), r.state.message
     assert any(r.state.is_completed() for r in results)
     cfg = load_config(None, overrides)
     assert all(b for (b,) in query(cfg, "SELECT balanced FROM row_conservation"))

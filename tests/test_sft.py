@@ -113,7 +113,7 @@ def test_sft_on_embedded_base_lowers_validation_loss(tmp_path):
 
 def test_killed_sft_resumes_from_its_last_checkpoint(tmp_path, data):
     cfg = small_config(tmp_path, **{"sft.max_steps": 40, "sft.save_steps": 5, "sft.eval_steps": 20})
-    out_dir = (cfg.root / "models" / "sft" / stage_key(cfg, STORIES_BASE, data)).resolve()
+    out_dir = Path(cfg.url("models", "sft", stage_key(cfg, STORIES_BASE, data)))
     out_dir.mkdir(parents=True)
     for name, rows in (("train", TRAIN), ("validation", VALID)):
         (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

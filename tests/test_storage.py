@@ -1,0 +1,174 @@
+"""The storage root through one code path: a local folder and an s3:// bucket (a local S3 endpoint, see conftest)
+behave the same for publishing, fetching, small files, leases and the warehouse."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SHARED_DATA, query, run_data_plane
+from tasks import storage
+from tasks.config import load_config
+from tasks.warehouse import WarehouseBusy, open_warehouse
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """A storage root of each kind."""
+    return str(tmp_path / "root") if request.param == "local" else request.getfixturevalue("s3_root")
+
+
+def _other_machine(monkeypatch, tmp_path, name="other"):
+    """Look at the root from a machine with an empty work dir (nothing of it cached locally)."""
+    monkeypatch.setenv(storage.WORK_DIR_ENV, str(tmp_path / name))
+
+
+def test_names(tmp_path, monkeypatch):
+    monkeypatch.setenv(storage.WORK_DIR_ENV, str(tmp_path / "wd"))
+    assert storage.join("s3://b/runs/", "models", "sft") == "s3://b/runs/models/sft"
+    assert storage.join("runs", "x") == str(Path("runs").resolve() / "x")
+    assert storage.normalize(f"file://{tmp_path}/a") == str(tmp_path / "a")
+    assert storage.local_path("s3://b/runs/x.json") == tmp_path / "wd" / "s3" / "b" / "runs" / "x.json"
+    assert storage.local_path(tmp_path / "a") == tmp_path / "a"  # a local place is its own local copy
+    assert storage.is_under("s3://b/runs/sample_data/f.json", "s3://b/runs")
+    assert not storage.is_under("s3://b/runs2/f.json", "s3://b/runs")
+    cfg = load_config(None, ["storage_root=s3://b/runs/"])
+    assert cfg.warehouse_url == "s3://b/runs/warehouse.duckdb" and cfg.sample_data_url == "s3://b/runs/sample_data"
+
+
+def test_published_folder_is_fetched_whole_on_another_machine(root, tmp_path, monkeypatch):
+    url = storage.join(root, "models", "sft", "k1")
+    local = storage.local_path(url)
+    (local / "adapter").mkdir(parents=True)
+    (local / "adapter" / "weights.bin").write_bytes(b"\0\1" * 1000)
+    (local / "result.json").write_text('{"ok": true}')
+    assert storage.publish(url) == url and storage.is_published(url)
+
+    _other_machine(monkeypatch, tmp_path)
+    adapter = storage.fetch(storage.join(url, "adapter"))  # a folder inside a published one
+    assert (adapter / "weights.bin").read_bytes() == b"\0\1" * 1000
+    assert json.loads((adapter.parent / "result.json").read_text()) == {"ok": True}
+    if root.startswith("s3://"):
+        assert tmp_path / "other" in adapter.parents
+    else:
+        assert adapter == local / "adapter"
+
+
+def test_unpublished_folder_is_refused(root, tmp_path, monkeypatch):
+    url = storage.join(root, "models", "dpo", "half")
+    storage.write_text(storage.join(url, "adapter", "adapter_config.json"), "{}")  # an upload cut short
+    _other_machine(monkeypatch, tmp_path)
+    if root.startswith("s3://"):
+        with pytest.raises(FileNotFoundError, match="not published completely"):
+            storage.fetch(storage.join(url, "adapter"))
+    assert not storage.is_published(url)
+
+
+def test_small_files_and_listing(root, tmp_path, monkeypatch):
+    runs = storage.join(root, "pipeline-runs", "r1")
+    storage.write_text(storage.join(runs, "sft.json"), '{"a": 1}')
+    storage.write_text(storage.join(runs, "data.json"), '{"b": 2}')
+    assert [Path(u).name for u in storage.list_files(runs, ".json")] == ["data.json", "sft.json"]
+    assert storage.list_files(storage.join(root, "pipeline-runs", "nope"), ".json") == []
+    assert json.loads(storage.read_text(storage.join(runs, "sft.json"))) == {"a": 1}
+
+    f = storage.join(root, "inputs", "a.jsonl")
+    storage.write_text(f, "one\n")
+    assert storage.fetch(f).read_text() == "one\n"
+    storage.write_text(f, "two\n")  # changed at the source: the next fetch sees it
+    assert storage.fetch(f).read_text() == "two\n"
+    assert storage.find_files(storage.join(root, "inputs")) == [f]
+    with pytest.raises(FileNotFoundError):
+        storage.fetch(storage.join(root, "inputs", "missing.jsonl"))
+
+
+def test_lease_is_exclusive_and_names_its_holder(root):
+    url = storage.join(root, "warehouse.duckdb")
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with storage.lease(url):
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert held.wait(30)
+        started = time.monotonic()
+        with pytest.raises(storage.StorageBusy, match=f"pid {os.getpid()} on {socket.gethostname()}"):
+            with storage.lease(url, wait_s=1.5):
+                pass
+        assert time.monotonic() - started >= 1.5
+    finally:
+        release.set()
+        t.join()
+    with storage.lease(url, wait_s=5):  # free again
+        assert storage.exists(url + ".lock")
+    assert not storage.exists(url + ".lock")
+
+
+def test_lease_of_a_dead_process_is_broken(root):
+    url = storage.join(root, "warehouse.duckdb")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    storage.write_text(url + ".lock", json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout),
+                                                  "token": "x", "expires": time.time() + 3600}))
+    with storage.lease(url, wait_s=3):
+        assert json.loads(storage.read_text(url + ".lock"))["pid"] == os.getpid()
+
+
+WRITER = """
+import sys
+from tasks.warehouse import open_warehouse
+url, tag = sys.argv[1], sys.argv[2]
+for i in range(6):
+    with open_warehouse(url) as con:
+        con.execute("INSERT INTO warehouse_meta VALUES (?, ?)", [f"{tag}-{i}", tag])
+"""
+
+
+def test_concurrent_writers_from_two_processes_lose_nothing(root, tmp_path):
+    """Each writer works on its own copy and sends it back under the lease: no write overwrites another's."""
+    url = storage.join(root, "warehouse.duckdb")
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, url, tag], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), storage.WORK_DIR_ENV: str(tmp_path / tag)},
+                              stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    with open_warehouse(url, read_only=True) as con:
+        rows = con.execute("SELECT value, count(*) FROM warehouse_meta WHERE key <> 'warehouse_id' "
+                           "GROUP BY ALL ORDER BY 1").fetchall()
+    assert rows == [("a", 6), ("b", 6)]
+    assert not storage.exists(url + ".lock")
+
+
+def test_busy_warehouse_fails_with_a_clear_message(root):
+    url = storage.join(root, "warehouse.duckdb")
+    storage.write_text(url + ".lock", json.dumps({"host": "gpu-node-7", "pid": 1, "token": "x",
+                                                  "expires": time.time() + 3600}))
+    with pytest.raises(WarehouseBusy, match=r"warehouse .*warehouse.duckdb is in use by pid 1 on gpu-node-7"):
+        with open_warehouse(url, wait_s=1.0):
+            pass
+
+
+def test_data_plane_on_s3_matches_the_local_one(tmp_path, s3_root, monkeypatch):
+    """The same inputs through a local root and an s3:// root give the same warehouse contents."""
+    inputs = str(SHARED_DATA)  # every shared file: Alpaca, ShareGPT, messages, preference; English and Chinese
+    local = load_config(None, [f"storage_root={tmp_path / 'runs'}", f"data.ingest.inputs=[{inputs}]"])
+    remote = load_config(None, [f"storage_root={s3_root}", f"data.ingest.inputs=[{inputs}]"])
+    a, b = run_data_plane(local), run_data_plane(remote)
+    assert a["split"]["fingerprint"] == b["split"]["fingerprint"]
+    assert a["split"]["stats"] == b["split"]["stats"] and b["split"]["stats"]["train"] > 2000
+    assert b["split"]["warehouse"] == f"{s3_root}/warehouse.duckdb" and storage.exists(b["split"]["warehouse"])
+
+    _other_machine(monkeypatch, tmp_path)  # another machine reads the same answers from the bucket
+    sql = "SELECT split, count(*) FROM sft_examples GROUP BY ALL ORDER BY ALL"
+    assert query(remote, sql) == query(local, sql)
