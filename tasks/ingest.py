@@ -73,16 +73,19 @@ def discover(inputs: list[str], cfg: PipelineConfig | None = None) -> list[str]:
     """Input files as URLs (absolute paths when local): listed files as given, folders searched recursively for
     supported types, sorted. Any fsspec URL works (s3://bucket/raw/); tasks/storage.py fetches each file.
 
-    Files under the storage root (other than the sample data) are skipped: the pipeline's own Parquet and JSON
-    outputs must never come back as input when the storage root sits inside an input folder."""
-    def own_output(url: str) -> bool:
-        return bool(cfg) and storage.is_under(url, cfg.root) and not storage.is_under(url, cfg.sample_data_url)
+    When a folder holds the storage root, the files under the root (other than the sample data) are skipped: the
+    pipeline's own Parquet and JSON outputs must never come back as input. A folder inside the root (runs/raw) is
+    read like any other."""
+    def own_output(url: str, folder: str) -> bool:
+        inside_root = storage.is_under(folder, cfg.root) and folder != cfg.root
+        return not inside_root and storage.is_under(url, cfg.root) and not storage.is_under(url, cfg.sample_data_url)
 
     found: list[str] = []
     for item in inputs:
         url = storage.normalize(item)
         if storage.is_dir(url):
-            found += [f for f in storage.find_files(url) if file_type_of(Path(f))[0] and not own_output(f)]
+            found += [f for f in storage.find_files(url)
+                      if file_type_of(Path(f))[0] and not (cfg and own_output(f, url))]
         elif storage.exists(url):
             found.append(url)
         else:

@@ -195,3 +195,13 @@ def test_outputs_under_a_storage_root_inside_the_input_folder_are_not_ingested(t
     assert list((tmp_path / "runs").rglob("*.parquet"))
     assert run_ingest(cfg)["stats"]["files"] == 1
     assert [p for (p,) in query(cfg, "SELECT path FROM source_files")] == [str(tmp_path / "a.jsonl")]
+
+
+def test_an_input_folder_inside_the_storage_root_is_read(tmp_path, make_cfg):
+    raw = tmp_path / "runs" / "raw"
+    raw.mkdir(parents=True)
+    _write_jsonl(raw / "b.jsonl", [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)])
+    cfg = make_cfg(f"data.ingest.inputs=[{raw}]", root=tmp_path / "runs")
+    run_data_plane(cfg)
+    assert run_ingest(cfg)["stats"]["files"] == 1  # the outputs now under runs/ are not inputs
+    assert [p for (p,) in query(cfg, "SELECT path FROM source_files")] == [str(raw / "b.jsonl")]

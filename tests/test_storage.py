@@ -160,11 +160,18 @@ def test_busy_warehouse_fails_with_a_clear_message(root):
 
 
 def test_data_plane_on_s3_matches_the_local_one(tmp_path, s3_root, monkeypatch):
-    """The same inputs through a local root and an s3:// root give the same warehouse contents."""
+    """The same inputs, read from a local folder into a local root and from a bucket into an s3:// root, give the
+    same warehouse contents."""
     inputs = str(SHARED_DATA)  # every shared file: Alpaca, ShareGPT, messages, preference; English and Chinese
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.put(f"{inputs}/", f"{s3_root.removeprefix('s3://')}/raw/", recursive=True)
     local = load_config(None, [f"storage_root={tmp_path / 'runs'}", f"data.ingest.inputs=[{inputs}]"])
-    remote = load_config(None, [f"storage_root={s3_root}", f"data.ingest.inputs=[{inputs}]"])
+    remote = load_config(None, [f"storage_root={s3_root}", f"data.ingest.inputs=[{s3_root}/raw]"])
     a, b = run_data_plane(local), run_data_plane(remote)
+    assert len(b["ingest"]["files"]) == len(a["ingest"]["files"]) == 6
+    assert all(f["path"].startswith(f"{s3_root}/raw/") for f in b["ingest"]["files"])
     assert a["split"]["fingerprint"] == b["split"]["fingerprint"]
     assert a["split"]["stats"] == b["split"]["stats"] and b["split"]["stats"]["train"] > 2000
     assert b["split"]["warehouse"] == f"{s3_root}/warehouse.duckdb" and storage.exists(b["split"]["warehouse"])
