@@ -303,6 +303,8 @@ def build_embedded_base(cfg: PipelineConfig, train_examples: list[dict], out_dir
 
 def pretrained_fingerprint(base: str) -> str:
     """Identity of a base given by path (config + weight files' names, sizes, mtimes) or by hub id."""
+    if not storage.is_local(base):  # a model folder in a bucket
+        return json_fingerprint({"url": base, "listing": storage.folder_fingerprint(base)})
     path = Path(base)
     if not path.exists():
         return json_fingerprint({"hub_id": base})

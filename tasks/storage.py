@@ -10,8 +10,9 @@ its absolute path), which is what stage results carry from one worker to the nex
 
 - The work dir (`$SFTPIPE_WORK_DIR`, default ~/.cache/sft-pipeline) is this machine's scratch and download cache;
   it mirrors remote URLs as <work dir>/<protocol>/<bucket>/<path>.
-- Folders (models, adapters) are immutable once published: `publish` writes a `.published` marker last, and
-  `fetch` refuses a folder without one, so a reader never sees half an upload.
+- Folders the pipeline writes (models, adapters) are immutable once published: `publish` writes a `.published`
+  marker last, a stage's output counts as finished only with it, and `fetch` downloads it once. Other folders (a
+  base model someone put in a bucket) are downloaded again when their listing changes.
 - Files (inputs, the warehouse) are fetched again when the remote object changes (fsspec's ukey).
 - `lease(url)` is an exclusive lock object created next to url with an atomic create (O_EXCL locally,
   If-None-Match on S3), refreshed while held, and broken when its holder is gone: how writers of the one mutable
@@ -22,6 +23,7 @@ from the config.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -193,7 +195,7 @@ def is_published(url: str | Path) -> bool:
 
 def fetch(url: str | Path) -> Path:
     """The local copy of url, downloaded when missing or (for a file) changed remotely. Local urls are returned as
-    they are. A folder must have been published completely; FileNotFoundError says which URL is missing."""
+    they are. FileNotFoundError names a missing URL."""
     url = normalize(url)
     local = local_path(url)
     if is_local(url):
@@ -224,31 +226,49 @@ def fetched(ref: str | Path) -> str:
 
 
 def _fetch_folder(fs, path: str, url: str, local: Path) -> Path:
-    """A published folder, or a folder inside one (an adapter inside a stage's output): the published one is
-    downloaded whole, once."""
-    inner = Path()
+    """A published output (or a folder inside one, such as the adapter in a stage's output) is immutable: it is
+    downloaded whole, once. Any other folder (say a model someone put in a bucket) is downloaded again whenever its
+    listing changes."""
+    inner, unit, unit_local = Path(), path, local
     while True:
-        if (local / PUBLISHED).exists():  # folders are immutable once published
-            return local / inner
-        if fs.exists(f"{path}/{PUBLISHED}"):
+        if (unit_local / PUBLISHED).exists():
+            return unit_local / inner
+        if fs.exists(f"{unit}/{PUBLISHED}"):
+            _download_folder(fs, unit, unit_local)
+            return unit_local / inner
+        if "/" not in unit.strip("/"):
             break
-        if "/" not in path.strip("/"):
-            raise FileNotFoundError(f"{url} was not published completely (no {PUBLISHED} marker)")
-        inner = Path(PurePosixPath(path).name) / inner
-        path, local = str(PurePosixPath(path).parent), local.parent
+        inner = Path(PurePosixPath(unit).name) / inner
+        unit, unit_local = str(PurePosixPath(unit).parent), unit_local.parent
+    stamp = folder_fingerprint(url)
+    if not (local.is_dir() and _version_of(local) == stamp):
+        _download_folder(fs, path, local)
+        _remember_version(local, stamp)
+    return local
+
+
+def folder_fingerprint(url: str | Path) -> str:
+    """Identity of a folder's content from its listing (names, sizes, ETags or mtimes), without reading it."""
+    fs, path = _fresh(url)
+    listing = sorted((PurePosixPath(name).relative_to(path).as_posix(), info.get("size"),
+                      str(info.get("ETag") or info.get("mtime") or info.get("LastModified")))
+                     for name, info in fs.find(path, detail=True).items())
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def _download_folder(fs, path: str, local: Path) -> None:
     tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
     for remote in fs.find(path):
-        target = tmp / Path(remote).relative_to(path)
+        target = tmp / PurePosixPath(remote).relative_to(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(remote, str(target))
-    if local.exists():  # an unpublished leftover (e.g. this machine's own interrupted run)
+    if local.exists():  # an outdated copy, or an unpublished leftover of this machine's own interrupted run
         shutil.rmtree(local)
     local.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.replace(local)
     except OSError:  # another process on this machine fetched it at the same time
         shutil.rmtree(tmp, ignore_errors=True)
-    return local / inner
 
 
 def _version_file(local: Path) -> Path:

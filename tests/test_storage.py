@@ -62,14 +62,30 @@ def test_published_folder_is_fetched_whole_on_another_machine(root, tmp_path, mo
         assert adapter == local / "adapter"
 
 
-def test_unpublished_folder_is_refused(root, tmp_path, monkeypatch):
-    url = storage.join(root, "models", "dpo", "half")
-    storage.write_text(storage.join(url, "adapter", "adapter_config.json"), "{}")  # an upload cut short
+def test_unpublished_stage_output_is_not_finished(root, tmp_path, monkeypatch):
+    from tasks.model import StageOutput
+
+    cfg = load_config(None, [f"storage_root={root}"])
+    storage.write_text(cfg.url("models", "dpo", "half", "result.json"), "{}")  # written, but the upload was cut short
     _other_machine(monkeypatch, tmp_path)
-    if root.startswith("s3://"):
-        with pytest.raises(FileNotFoundError, match="not published completely"):
-            storage.fetch(storage.join(url, "adapter"))
-    assert not storage.is_published(url)
+    out = StageOutput(cfg, "dpo", "half")
+    assert out.finished() is None  # so the stage trains again instead of trusting half a folder
+    (out.dir / "adapter").mkdir(parents=True, exist_ok=True)
+    (out.dir / "adapter" / "w.bin").write_bytes(b"w")
+    assert out.finish({"stage": "dpo"}) == {"stage": "dpo"}
+    assert out.finished() == {"stage": "dpo"} and out.url_of(out.dir / "adapter") == storage.join(out.url, "adapter")
+
+
+def test_a_model_folder_from_elsewhere_is_fetched_again_when_it_changes(s3_root, tmp_path, monkeypatch):
+    """A base model someone uploaded (no .published marker) is fetched as it is, and again after it changes."""
+    _other_machine(monkeypatch, tmp_path)
+    model = f"{s3_root}-models/llama"
+    storage.write_text(f"{model}/config.json", '{"v": 1}')
+    before = storage.folder_fingerprint(model)
+    assert json.loads((storage.fetch(model) / "config.json").read_text()) == {"v": 1}
+    storage.write_text(f"{model}/config.json", '{"v": 22}')
+    assert storage.folder_fingerprint(model) != before
+    assert json.loads((storage.fetch(model) / "config.json").read_text()) == {"v": 22}
 
 
 def test_small_files_and_listing(root, tmp_path, monkeypatch):
