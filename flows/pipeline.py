@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
 from flows.prepare_data import DATA_STAGES, prepare
@@ -48,7 +48,7 @@ def _dispatch(cfg: PipelineConfig, stage: str, run_id: str, config_path: str | N
     return load_results(cfg, str(child.id))[stage]
 
 
-@flow(name="sft-pipeline", log_prints=True)
+@flow(name="sft-pipeline")
 def sft_pipeline(config_path: str | None = None, overrides: dict[str, Any] | list[str] | None = None,
                  until: str | None = None, refresh: list[str] | None = None):
     """Run the pipeline. `overrides`: dotted `key=value` strings or a nested dict over the YAML config."""
@@ -67,7 +67,7 @@ def sft_pipeline(config_path: str | None = None, overrides: dict[str, Any] | lis
         else:
             results[stage.name] = run_stage(cfg, stage, results, forced)
         save_result(cfg, run_id, stage.name, results[stage.name])
-        print(f"stage {stage.name}: {results[stage.name].get('stats', '')}")
+        get_run_logger().info("stage %s: %s", stage.name, results[stage.name].get("stats", ""))
         if stage.name == until:
             return _summary(results)
     from tasks.promote import promotion_state
@@ -76,7 +76,7 @@ def sft_pipeline(config_path: str | None = None, overrides: dict[str, Any] | lis
     return promotion_state(results["promote"])
 
 
-@flow(name="sft-stage", log_prints=True)
+@flow(name="sft-stage")
 def sft_stage(stage: str, run_id: str, config_path: str | None = None,
               overrides: dict[str, Any] | list[str] | None = None, refresh: bool = False) -> dict[str, Any]:
     """Run one stage against the outputs of pipeline run `run_id` (e.g. rerun DPO with a new beta).

@@ -37,7 +37,7 @@ def prepare(cfg: PipelineConfig, refresh: list[str] = ()) -> dict[str, Any]:
     return split
 
 
-@flow(name="prepare-data", log_prints=True)
+@flow(name="prepare-data")
 def prepare_data(config_path: str | None = None, overrides: dict[str, Any] | list[str] | None = None,
                  refresh: list[str] | None = None) -> dict[str, Any]:
     """Build the warehouse's training data. `overrides` are dotted `key=value` strings or a nested dict;
