@@ -346,11 +346,12 @@ def apply_overrides(cfg: PipelineConfig | dict, overrides: list[str] | dict | No
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> PipelineConfig:
-    """Load YAML (or defaults when `path` is None) and apply overrides."""
+    """Load YAML (or defaults when `path` is None) and apply overrides. `path` may be a URL (s3://bucket/sft.yaml),
+    so workers on other machines read the same file."""
     tree: dict = {}
     if path is not None:
         try:
-            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            tree = yaml.safe_load(storage.read_text(path)) or {}
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"cannot read config {path}: {err}") from None
         if not isinstance(tree, dict):

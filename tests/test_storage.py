@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, SHARED_DATA, query, run_data_plane
 from tasks import storage
-from tasks.config import load_config
+from tasks.config import ConfigError, load_config
 from tasks.warehouse import WarehouseBusy, open_warehouse
 
 
@@ -42,6 +42,14 @@ def test_names(tmp_path, monkeypatch):
     assert not storage.is_under("s3://b/runs2/f.json", "s3://b/runs")
     cfg = load_config(None, ["storage_root=s3://b/runs/"])
     assert cfg.warehouse_url == "s3://b/runs/warehouse.duckdb" and cfg.sample_data_url == "s3://b/runs/sample_data"
+
+
+def test_config_file_from_a_bucket(s3_root):
+    storage.write_text(f"{s3_root}/sft.yaml", f"storage_root: {s3_root}\ndpo:\n  beta: 0.25\n")
+    cfg = load_config(f"{s3_root}/sft.yaml", ["sft.max_steps=7"])
+    assert (cfg.root, cfg.dpo.beta, cfg.sft.max_steps) == (s3_root, 0.25, 7)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(f"{s3_root}/missing.yaml")
 
 
 def test_published_folder_is_fetched_whole_on_another_machine(root, tmp_path, monkeypatch):
