@@ -33,7 +33,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Iterator
 
 import fsspec
 

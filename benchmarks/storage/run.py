@@ -13,7 +13,6 @@ network's latency. Writes benchmarks/results/storage.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
