@@ -54,11 +54,15 @@ class CleanConfig(Section):
 
 class DedupConfig(Section):
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
-    threshold: float = Field(0.8, gt=0, lt=1, description="Estimated Jaccard similarity at or above which two "
-                             "rows are near-duplicates.")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity of shingle sets at or above "
+                             "which two rows are near-duplicates.")
     ngram: int = Field(5, ge=1, description="Shingle size in tokens; a token is a word, or a single character for "
                        "scripts written without spaces (Chinese, Japanese, Korean, Thai).")
     seed: int = Field(1, description="MinHash permutation seed (datasketch semantics).")
+    verify: Literal["exact", "estimate"] = Field("exact", description="How LSH candidate pairs are confirmed: "
+                                                 "exact Jaccard of their shingles (reads the candidates' texts), or "
+                                                 "the signatures' estimate (faster, misses pairs just above the "
+                                                 "threshold).")
     shards: int = Field(2, ge=1, description="Signature shards; each is its own Prefect task, so a Dask task runner "
                         "spreads them over workers.")
 

@@ -1,5 +1,8 @@
 """Deduplicate: exact copies by content hash, then near-duplicates by MinHash LSH, clustered transitively.
 
+LSH candidate pairs are confirmed on the exact Jaccard of their shingles (data.dedup.verify=exact, the default):
+only the candidates' texts are read back, and the signatures' estimate errs both ways this close to the threshold.
+
 Which row is kept: the earliest-ingested member of a cluster (lowest row_seq). So a row already in the warehouse is
 never displaced by data that arrives later, and its split never changes.
 What is compared: the whole conversation for SFT rows, the prompt for preference rows (clean_rows.dedup_text);
@@ -11,6 +14,7 @@ stored in the warehouse by content hash, so a nightly run only signs rows it has
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -60,10 +64,12 @@ def compute_signature_shard(cfg: PipelineConfig, clean: dict[str, Any], shard: i
             "path": storage.publish(url), "signed": len(todo)}
 
 
-def clusters(rows: pl.DataFrame, sigs: np.ndarray, d: DedupConfig) -> pl.DataFrame:
+def clusters(rows: pl.DataFrame, sigs: np.ndarray, d: DedupConfig,
+             texts_of: Callable[[list[str]], list[str]] | None = None) -> pl.DataFrame:
     """cluster_members rows for accepted rows ordered by row_seq; `sigs` aligned with their exact representatives.
 
-    rows: row_id, kind, row_seq, content_hash (sorted by row_seq).
+    rows: row_id, kind, row_seq, content_hash (sorted by row_seq). texts_of(content hashes) -> their texts, for
+    d.verify == "exact".
     """
     rows = rows.with_columns(
         pl.col("row_id").first().over("kind", "content_hash").alias("exact_rep"),
@@ -72,10 +78,13 @@ def clusters(rows: pl.DataFrame, sigs: np.ndarray, d: DedupConfig) -> pl.DataFra
     near_rep = np.empty(len(reps), dtype=object)
     near_sim = np.ones(len(reps))
     kinds = reps["kind"].to_numpy()
-    rep_ids = reps["row_id"].to_numpy()
+    rep_ids, rep_hashes = reps["row_id"].to_numpy(), reps["content_hash"].to_numpy()
     for kind in np.unique(kinds):
         idx = np.flatnonzero(kinds == kind)
-        rep, sim = minhash.near_duplicate_clusters(sigs[idx], d.threshold, d.seed)
+        exact = None
+        if d.verify == "exact" and texts_of is not None:
+            exact = minhash.exact_similarity(lambda pos, idx=idx: texts_of(rep_hashes[idx[pos]].tolist()), d.ngram)
+        rep, sim = minhash.near_duplicate_clusters(sigs[idx], d.threshold, d.seed, exact)
         near_rep[idx] = rep_ids[idx[rep]]
         near_sim[idx] = sim
     reps = reps.select("row_id", pl.Series("cluster_id", near_rep, pl.String), pl.Series("sim", near_sim))
@@ -117,7 +126,7 @@ def run_dedup(cfg: PipelineConfig, clean: dict[str, Any], shards: list[dict[str,
         if missing:
             raise RuntimeError(f"{missing} rows have no MinHash signature; were all signature shards run?")
         sigs = np.array([np.asarray(s, dtype=np.uint64) for s in stored["signature"]]).reshape(-1, d.num_perm)
-        members = clusters(rows, sigs, d)
+        members = clusters(rows, sigs, d, lambda hashes: _texts(con, hashes))
         con.execute("DELETE FROM cluster_members")
         con.register("members", members.to_arrow())
         con.execute("INSERT INTO cluster_members SELECT * FROM members")
@@ -131,6 +140,18 @@ def run_dedup(cfg: PipelineConfig, clean: dict[str, Any], shards: list[dict[str,
         fingerprint = table_fingerprint(con, "SELECT row_id, cluster_id, method FROM cluster_members")
         record_stage(con, run_id, "dedup", started, stats)
     return {"stage": "dedup", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats}
+
+
+def _texts(con, content_hashes: list[str]) -> list[str]:
+    """dedup_text of each content hash, in the order given."""
+    con.register("wanted_texts", pa.table({"content_hash": content_hashes,
+                                           "pos": pa.array(range(len(content_hashes)), pa.int64())}))
+    rows = con.sql("SELECT any_value(c.dedup_text) FROM wanted_texts w JOIN clean_rows c USING (content_hash) "
+                   "GROUP BY w.pos ORDER BY w.pos").fetchall()
+    con.unregister("wanted_texts")
+    if len(rows) != len(content_hashes):
+        raise RuntimeError("dedup: some candidate rows have no text in clean_rows")
+    return [r[0] for r in rows]
 
 
 def deduplicate(cfg: PipelineConfig, clean: dict[str, Any], run_id: str = "local") -> dict[str, Any]:

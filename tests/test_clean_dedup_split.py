@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import polars as pl
 import pytest
 
 from conftest import SHARED_DATA, query, run_data_plane
+from tasks import minhash
 from tasks.clean import clean_frame
 from tasks.config import load_config
 
@@ -88,15 +88,16 @@ def test_sharegpt_near_duplicates_are_clustered(make_cfg):
     run_data_plane(cfg)
     assert query(cfg, "SELECT count(*) FROM cluster_members WHERE method = 'near'")[0][0] > 50
     # Clusters are transitive (a ~ b ~ c): a member may be further than the threshold from the representative, but
-    # each near member is within the threshold (estimated) of some other member of its cluster.
-    rows = query(cfg, "SELECT m.row_id, m.cluster_id, s.signature FROM cluster_members m JOIN clean_rows c USING (row_id) "
-                      "JOIN minhash_signatures s USING (content_hash) WHERE m.method IN ('near', 'representative')")
+    # each near member is within the threshold (exact Jaccard of shingles) of some other member of its cluster.
+    rows = query(cfg, "SELECT m.row_id, m.cluster_id, c.dedup_text FROM cluster_members m JOIN clean_rows c "
+                      "USING (row_id) WHERE m.method IN ('near', 'representative')")
+    sets = minhash.shingle_sets([text for _, _, text in rows], cfg.data.dedup.ngram)
     by_cluster: dict[str, list] = {}
-    for row_id, cluster, sig in rows:
-        by_cluster.setdefault(cluster, []).append((row_id, np.array(sig, dtype=np.uint64)))
+    for (row_id, cluster, _), shingles in zip(rows, sets):
+        by_cluster.setdefault(cluster, []).append((row_id, shingles))
     for members in (m for m in by_cluster.values() if len(m) > 1):
-        for row_id, sig in members:
-            best = max(float(np.mean(sig == other)) for rid, other in members if rid != row_id)
+        for row_id, shingles in members:
+            best = max(minhash.jaccard(shingles, other) for rid, other in members if rid != row_id)
             assert best >= 0.8, (row_id, best)
     clusters = query(cfg, "SELECT members, near_copies FROM duplicate_clusters")
     assert any(near_copies > 0 for _, near_copies in clusters)

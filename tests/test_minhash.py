@@ -166,3 +166,45 @@ def test_clusters_of_empty_and_single_inputs():
     one = minhash.signatures(["only one document here"], NUM_PERM, SEED, NGRAM)
     rep, sim = minhash.near_duplicate_clusters(one, THRESHOLD, SEED)
     assert rep.tolist() == [0] and sim.tolist() == [1.0]
+
+
+def test_exact_jaccard_is_the_jaccard_of_the_shingle_sets(real_texts):
+    texts = real_texts[:40] + EDGE_TEXTS
+    sets = minhash.shingle_sets(texts, NGRAM)
+    for i in range(0, len(texts) - 1):
+        a, b = set(minhash.shingles(texts[i], NGRAM)), set(minhash.shingles(texts[i + 1], NGRAM))
+        want = len(a & b) / len(a | b) if a | b else 1.0
+        assert minhash.jaccard(sets[i], sets[i + 1]) == pytest.approx(want), (texts[i], texts[i + 1])
+        assert len(sets[i]) == len(a)
+
+
+def _edited_pairs(n: int, seed: int = 7):
+    """(origin, copy) pairs: 30-60 distinct words with one replaced, so true Jaccard falls on both sides of 0.8."""
+    rng = random.Random(seed)
+    vocab = [f"w{k}" for k in range(5000)]
+    for _ in range(n):
+        words = rng.sample(vocab, rng.randint(30, 60))
+        copy = list(words)
+        copy[rng.randrange(len(words))] = rng.choice(vocab)
+        yield " ".join(words), " ".join(copy)
+
+
+def test_exact_check_keeps_true_pairs_the_estimate_turns_away():
+    """Candidates confirmed on their shingles cluster exactly the pairs at Jaccard >= threshold."""
+    kept = {"exact": [], "estimate": []}
+    truth = []
+    for origin, copy in _edited_pairs(300):
+        texts = [origin, copy]
+        sigs = minhash.signatures(texts, NUM_PERM, SEED, NGRAM)
+        if not len(minhash.candidate_pairs(sigs, THRESHOLD, SEED)):
+            continue  # an LSH miss: neither check sees the pair
+        sets = minhash.shingle_sets(texts, NGRAM)
+        truth.append(minhash.jaccard(*sets) >= THRESHOLD)
+        exact = minhash.exact_similarity(lambda rows: [texts[i] for i in rows], NGRAM)
+        kept["exact"].append(minhash.near_duplicate_clusters(sigs, THRESHOLD, SEED, exact)[0][1] == 0)
+        kept["estimate"].append(minhash.near_duplicate_clusters(sigs, THRESHOLD, SEED)[0][1] == 0)
+    truth = np.array(truth)
+    assert truth.sum() > 50 and (~truth).sum() > 10  # both sides of the threshold are represented
+    assert np.array_equal(np.array(kept["exact"]), truth)
+    estimate = np.array(kept["estimate"])
+    assert (truth != estimate).sum() >= 10  # the estimate errs both ways this close to the threshold (49 of 234)
