@@ -19,6 +19,7 @@ from typing import Any
 
 import polars as pl
 
+from tasks import storage
 from tasks.caching import current_run_id, stage_task
 from tasks.config import PipelineConfig
 from tasks.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
@@ -136,7 +137,7 @@ def _token_counter(cfg: PipelineConfig):
         return None  # the embedded tokenizer is trained later, on the split this stage feeds
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.model.base, trust_remote_code=cfg.model.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(storage.fetched(cfg.model.base), trust_remote_code=cfg.model.trust_remote_code)
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
 
 

@@ -203,3 +203,32 @@ def test_data_plane_on_s3_matches_the_local_one(tmp_path, s3_root, monkeypatch):
     _other_machine(monkeypatch, tmp_path)  # another machine reads the same answers from the bucket
     sql = "SELECT split, count(*) FROM sft_examples GROUP BY ALL ORDER BY ALL"
     assert query(remote, sql) == query(local, sql)
+
+
+def test_training_on_a_base_model_and_root_in_a_bucket(s3_root, tmp_path, monkeypatch):
+    """model.base and storage_root both s3:// URLs: the base is fetched, the adapter published, and another machine
+    merges from the bucket alone."""
+    import fsspec
+
+    from tasks.merge import run_merge
+    from tasks.model import resolve_base
+    from tasks.sft import run_sft
+    from training_fixtures import STORIES, alpaca_examples, make_warehouse, small_config
+
+    base_url = f"{s3_root}-models/stories260K"
+    fsspec.filesystem("s3").put(f"{STORIES}/", base_url.removeprefix("s3://") + "/", recursive=True)
+    _other_machine(monkeypatch, tmp_path, "trainer")
+    data = make_warehouse(tmp_path / "warehouse.duckdb",
+                          sft={"train": alpaca_examples(64), "validation": alpaca_examples(16, offset=64)})
+    cfg = small_config(s3_root, **{"model.base": base_url, "sft.max_steps": 4, "sft.eval_steps": 2,
+                                   "sft.save_steps": 2, "sft.logging_steps": 1})
+    base = resolve_base(cfg, data)
+    assert base["path"] == base_url
+    sft = run_sft(cfg, base, data)
+    assert sft["adapter"].startswith(f"{s3_root}/models/sft/") and storage.is_published(sft["out_dir"])
+
+    _other_machine(monkeypatch, tmp_path, "merger")  # nothing local: base and adapter come from the bucket
+    merged = run_merge(cfg, sft)
+    assert merged["path"].startswith(f"{s3_root}/models/merged/")
+    assert merged["stats"]["max_abs_logit_diff"] <= merged["stats"]["parity_atol"]
+    assert (tmp_path / "merger" / "s3" / base_url.removeprefix("s3://") / "config.json").is_file()
