@@ -24,10 +24,10 @@ from tasks import storage
 from tasks.caching import stage_task
 from tasks.config import PipelineConfig
 from tasks.model import (compute_dtype, configure_threads, distributed_backend, files_fingerprint, json_fingerprint,
-                         launch_command, launched_job, library_versions, load_model, load_tokenizer, publish_markdown,
-                         read_curves, read_jsonl, record_training_run, retry_unless_deterministic, run_launched,
-                         snapshot_trainable_params, StageOutput, trainer_precision, training_code_hash,
-                         TrainingReporter, upcast_trainable_params, use_cuda, write_jsonl)
+                         launched_job, library_versions, load_model, load_tokenizer, publish_markdown, read_curves,
+                         read_jsonl, record_training_run, retry_unless_deterministic, snapshot_trainable_params,
+                         StageOutput, train_in_processes, trainer_precision, training_code_hash, TrainingReporter,
+                         upcast_trainable_params, use_cuda)
 from tasks.sft import _last_checkpoint, _metric_series, summary_markdown
 
 log = logging.getLogger("sftpipe.dpo")
@@ -243,15 +243,8 @@ def run_dpo(cfg: PipelineConfig, sft: dict, data: dict) -> dict:
     started = time.time()
     salt = ref_cache_salt(cfg, sft)
     if cfg.dpo.num_processes > 1:
-        write_jsonl(out_dir / "train.jsonl", train)
-        write_jsonl(out_dir / "validation.jsonl", valid)
-        job = {"config": cfg.model_dump(mode="json"), "base_path": base_path, "adapter_path": adapter_path,
-               "out_dir": str(out_dir), "train": str(out_dir / "train.jsonl"),
-               "validation": str(out_dir / "validation.jsonl"), "ref_cache_salt": salt}
-        (out_dir / "job.json").write_text(json.dumps(job, indent=2))
-        run_launched(launch_command(cfg.dpo.launcher, cfg.dpo.num_processes, "tasks.dpo", out_dir / "job.json"),
-                     out_dir / "launch.log")
-        run = json.loads((out_dir / "train.json").read_text())
+        run = train_in_processes(cfg, cfg.dpo, "tasks.dpo", out_dir, train, valid, base_path=base_path,
+                                 adapter_path=adapter_path, ref_cache_salt=salt)
     else:
         run = train_dpo(cfg, base_path, adapter_path, train, valid, out_dir, salt)
     stats = {**run["stats"], "wall_s": round(time.time() - started, 2)}

@@ -562,6 +562,20 @@ def run_launched(cmd: list[str], log_path: Path) -> None:
         raise RuntimeError(f"launched training exited with {proc.returncode}; last lines of {log_path}:\n{tail}")
 
 
+def train_in_processes(cfg: PipelineConfig, stage_cfg, module: str, out_dir: Path, train: list[dict],
+                       valid: list[dict], **job: Any) -> dict:
+    """Run `module`'s main() in stage_cfg.num_processes processes (stage_cfg.launcher). The examples and a job.json
+    (config, paths, `job`) go to out_dir; returns the train.json the main process writes there."""
+    write_jsonl(out_dir / "train.jsonl", train)
+    write_jsonl(out_dir / "validation.jsonl", valid)
+    job = {"config": cfg.model_dump(mode="json"), "out_dir": str(out_dir), "train": str(out_dir / "train.jsonl"),
+           "validation": str(out_dir / "validation.jsonl"), **job}
+    (out_dir / "job.json").write_text(json.dumps(job, indent=2))
+    run_launched(launch_command(stage_cfg.launcher, stage_cfg.num_processes, module, out_dir / "job.json"),
+                 out_dir / "launch.log")
+    return json.loads((out_dir / "train.json").read_text())
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
 

@@ -27,10 +27,10 @@ from tasks import storage
 from tasks.caching import stage_task
 from tasks.config import PipelineConfig
 from tasks.model import (attention_keeps_packed_examples_apart, compute_dtype, configure_threads, distributed_backend,
-                         files_fingerprint, json_fingerprint, launch_command, launched_job, library_versions,
-                         load_model, load_tokenizer, publish_markdown, read_curves, read_jsonl, record_training_run,
-                         retry_unless_deterministic, run_launched, StageOutput, trainer_precision, training_code_hash,
-                         TrainingReporter, upcast_trainable_params, use_cuda, write_jsonl)
+                         files_fingerprint, json_fingerprint, launched_job, library_versions, load_model,
+                         load_tokenizer, publish_markdown, read_curves, read_jsonl, record_training_run,
+                         retry_unless_deterministic, StageOutput, train_in_processes, trainer_precision,
+                         training_code_hash, TrainingReporter, upcast_trainable_params, use_cuda)
 
 log = logging.getLogger("sftpipe.sft")
 
@@ -254,14 +254,7 @@ def run_sft(cfg: PipelineConfig, base: dict, data: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if cfg.sft.num_processes > 1:
-        write_jsonl(out_dir / "train.jsonl", train)
-        write_jsonl(out_dir / "validation.jsonl", valid)
-        job = {"config": cfg.model_dump(mode="json"), "base_path": base_path, "out_dir": str(out_dir),
-               "train": str(out_dir / "train.jsonl"), "validation": str(out_dir / "validation.jsonl")}
-        (out_dir / "job.json").write_text(json.dumps(job, indent=2))
-        run_launched(launch_command(cfg.sft.launcher, cfg.sft.num_processes, "tasks.sft", out_dir / "job.json"),
-                     out_dir / "launch.log")
-        run = json.loads((out_dir / "train.json").read_text())
+        run = train_in_processes(cfg, cfg.sft, "tasks.sft", out_dir, train, valid, base_path=base_path)
     else:
         run = train_sft(cfg, base_path, train, valid, out_dir)
     stats = {**run["stats"], "wall_s": round(time.time() - started, 2)}
