@@ -13,7 +13,7 @@ its absolute path), which is what stage results carry from one worker to the nex
 - Folders the pipeline writes (models, adapters) are immutable once published: `publish` writes a `.published`
   marker last, a stage's output counts as finished only with it, and `fetch` downloads it once. Other folders (a
   base model someone put in a bucket) are downloaded again when their listing changes.
-- Files (inputs, the warehouse) are fetched again when the remote object changes (fsspec's ukey).
+- Files (inputs, the warehouse) are fetched again when the remote object changes (its info: size, ETag, ...).
 - `lease(url)` is an exclusive lock object created next to url with an atomic create (O_EXCL locally,
   If-None-Match on S3), refreshed while held, and broken when its holder is gone: how writers of the one mutable
   object, the warehouse, take turns across machines.
@@ -152,7 +152,7 @@ def publish(url: str | Path, source: Path | None = None) -> str:
         if not is_local(url):
             fs, path = _fs(url)
             fs.put_file(str(source), path)
-            _remember_version(source, fs.ukey(path))
+            _remember_version(source, _stamp(fs.info(path)))
             _version_file(source).replace(_version_file(local))
         if Path(source) != local:
             Path(source).replace(local)
@@ -171,7 +171,7 @@ def publish(url: str | Path, source: Path | None = None) -> str:
     elif not is_local(url):
         fs, path = _fs(url)
         fs.put_file(str(local), path)
-        _remember_version(local, fs.ukey(path))
+        _remember_version(local, _stamp(fs.info(path)))
     return url
 
 
@@ -202,13 +202,14 @@ def fetch(url: str | Path) -> Path:
         if not local.exists():
             raise FileNotFoundError(f"{url} does not exist")
         return local
-    fs, path = _fs(url)
-    fs.invalidate_cache(path)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{url} does not exist")
-    if fs.isdir(path):
+    fs, path = _fresh(url)
+    try:
+        info = fs.info(path)  # one request answers whether it exists, is a folder, and which version it is
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} does not exist") from None
+    if info["type"] == "directory":
         return _fetch_folder(fs, path, url, local)
-    version = fs.ukey(path)
+    version = _stamp(info)
     if local.is_file() and _version_of(local) == version:
         return local
     local.parent.mkdir(parents=True, exist_ok=True)
@@ -269,6 +270,12 @@ def _download_folder(fs, path: str, local: Path) -> None:
         tmp.replace(local)
     except OSError:  # another process on this machine fetched it at the same time
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stamp(info: dict) -> str:
+    """A remote file's version from its info (size, ETag or mtime, ...), as fsspec's ukey computes it; the one
+    definition both publish and fetch use, so a file this machine uploaded is not downloaded again."""
+    return hashlib.sha256(str(info).encode()).hexdigest()
 
 
 def _version_file(local: Path) -> Path:
