@@ -23,7 +23,7 @@ def _setdefault_env(cfg) -> None:
     # remote root), so a demo leaves nothing behind elsewhere and deleting the root starts afresh. Stage results and
     # caches go to <storage_root>/prefect-results whatever the root is (tasks/caching.py).
     if not os.environ.get("PREFECT_API_URL"):
-        from tasks import storage
+        from tasks.core import storage
 
         os.environ.setdefault("PREFECT_HOME", str(storage.local_path(cfg.url("prefect-home"))))
         Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
@@ -33,7 +33,7 @@ def _setdefault_env(cfg) -> None:
 
 
 def _load(args):
-    from tasks.config import ConfigError, load_config
+    from tasks.core.config import ConfigError, load_config
 
     try:
         return load_config(args.config, args.overrides)
@@ -42,7 +42,7 @@ def _load(args):
 
 
 def _print_where(cfg) -> None:
-    from tasks import storage
+    from tasks.core import storage
 
     print(f"storage root : {cfg.root}")
     print(f"warehouse    : {cfg.warehouse_url}")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_where(cfg)
     elif args.command == "config":
         if args.describe:
-            from tasks.config import describe_fields
+            from tasks.core.config import describe_fields
 
             for name, default, doc in describe_fields():
                 print(f"{name} = {default}\n    {doc}")
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     elif args.command == "sql":
-        from tasks import storage
-        from tasks.warehouse import open_warehouse
+        from tasks.core import storage
+        from tasks.core.warehouse import open_warehouse
 
         if not storage.exists(cfg.warehouse_url):
             sys.exit(f"sftpipe: no warehouse at {cfg.warehouse_url}; run `sftpipe run` first")

@@ -15,9 +15,16 @@ from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
 from flows.prepare_data import DATA_STAGES, prepare
-from flows.stages import BY_NAME, TRAINING_STAGES, is_cached, load_results, run_stage, save_result
-from tasks.caching import current_run_id
-from tasks.config import PipelineConfig, load_config
+from flows.stages import (
+    BY_NAME,
+    TRAINING_STAGES,
+    is_cached,
+    load_results,
+    run_stage,
+    save_result,
+)
+from tasks.core.caching import current_run_id
+from tasks.core.config import PipelineConfig, load_config
 
 STAGES = (*DATA_STAGES, *BY_NAME)
 
@@ -70,7 +77,7 @@ def sft_pipeline(config_path: str | None = None, overrides: dict[str, Any] | lis
         get_run_logger().info("stage %s: %s", stage.name, results[stage.name].get("stats", ""))
         if stage.name == until:
             return _summary(results)
-    from tasks.promote import promotion_state
+    from tasks.evaluation.promote import promotion_state
 
     # Completed "Promoted" or Failed "PromotionRejected"; every output above is kept either way.
     return promotion_state(results["promote"])

@@ -6,14 +6,14 @@ from typing import Any
 
 from prefect import flow, unmapped
 
-from tasks.caching import for_config
-from tasks.clean import clean_task
-from tasks.config import PipelineConfig, load_config
-from tasks.dedup import dedup_task, signature_shard_task
-from tasks.ingest import ingest_task, input_fingerprint
-from tasks.quality_report import quality_report_task
-from tasks.split import split_task
-from tasks.warehouse import warehouse_id
+from tasks.core.caching import for_config
+from tasks.core.config import PipelineConfig, load_config
+from tasks.core.warehouse import warehouse_id
+from tasks.data.clean import clean_task
+from tasks.data.dedup import dedup_task, signature_shard_task
+from tasks.data.ingest import ingest_task, input_fingerprint
+from tasks.data.quality_report import quality_report_task
+from tasks.data.split import split_task
 
 DATA_STAGES = ("ingest", "clean", "dedup", "split")
 

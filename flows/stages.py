@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Callable
 
-from tasks import storage
-from tasks.caching import for_config
-from tasks.config import PipelineConfig
+from tasks.core import storage
+from tasks.core.caching import for_config
+from tasks.core.config import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,13 @@ def _task(module: str, name: str) -> Callable[[], Any]:
 
 
 TRAINING_STAGES = [
-    Stage("base", True, _task("tasks.model", "base_task"), ("data",)),
-    Stage("sft", True, _task("tasks.sft", "sft_task"), ("base", "data")),
-    Stage("dpo", True, _task("tasks.dpo", "dpo_task"), ("sft", "data")),
-    Stage("merge", True, _task("tasks.merge", "merge_task"), ("dpo",)),
-    Stage("evaluate", True, _task("tasks.evaluate", "evaluate_task"), ("data", "base", "sft", "dpo", "merge")),
-    Stage("serve", True, _task("tasks.serve", "serve_task"), ("merge",), (("data", "data"),)),
-    Stage("promote", False, _task("tasks.promote", "promote_task"), ("evaluate",)),
+    Stage("base", True, _task("tasks.training.base", "base_task"), ("data",)),
+    Stage("sft", True, _task("tasks.training.sft", "sft_task"), ("base", "data")),
+    Stage("dpo", True, _task("tasks.training.dpo", "dpo_task"), ("sft", "data")),
+    Stage("merge", True, _task("tasks.training.merge", "merge_task"), ("dpo",)),
+    Stage("evaluate", True, _task("tasks.evaluation.evaluate", "evaluate_task"), ("data", "base", "sft", "dpo", "merge")),
+    Stage("serve", True, _task("tasks.evaluation.serve", "serve_task"), ("merge",), (("data", "data"),)),
+    Stage("promote", False, _task("tasks.evaluation.promote", "promote_task"), ("evaluate",)),
 ]
 BY_NAME = {s.name: s for s in TRAINING_STAGES}
 

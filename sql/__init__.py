@@ -1,1 +1,1 @@
-"""The warehouse schema (schema.sql) and the views people query (views.sql); applied by tasks.warehouse."""
+"""The warehouse schema (schema.sql) and the views people query (views.sql); applied by tasks.core.warehouse."""

@@ -144,7 +144,7 @@ def s3_root(s3_server):
 @pytest.fixture
 def make_cfg(tmp_path):
     """A config rooted in the test's tmp dir, with overrides."""
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     def make(*overrides: str, root: Path | None = None):
         return load_config(None, [f"storage_root={root or tmp_path / 'runs'}", *overrides])
@@ -154,10 +154,10 @@ def make_cfg(tmp_path):
 
 def run_data_plane(cfg):
     """Ingest → clean → dedup → split as plain functions (no Prefect), returning each stage's result."""
-    from tasks.clean import run_clean
-    from tasks.dedup import deduplicate
-    from tasks.ingest import run_ingest
-    from tasks.split import run_split
+    from tasks.data.clean import run_clean
+    from tasks.data.dedup import deduplicate
+    from tasks.data.ingest import run_ingest
+    from tasks.data.split import run_split
 
     ingest = run_ingest(cfg)
     clean = run_clean(cfg, ingest)
@@ -167,7 +167,7 @@ def run_data_plane(cfg):
 
 
 def query(cfg, sql: str, params=None):
-    from tasks.warehouse import open_warehouse
+    from tasks.core.warehouse import open_warehouse
 
     with open_warehouse(cfg.warehouse_url, read_only=True) as con:
         return con.execute(sql, params or []).fetchall()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import PipelineConfig, apply_overrides
+from tasks.core.config import PipelineConfig, apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -43,10 +43,10 @@ def eval_config(root: Path, **overrides) -> PipelineConfig:
 
 
 def data_plane(cfg: PipelineConfig) -> dict:
-    from tasks.clean import run_clean
-    from tasks.dedup import deduplicate
-    from tasks.ingest import run_ingest
-    from tasks.split import run_split
+    from tasks.data.clean import run_clean
+    from tasks.data.dedup import deduplicate
+    from tasks.data.ingest import run_ingest
+    from tasks.data.split import run_split
 
     return run_split(cfg, deduplicate(cfg, run_clean(cfg, run_ingest(cfg))))
 
@@ -54,7 +54,7 @@ def data_plane(cfg: PipelineConfig) -> dict:
 def _save_tokenizer(src: Path, dst: Path, template: str | None = None) -> None:
     from transformers import AutoTokenizer
 
-    from tasks.model import ensure_chat_template, ensure_pad_token
+    from tasks.training.loading import ensure_chat_template, ensure_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     ensure_pad_token(tokenizer)
@@ -150,7 +150,7 @@ def flow_run_artifacts(flow_run_id) -> dict:
 
 
 def query(warehouse, sql: str, params=None) -> list[tuple]:
-    from tasks.warehouse import open_warehouse
+    from tasks.core.warehouse import open_warehouse
 
     with open_warehouse(warehouse, read_only=True) as con:
         return con.execute(sql, params or []).fetchall()

@@ -6,11 +6,11 @@ import json
 
 import polars as pl
 import pytest
-
 from conftest import SHARED_DATA, query, run_data_plane
-from tasks import minhash
-from tasks.clean import clean_frame
-from tasks.config import load_config
+
+from tasks.core.config import load_config
+from tasks.data import minhash
+from tasks.data.clean import clean_frame
 
 ALPACA_EN = SHARED_DATA / "instruct_alpaca_en" / "alpaca_en_demo.json"
 ALPACA_ZH = SHARED_DATA / "instruct_alpaca_zh" / "alpaca_zh_demo.json"
@@ -216,7 +216,7 @@ def test_dedup_shards_run_on_a_dask_cluster(make_cfg):
                                              ("data.dedup.num_perm=lots", "data.dedup.num_perm"),
                                              ("data.dedup.typo=1", "data.dedup.typo")])
 def test_invalid_config_names_the_field(override, field):
-    from tasks.config import ConfigError
+    from tasks.core.config import ConfigError
 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, [override])

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, query
-from tasks import storage
-from tasks.config import load_config
+
+from tasks.core import storage
+from tasks.core.config import load_config
 
 pytestmark = pytest.mark.slow
 FAST = ["sft.max_steps=30", "dpo.max_steps=10", "eval.max_examples=8", "eval.max_new_tokens=12",

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tasks.dpo import run_dpo
-from tasks.warehouse import open_warehouse
 from training_fixtures import sft_on_stories
+
+from tasks.core.warehouse import open_warehouse
+from tasks.training.dpo import run_dpo
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,23 @@ from __future__ import annotations
 import math
 
 import pytest
+from eval_fixtures import (
+    STORIES,
+    chat_model,
+    data_plane,
+    eval_config,
+    flow_run_artifacts,
+    lora_adapter,
+    merge,
+    query,
+)
 
-from eval_fixtures import (STORIES, chat_model, data_plane, eval_config, flow_run_artifacts, lora_adapter, merge,
-                           query)
-from evals.generation import encode_for_loss, split_conversation
-from tasks.evaluate import run_eval, select_examples
+from tasks.evaluation.evaluate import run_eval
+from tasks.evaluation.generation import (
+    encode_for_loss,
+    select_examples,
+    split_conversation,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +45,7 @@ def test_select_examples_round_robin_over_sources():
 
 
 def test_loss_tokens_are_the_assistant_turns(setup):
-    from tasks.model import load_tokenizer
+    from tasks.training.loading import load_tokenizer
 
     cfg, _, variants = setup
     tok = load_tokenizer(variants["merged"]["path"], cfg)
@@ -110,7 +122,7 @@ def test_run_eval_records_every_variant_on_the_same_examples(setup):
 def test_eval_task_publishes_report_and_samples_in_a_flow(setup):
     from prefect import flow
 
-    from tasks.evaluate import evaluate_task
+    from tasks.evaluation.evaluate import evaluate_task
 
     cfg, data, variants = setup
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_generate_examples": 2})})

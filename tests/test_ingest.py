@@ -8,10 +8,10 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import SHARED_DATA, query, run_data_plane
-from tasks import formats
-from tasks.ingest import NothingToIngest, run_ingest
+
+from tasks.data import formats
+from tasks.data.ingest import NothingToIngest, run_ingest
 
 SHARED_FILES = {
     "instruct_alpaca_en/alpaca_en_demo.json": ("alpaca", 999),
@@ -158,8 +158,8 @@ def test_reingest_is_idempotent_and_a_changed_file_is_a_new_version(tmp_path, ma
     assert run_ingest(cfg)["stats"]["new_rows"] == 6
     assert query(cfg, "SELECT count(DISTINCT content_sha256), count(DISTINCT path) FROM source_files")[0] == (2, 1)
     # The unchanged rows of the new version are exact duplicates of the first version's rows.
-    from tasks.clean import run_clean
-    from tasks.dedup import deduplicate
+    from tasks.data.clean import run_clean
+    from tasks.data.dedup import deduplicate
 
     deduplicate(cfg, run_clean(cfg, {}))
     assert query(cfg, "SELECT count(*) FROM row_dispositions WHERE status = 'duplicate'")[0][0] == 5
@@ -168,7 +168,7 @@ def test_reingest_is_idempotent_and_a_changed_file_is_a_new_version(tmp_path, ma
 def test_a_crash_mid_file_leaves_no_partial_rows(tmp_path, make_cfg, monkeypatch):
     f = _write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(50)])
     cfg = make_cfg(f"data.ingest.inputs=[{f}]")
-    from tasks import formats as fmt_module
+    from tasks.data import formats as fmt_module
 
     real_normalize = fmt_module.normalize
     calls = {"n": 0}

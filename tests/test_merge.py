@@ -8,11 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from training_fixtures import (
+    STORIES,
+    alpaca_examples,
+    make_warehouse,
+    preference_pairs,
+    sft_on_stories,
+    small_config,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tasks.merge import AdapterError, MergeParityError, merge_adapter, run_merge
-from tasks.warehouse import open_warehouse
-from training_fixtures import STORIES, alpaca_examples, make_warehouse, preference_pairs, sft_on_stories, small_config
+from tasks.core.warehouse import open_warehouse
+from tasks.training.merge import (
+    AdapterError,
+    MergeParityError,
+    merge_adapter,
+    run_merge,
+)
 
 VALID = alpaca_examples(8, offset=240)
 
@@ -104,8 +116,8 @@ def test_corrupted_adapters_are_rejected(sft_run, tmp_path):
 
 
 def test_adapter_for_another_base_is_rejected(tmp_path):
-    from tasks.model import build_embedded_base
-    from tasks.sft import run_sft
+    from tasks.training.base import build_embedded_base
+    from tasks.training.sft import run_sft
 
     train = alpaca_examples(120)
     cfg = small_config(tmp_path, **{"model.base": "embedded", "model.embedded_warmup_steps": 5,
@@ -135,10 +147,10 @@ def test_training_tasks_are_cached_and_rerun_only_downstream_of_a_change(prefect
     """Embedded default, data -> base -> SFT -> DPO -> merge as Prefect tasks; then unchanged; then a new beta."""
     from prefect import flow
 
-    from tasks.dpo import dpo_task
-    from tasks.merge import merge_task
-    from tasks.model import base_task
-    from tasks.sft import sft_task
+    from tasks.training.base import base_task
+    from tasks.training.dpo import dpo_task
+    from tasks.training.merge import merge_task
+    from tasks.training.sft import sft_task
 
     pairs = preference_pairs(57)
     data = make_warehouse(tmp_path / "warehouse.duckdb",

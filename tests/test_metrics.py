@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from eval_fixtures import SHARED, STORIES
 from rouge_score import rouge_scorer
 
-from eval_fixtures import SHARED, STORIES
 from evals.metrics import load_metric
 
 TYPES = ["rouge1", "rouge2", "rougeL", "rougeLsum"]

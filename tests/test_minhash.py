@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from datasketch import MinHashLSH
 
-from tasks import minhash
+from tasks.data import minhash
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NUM_PERM, SEED, NGRAM, THRESHOLD = 128, 1, 5, 0.8

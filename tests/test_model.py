@@ -8,12 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_fixtures import STORIES, alpaca_examples, make_warehouse, small_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
-from tasks.model import (DEFAULT_CHAT_TEMPLATE, build_embedded_base, ensure_chat_template, load_tokenizer,
-                         resolve_base)
-from training_fixtures import STORIES, alpaca_examples, make_warehouse, small_config
+from tasks.training.base import build_embedded_base, resolve_base
+from tasks.training.loading import (
+    DEFAULT_CHAT_TEMPLATE,
+    ensure_chat_template,
+    load_tokenizer,
+)
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -118,7 +122,7 @@ def test_resolve_base(tmp_path):
     base = resolve_base(ecfg, data)
     assert base["stats"]["kind"] == "embedded" and base["stats"]["train_examples"] == 120
     assert str(tmp_path / "models" / "base") in base["path"]
-    from tasks.warehouse import open_warehouse
+    from tasks.core.warehouse import open_warehouse
 
     with open_warehouse(data["warehouse"], read_only=True) as con:
         runs = con.execute("SELECT stage, fingerprint FROM training_runs").fetchall()

@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import ROOT, query
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from conftest import ROOT, query
 from flows.prepare_data import prepare_data
 
 
@@ -81,7 +81,7 @@ def test_cli_runs_the_data_stages(tmp_path):
                          cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Completed" in run.stdout
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     cfg = load_config(None, [f"storage_root={root}"])
     assert query(cfg, "SELECT count(*) FROM sft_examples")[0][0] > 100

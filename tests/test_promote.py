@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import pytest
-
 from eval_fixtures import eval_config, flow_run_artifacts, query
-from tasks.promote import PromotionRejected, gate, promotion_state, raise_if_rejected, run_promote
-from tasks.warehouse import open_warehouse
+
+from tasks.core.warehouse import open_warehouse
+from tasks.evaluation.promote import (
+    PromotionRejected,
+    gate,
+    promotion_state,
+    raise_if_rejected,
+    run_promote,
+)
 
 
 def _evaluation(warehouse, run_id: str, metrics: dict[str, tuple[float, float]]) -> dict:
@@ -77,7 +83,7 @@ def test_promotions_against_base_then_last_promoted(tmp_path):
 def test_rejected_flow_ends_in_named_state_with_outputs_kept(tmp_path):
     from prefect import flow
 
-    from tasks.promote import promote_task
+    from tasks.evaluation.promote import promote_task
 
     cfg = eval_config(tmp_path / "runs")
     wh = tmp_path / "warehouse.duckdb"

@@ -10,10 +10,26 @@ import shutil
 import time
 
 import pytest
+from eval_fixtures import (
+    WRONG_TEMPLATE,
+    chat_model,
+    data_plane,
+    eval_config,
+    flow_run_artifacts,
+    lora_adapter,
+    merge,
+    query,
+    servable_model,
+)
 
-from eval_fixtures import (WRONG_TEMPLATE, chat_model, data_plane, eval_config, flow_run_artifacts, lora_adapter,
-                           merge, query, servable_model)
-from tasks.serve import ParityError, ServeSmokeError, VLLMServer, live_group_members, run_serve_smoke, serve_venv
+from tasks.evaluation.serve import (
+    ParityError,
+    ServeSmokeError,
+    VLLMServer,
+    live_group_members,
+    run_serve_smoke,
+    serve_venv,
+)
 
 needs_vllm = pytest.mark.skipif(not (serve_venv(eval_config("runs")) / "bin" / "python").exists(),
                                 reason="no serving environment (.venv-serve): run .ci/setup-serve")
@@ -115,9 +131,9 @@ def test_broken_merged_model_fails_parity(world, broken):
 def test_end_to_end_eval_gate_and_serving_in_a_flow(world):
     from prefect import flow
 
-    from tasks.evaluate import evaluate_task
-    from tasks.promote import promote_task, promotion_state
-    from tasks.serve import serve_task
+    from tasks.evaluation.evaluate import evaluate_task
+    from tasks.evaluation.promote import promote_task, promotion_state
+    from tasks.evaluation.serve import serve_task
 
     cfg, data = world["cfg"], world["data"]
     base = {"fingerprint": "base", "path": str(world["base"])}

@@ -18,12 +18,16 @@ import time
 from pathlib import Path
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
-
 from conftest import ROOT, query
-from tasks import storage
-from tasks.config import load_config
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+)
+
+from tasks.core import storage
+from tasks.core.config import load_config
 
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -221,11 +225,14 @@ def test_eval_report_renders_in_the_prefect_ui(service):
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("Debian's chromium is not installed (.ci/setup installs it when run as root)")
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium must not try to fetch a driver
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
     from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     if "prod_run" not in service:
         pytest.skip("needs the eval report of test_prod_deployment_end_to_end, which did not run or failed")

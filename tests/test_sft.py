@@ -12,11 +12,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_fixtures import (
+    ROOT,
+    STORIES,
+    STORIES_BASE,
+    alpaca_examples,
+    make_warehouse,
+    small_config,
+)
 
-from tasks.model import DEFAULT_CHAT_TEMPLATE, build_embedded_base
-from tasks.sft import LossMaskError, build_trainer, check_loss_mask, run_sft, stage_key
-from tasks.warehouse import open_warehouse
-from training_fixtures import ROOT, STORIES, STORIES_BASE, alpaca_examples, make_warehouse, small_config
+from tasks.core.warehouse import open_warehouse
+from tasks.training.base import build_embedded_base
+from tasks.training.loading import DEFAULT_CHAT_TEMPLATE
+from tasks.training.sft import (
+    LossMaskError,
+    build_trainer,
+    check_loss_mask,
+    run_sft,
+    stage_key,
+)
 
 TRAIN, VALID = alpaca_examples(240), alpaca_examples(32, offset=240)
 
@@ -121,7 +135,7 @@ def test_killed_sft_resumes_from_its_last_checkpoint(tmp_path, data):
            "train": str(out_dir / "train.jsonl"), "validation": str(out_dir / "validation.jsonl")}
     (out_dir / "job.json").write_text(json.dumps(job))
     # First attempt: the stage's own process entry point, SIGKILLed once a checkpoint is on disk.
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.sft", "--job", str(out_dir / "job.json")], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.training.sft", "--job", str(out_dir / "job.json")], cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240

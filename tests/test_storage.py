@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, SHARED_DATA, query, run_data_plane
-from tasks import storage
-from tasks.config import ConfigError, load_config
-from tasks.warehouse import WarehouseBusy, open_warehouse
+
+from tasks.core import storage
+from tasks.core.config import ConfigError, load_config
+from tasks.core.warehouse import WarehouseBusy, open_warehouse
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -71,7 +71,7 @@ def test_published_folder_is_fetched_whole_on_another_machine(root, tmp_path, mo
 
 
 def test_unpublished_stage_output_is_not_finished(root, tmp_path, monkeypatch):
-    from tasks.model import StageOutput
+    from tasks.training.outputs import StageOutput
 
     cfg = load_config(None, [f"storage_root={root}"])
     storage.write_text(cfg.url("models", "dpo", "half", "result.json"), "{}")  # written, but the upload was cut short
@@ -151,7 +151,7 @@ def test_lease_of_a_dead_process_is_broken(root):
 
 WRITER = """
 import sys
-from tasks.warehouse import open_warehouse
+from tasks.core.warehouse import open_warehouse
 url, tag = sys.argv[1], sys.argv[2]
 for i in range(6):
     with open_warehouse(url) as con:
@@ -209,11 +209,11 @@ def test_training_on_a_base_model_and_root_in_a_bucket(s3_root, tmp_path, monkey
     """model.base and storage_root both s3:// URLs: the base is fetched, the adapter published, and another machine
     merges from the bucket alone."""
     import fsspec
-
-    from tasks.merge import run_merge
-    from tasks.model import resolve_base
-    from tasks.sft import run_sft
     from training_fixtures import STORIES, alpaca_examples, make_warehouse, small_config
+
+    from tasks.training.base import resolve_base
+    from tasks.training.merge import run_merge
+    from tasks.training.sft import run_sft
 
     base_url = f"{s3_root}-models/stories260K"
     fsspec.filesystem("s3").put(f"{STORIES}/", base_url.removeprefix("s3://") + "/", recursive=True)

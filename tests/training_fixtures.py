@@ -12,7 +12,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks.config import PipelineConfig, apply_overrides
+from tasks.core.config import PipelineConfig, apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -73,7 +73,7 @@ def small_config(root: Path, **overrides) -> PipelineConfig:
 def make_warehouse(path: Path, sft: dict[str, list[dict]] | None = None,
                    pairs: dict[str, list[dict]] | None = None) -> dict:
     """Write examples into the data plane's tables of a real warehouse; returns a data-stage-like result dict."""
-    from tasks.warehouse import open_warehouse
+    from tasks.core.warehouse import open_warehouse
 
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     seq = 0
@@ -103,7 +103,7 @@ STORIES_BASE = {"stage": "base", "fingerprint": "stories260K", "path": str(STORI
 
 def sft_on_stories(root: Path, **overrides) -> tuple[PipelineConfig, dict, dict]:
     """A warehouse with Alpaca conversations and dpo_en_demo pairs, and a finished SFT run on stories260K."""
-    from tasks.sft import run_sft
+    from tasks.training.sft import run_sft
 
     pairs = preference_pairs(57)  # every dpo_en_demo pair with a short single-turn prompt
     data = make_warehouse(root / "warehouse.duckdb",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tasks.minhash import shingles
+from tasks.data.minhash import shingles
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"

@@ -4,7 +4,7 @@
         --labels /tmp/labels.npy
 
 All methods share the settings of the comparison: 128 permutations, threshold 0.8, word 5-grams (characters for
-Chinese) from `tasks.minhash.shingles`, the same LSH banding (`tasks.minhash.lsh_params`: datasketch's optimum with
+Chinese) from `tasks.data.minhash.shingles`, the same LSH banding (`tasks.data.minhash.lsh_params`: datasketch's optimum with
 misses weighted 9:1, 14 bands x 9 rows), candidates confirmed by estimated Jaccard >= threshold, transitive clusters.
 The corpus is loaded before the clock starts; "signatures" covers tokenising, shingling, hashing and permuting.
 """
@@ -21,7 +21,7 @@ import xxhash
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from tasks import minhash
+from tasks.data import minhash
 
 NUM_PERM, THRESHOLD, NGRAM, SEED = 128, 0.8, 5, 1
 

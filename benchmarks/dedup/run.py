@@ -18,17 +18,25 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from benchmarks.common import OUT, ROOT, fmt_spread, machine, run_measured, summary, write_results
+from benchmarks.common import (
+    OUT,
+    ROOT,
+    fmt_spread,
+    machine,
+    run_measured,
+    summary,
+    write_results,
+)
 from benchmarks.dedup import corpus as corpora
 from benchmarks.dedup.metrics import quality
-from tasks.minhash import lsh_params
+from tasks.data.minhash import lsh_params
 
 THRESHOLD, NUM_PERM = 0.8, 128
 BANDS, ROWS = lsh_params(THRESHOLD, NUM_PERM)  # 9 x 13, datasketch's optimum; peers get the same banding
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 ALL_METHODS = ["ours", "datasketch_naive", "datasketch_bulk", "datatrove", "datatrove_default", "textdedup"]
 LABELS = {
-    "ours": "ours (tasks.minhash)",
+    "ours": "ours (tasks.data.minhash)",
     "datasketch_naive": "datasketch naive (update per shingle, SHA-1)",
     "datasketch_bulk": "datasketch MinHash.bulk + xxh64",
     "datatrove": f"datatrove 0.10 ({BANDS}x{ROWS} buckets)",

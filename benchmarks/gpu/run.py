@@ -5,7 +5,7 @@
 
 No download: each model is a LlamaConfig with Llama-3.2-1B / Llama-3.1-8B dimensions (128,256-token vocabulary)
 and random weights, saved once as bf16 safetensors, then trained by our SFT stage exactly as the pipeline runs it
-(tasks.sft.build_trainer: 4-bit NF4 base + double quantisation, LoRA r=16 on all linear layers, bf16 compute,
+(tasks.training.sft.build_trainer: 4-bit NF4 base + double quantisation, LoRA r=16 on all linear layers, bf16 compute,
 assistant-only loss), without and with gradient checkpointing. The tokenizer is a word-level one built here with
 `tokenizers` whose vocabulary is exactly the model's, so every id the random model emits decodes to text.
 Conversations are random words, long enough that every example fills max_length (no padding: tokens/s is real tokens).
@@ -13,7 +13,7 @@ Conversations are random words, long enough that every example fills max_length 
 Clock: from the end of the warm-up steps to the end of training (trl's non-padding `num_tokens` over that span).
 Peak memory: torch.cuda.max_memory_allocated from just before training (the 4-bit base already resident) to its end.
 Serving: the 1B adapter (trained with gradient checkpointing) is merged into the bf16 base with peft, saved, and
-served by .venv-serve's vLLM (`vllm serve`, OpenAI server on 127.0.0.1, via tasks.serve); CONCURRENCY parallel
+served by .venv-serve's vLLM (`vllm serve`, OpenAI server on 127.0.0.1, via tasks.evaluation.serve); CONCURRENCY parallel
 /v1/completions requests with a fixed output length (ignore_eos) give output tokens/s.
 
 Writes benchmarks/results/gpu.{json,md} with the card's name and prints the table.
@@ -64,7 +64,7 @@ def word_tokenizer(vocab_size: int, max_length: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from tasks.model import DEFAULT_CHAT_TEMPLATE
+    from tasks.training.loading import DEFAULT_CHAT_TEMPLATE
 
     fixed = SPECIAL + ROLE_WORDS
     vocab = {tok: i for i, tok in enumerate(fixed)}
@@ -147,7 +147,7 @@ def _timer(warmup_steps: int):
 
 
 def sft_config(a: argparse.Namespace, base: str, checkpointing: bool, device: str):
-    from tasks.config import PipelineConfig
+    from tasks.core.config import PipelineConfig
 
     return PipelineConfig.model_validate({
         "storage_root": str(WORK / "runs"),
@@ -163,7 +163,7 @@ def train_once(a: argparse.Namespace, model: dict, examples: list[dict], checkpo
     """One QLoRA SFT run with our stage's trainer; tokens/s after warm-up and peak GPU memory while training."""
     import torch
 
-    from tasks.sft import build_trainer
+    from tasks.training.sft import build_trainer
 
     cfg = sft_config(a, model["path"], checkpointing, device)
     timer = _timer(a.warmup_steps)
@@ -219,8 +219,14 @@ def serve_throughput(a: argparse.Namespace, merged_path: str, vocab_size: int, d
     """Start vLLM on the merged model, send a.requests completions a.concurrency at a time; output tokens/s."""
     import httpx
 
-    from tasks.config import PipelineConfig
-    from tasks.serve import VLLMServer, free_port, server_command, server_env, serve_venv
+    from tasks.core.config import PipelineConfig
+    from tasks.evaluation.serve import (
+        VLLMServer,
+        free_port,
+        serve_venv,
+        server_command,
+        server_env,
+    )
 
     cfg = PipelineConfig.model_validate({"serve": {
         "dtype": "float32" if a.cpu_smoke else "bfloat16", "max_model_len": 2048,
@@ -365,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         for folder in ("models", "adapter", "merged", "runs"):
             shutil.rmtree(WORK / folder, ignore_errors=True)
 
-    from tasks.model import library_versions
+    from tasks.training.loading import library_versions
 
     payload = {"benchmark": "gpu", "gpu": gpu_info(), "machine": machine(), "params": vars(a),
                "versions": library_versions(), "training": training, "serving": serving, "skipped": skipped,

@@ -18,15 +18,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import OUT, ROOT, fmt_spread, machine, run_measured, summary, write_results
+from benchmarks.common import (
+    OUT,
+    ROOT,
+    fmt_spread,
+    machine,
+    run_measured,
+    summary,
+    write_results,
+)
 
 SHARED = ROOT.parent / "shared" / "data"
 METHODS = ["duckdb_read_json", "ours_jsonl", "duckdb_read_parquet", "ours_parquet"]
 LABELS = {
     "duckdb_read_json": "DuckDB `CREATE TABLE AS SELECT * FROM read_json(...)`",
-    "ours_jsonl": "ours: `tasks.ingest.run_ingest` (JSONL)",
+    "ours_jsonl": "ours: `tasks.data.ingest.run_ingest` (JSONL)",
     "duckdb_read_parquet": "DuckDB `CREATE TABLE AS SELECT * FROM read_parquet(...)`",
-    "ours_parquet": "ours: `tasks.ingest.run_ingest` (Parquet)",
+    "ours_parquet": "ours: `tasks.data.ingest.run_ingest` (Parquet)",
 }
 
 
@@ -65,8 +73,8 @@ def child(method: str, path: str) -> dict:
             rows = con.execute("SELECT count(*) FROM raw").fetchone()[0]
             con.close()
         else:
-            from tasks.config import PipelineConfig
-            from tasks.ingest import run_ingest
+            from tasks.core.config import PipelineConfig
+            from tasks.data.ingest import run_ingest
 
             cfg = PipelineConfig(storage_root=str(work), data={"ingest": {"inputs": [path]}})
             t0 = time.perf_counter()

@@ -62,8 +62,9 @@ def main() -> None:
     base = [f"storage_root={root}"]
 
     t0 = time.perf_counter()
+    import tasks.training.dpo  # noqa: E401, F401
+
     import flows.pipeline  # noqa: F401  (imports torch, transformers, trl, prefect)
-    import tasks.dpo, tasks.evaluate, tasks.merge, tasks.serve, tasks.sft  # noqa: E401, F401
     imports = time.perf_counter() - t0
 
     cold, cold_stages, cold_state = timed_run(base)

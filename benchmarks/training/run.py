@@ -1,9 +1,9 @@
-"""Training overhead: our SFT stage (tasks.sft.train_sft, QLoRA 4-bit) vs a plain TRL script, same run, same machine.
+"""Training overhead: our SFT stage (tasks.training.sft.train_sft, QLoRA 4-bit) vs a plain TRL script, same run, same machine.
 
     .venv/bin/python -m benchmarks.training.run                  # ~6 min on 2 shared cores
     .venv/bin/python -m benchmarks.training.run --steps 10 --repeats 1 --name training_smoke
 
-Both sides train the same base (stories260K, and the embedded tiny Llama built by tasks.model.build_embedded_base
+Both sides train the same base (stories260K, and the embedded tiny Llama built by tasks.training.base.build_embedded_base
 from Alpaca rows) on the same conversations with the same hyperparameters (steps, batch size, max_length, learning
 rate and schedule, LoRA r/alpha/dropout/targets, assistant-only loss, seed, 4-bit NF4 + double quantisation, fp32
 compute, one torch thread, use_cpu=True, bf16=False, checkpoint every save_steps, no evaluation). Every measurement is
@@ -13,7 +13,7 @@ non-padding count (`num_tokens`, the attention-mask sum), identical on both side
 
 "plain TRL" is what its docs show: SFTTrainer + peft LoraConfig + BitsAndBytesConfig. On a 4-bit model trl casts
 the LoRA weights to bf16 (the QLoRA paper's recipe); our stage puts them back in the compute dtype on CPU
-(tasks.model.upcast_trainable_params). `plain_fp32` is the same script plus that one line, so the table also shows
+(tasks.training.loading.upcast_trainable_params). `plain_fp32` is the same script plus that one line, so the table also shows
 our stage's own overhead with the dtype difference taken out (`--methods ours,plain,plain_fp32`). trl's SFTConfig
 turns gradient checkpointing on by default; our stage's default is off, so the plain script sets it off too (left on,
 the plain script measured ~1.3x slower on stories260K). Results: benchmarks/results/training.{json,md}.
@@ -29,7 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import OUT, ROOT, fmt_spread, machine, run_measured, summary, write_results
+from benchmarks.common import (
+    OUT,
+    ROOT,
+    fmt_spread,
+    machine,
+    run_measured,
+    summary,
+    write_results,
+)
 
 SHARED = ROOT.parent / "shared"
 ALPACA = SHARED / "data" / "instruct_alpaca_en" / "alpaca_en_demo.json"
@@ -37,7 +45,7 @@ STORIES = SHARED / "models" / "stories260K"
 WORK = OUT / "training"
 METHODS = ["ours", "plain", "plain_fp32"]
 LABELS = {
-    "ours": "ours: `tasks.sft.train_sft` (QLoRA)",
+    "ours": "ours: `tasks.training.sft.train_sft` (QLoRA)",
     "plain": "plain TRL script (SFTTrainer + peft + bnb 4-bit)",
     "plain_fp32": "plain TRL script + fp32 LoRA weights",
 }
@@ -45,15 +53,15 @@ LABELS = {
 
 # ------------------------------------------------------------------------------------------------------ inputs
 def conversations(n: int, offset: int = 0) -> list[dict]:
-    """n Alpaca rows as {messages: [{role, content}]} (the form tasks.warehouse.sft_examples returns)."""
-    from tasks.formats import alpaca
+    """n Alpaca rows as {messages: [{role, content}]} (the form tasks.core.warehouse.sft_examples returns)."""
+    from tasks.data.formats import alpaca
 
     rows = json.loads(ALPACA.read_text(encoding="utf-8"))[offset: offset + n]
     return [{"example_id": str(i), "source": "alpaca_en_demo", "messages": alpaca(r)[1]} for i, r in enumerate(rows)]
 
 
 def bench_config(a: argparse.Namespace, base: str):
-    from tasks.config import PipelineConfig
+    from tasks.core.config import PipelineConfig
 
     return PipelineConfig.model_validate({
         "storage_root": str(WORK),
@@ -66,7 +74,7 @@ def bench_config(a: argparse.Namespace, base: str):
 
 def embedded_base(a: argparse.Namespace) -> Path:
     """The pipeline's default base (model.base=embedded), built once from a.rows Alpaca rows and cached."""
-    from tasks.model import build_embedded_base
+    from tasks.training.base import build_embedded_base
 
     cfg = bench_config(a, "embedded")
     out = WORK / f"embedded_base_{a.rows}_{a.max_length}"
@@ -99,7 +107,7 @@ def _timer():
 
 
 def run_ours(a: argparse.Namespace, base: str, examples: list[dict], out_dir: Path, timer) -> dict:
-    from tasks.sft import train_sft
+    from tasks.training.sft import train_sft
 
     run = train_sft(bench_config(a, base), base, examples, [], out_dir, callbacks=[timer])
     return {"first_loss": run["stats"]["first_loss"], "last_loss": run["stats"]["last_loss"]}
@@ -113,7 +121,7 @@ def run_plain(a: argparse.Namespace, base: str, examples: list[dict], out_dir: P
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from tasks.model import DEFAULT_CHAT_TEMPLATE  # same template -> same tokens (stories260K ships none)
+    from tasks.training.loading import DEFAULT_CHAT_TEMPLATE
 
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"benchmark": "training", "params": params, "machine": mach, "results": results,
                "command": " ".join([".venv/bin/python -m benchmarks.training.run", *(argv or sys.argv[1:])]),
                "total_wall_s": round(time.time() - started, 1)}
-    from tasks.model import library_versions
+    from tasks.training.loading import library_versions
 
     payload["versions"] = library_versions()
     md = markdown(payload)

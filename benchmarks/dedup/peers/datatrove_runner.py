@@ -25,6 +25,7 @@ from datatrove.pipeline.dedup.minhash import (
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.utils.hashing import HashConfig
 
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--input", required=True)

@@ -11,8 +11,8 @@ import re
 
 import datasets
 import evaluate
-from rouge_score import rouge_scorer
 from nltk.stem.porter import PorterStemmer
+from rouge_score import rouge_scorer
 
 # Han (incl. extensions and compatibility ideographs), kana, Hangul syllables, Thai.
 _CHAR_SCRIPTS = "\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002ffff"

@@ -16,9 +16,9 @@ from typing import Any, Iterator
 
 import duckdb
 
-from tasks import storage
+from tasks.core import storage
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 
 
 def _sql(name: str) -> str:
@@ -179,3 +179,16 @@ def preference_pairs(con: duckdb.DuckDBPyConnection, split: str, limit: int | No
         sql += f" LIMIT {int(limit)}"
     cols = ["example_id", "source", "prompt", "chosen", "rejected"]
     return [dict(zip(cols, r)) for r in con.execute(sql, [split]).fetchall()]
+
+
+def last_promoted(con, exclude_run: str | None = None) -> dict | None:
+    """{"run_id", "variant", "model_path", "rows"} of the most recently promoted run (other than exclude_run)."""
+    row = con.execute(
+        "SELECT run_id, variant, model_path FROM promotions WHERE decision = 'promoted' AND run_id IS DISTINCT FROM ? "
+        "ORDER BY decided_at DESC LIMIT 1", [exclude_run]).fetchone()
+    if row is None:
+        return None
+    cols = ["variant", "split", "source", "metric", "value", "n"]
+    rows = [dict(zip(cols, r)) for r in con.execute(
+        f"SELECT {', '.join(cols)} FROM eval_results WHERE run_id = ?", [row[0]]).fetchall()]
+    return {"run_id": row[0], "variant": row[1], "model_path": row[2], "rows": rows}

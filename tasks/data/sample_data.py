@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks import storage
+from tasks.core import storage
 
 OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
              ("up", "down"), ("old", "new"), ("early", "late"), ("full", "empty"), ("hard", "soft"),

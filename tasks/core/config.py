@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks import storage
+from tasks.core import storage
 
 Format = Literal["auto", "alpaca", "sharegpt", "messages", "preference"]
 

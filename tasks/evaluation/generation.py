@@ -2,7 +2,7 @@
 
 A model variant is a stage result holding either a full model folder (`model_dir`, or `path` as the training plane
 writes it) or a LoRA adapter on a base (`adapter_dir`/`adapter` + `base_dir`/`base`). Prompts are rendered with
-the chat template the pipeline trains with (tasks.model.load_tokenizer: config override, else the tokenizer's
+the chat template the pipeline trains with (tasks.training.loading.load_tokenizer: config override, else the tokenizer's
 own, else the ChatML-style default), tokenised without extra special tokens (the template places BOS itself),
 exactly as trl does in training and vLLM does for /v1/chat/completions.
 """
@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import gc
 import re
+import uuid
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tasks import storage
-from tasks.config import PipelineConfig
+from tasks.core import storage
+from tasks.core.caching import current_run_id
+from tasks.core.config import PipelineConfig
 
 
 # ------------------------------------------------------------------------------------------------- variants
@@ -51,7 +54,7 @@ def load_variant(result: dict, cfg: PipelineConfig, dtype: str = "float32", pref
     time even when a merged folder is known (the serving parity reference must not trust the merge)."""
     from transformers import AutoModelForCausalLM
 
-    from tasks.model import load_tokenizer
+    from tasks.training.loading import load_tokenizer
 
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": cfg.model.trust_remote_code}
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -192,3 +195,23 @@ def _assistant_mask_by_prefixes(tokenizer, messages: list[dict]) -> tuple[list[i
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
     return enc["input_ids"], mask
+
+
+def new_run_id() -> str:
+    """The Prefect flow run id inside a flow run; outside one a fresh id, so local runs never overwrite each other."""
+    run_id = current_run_id()
+    return run_id if run_id != "local" else f"local-{uuid.uuid4().hex[:12]}"
+
+
+def select_examples(examples: list[dict], limit: int) -> list[dict]:
+    """Up to `limit` examples taken round-robin over sources (each in its stable order): every dataset shows up."""
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for ex in examples:
+        by_source[ex["source"]].append(ex)
+    queues = [by_source[s] for s in sorted(by_source)]
+    picked: list[dict] = []
+    depth = 0
+    while len(picked) < limit and any(depth < len(q) for q in queues):
+        picked += [q[depth] for q in queues if depth < len(q)][: limit - len(picked)]
+        depth += 1
+    return picked

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import CachePolicy
 
-from tasks import storage
-from tasks.config import PipelineConfig
+from tasks.core import storage
+from tasks.core.config import PipelineConfig
 
 StageResult = dict[str, Any]  # {"stage": str, "fingerprint": str, "stats": {...}, ...}
 
@@ -123,3 +124,17 @@ def result_storage(cfg: PipelineConfig):
 def for_config(prefect_task, cfg: PipelineConfig):
     """The stage task with its results (and so its cache) kept under cfg's storage root."""
     return prefect_task.with_options(result_storage=result_storage(cfg))
+
+
+def retry_unless_deterministic(task, task_run, state) -> bool:
+    """Prefect retry condition: retry crashes and kills (the retry resumes from the last checkpoint), but not errors
+    that would only repeat (bad config, bad data, a degenerate loss mask)."""
+    try:
+        state.result()
+    except (ValueError, TypeError, KeyError) as err:
+        logging.getLogger("sftpipe").error("not retrying %s: %s", task.name, err)
+        return False
+    except Exception:
+        return True
+    return True
+

@@ -18,10 +18,10 @@ import json
 import logging
 
 from evals.report import promotion_markdown
-from tasks.caching import stage_task
-from tasks.config import PipelineConfig
-from tasks.evaluate import last_promoted, publish_artifacts
-from tasks.warehouse import open_warehouse, record_stage, utcnow
+from tasks.core.artifacts import publish_artifacts
+from tasks.core.caching import stage_task
+from tasks.core.config import PipelineConfig
+from tasks.core.warehouse import last_promoted, open_warehouse, record_stage, utcnow
 
 log = logging.getLogger("sftpipe.promote")
 

@@ -17,43 +17,41 @@ import json
 import logging
 import math
 import time
-import uuid
 from collections import defaultdict
 from typing import Any
 
-from evals.generation import (describe_variant, encode_for_loss, encode_prompt, free, full_model_dir, adapter_of,
-                              greedy_generate, load_variant, split_conversation)
 from evals.metrics import evals_code_hash, load_metric
 from evals.report import eval_report_markdown, ordered_variants, sample_table
-from tasks import storage
-from tasks.caching import current_run_id, stage_task
-from tasks.config import PipelineConfig
-from tasks.warehouse import open_warehouse, record_stage, sft_examples, table_fingerprint, utcnow
+from tasks.core import storage
+from tasks.core.artifacts import publish_artifacts
+from tasks.core.caching import source_hash, stage_task
+from tasks.core.config import PipelineConfig
+from tasks.core.warehouse import (
+    last_promoted,
+    open_warehouse,
+    record_stage,
+    sft_examples,
+    table_fingerprint,
+    utcnow,
+)
+from tasks.evaluation.generation import (
+    adapter_of,
+    describe_variant,
+    encode_for_loss,
+    encode_prompt,
+    free,
+    full_model_dir,
+    greedy_generate,
+    load_variant,
+    new_run_id,
+    select_examples,
+    split_conversation,
+)
 
 log = logging.getLogger("sftpipe.eval")
 
 SPLITS = ("validation", "test")
 ROUGE_TYPES = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
-
-
-def new_run_id() -> str:
-    """The Prefect flow run id inside a flow run; outside one a fresh id, so local runs never overwrite each other."""
-    run_id = current_run_id()
-    return run_id if run_id != "local" else f"local-{uuid.uuid4().hex[:12]}"
-
-
-def select_examples(examples: list[dict], limit: int) -> list[dict]:
-    """Up to `limit` examples taken round-robin over sources (each in its stable order): every dataset shows up."""
-    by_source: dict[str, list[dict]] = defaultdict(list)
-    for ex in examples:
-        by_source[ex["source"]].append(ex)
-    queues = [by_source[s] for s in sorted(by_source)]
-    picked: list[dict] = []
-    depth = 0
-    while len(picked) < limit and any(depth < len(q) for q in queues):
-        picked += [q[depth] for q in queues if depth < len(q)][: limit - len(picked)]
-        depth += 1
-    return picked
 
 
 def perplexity_scope(cfg: PipelineConfig) -> str:
@@ -113,7 +111,7 @@ def score_rouge(generations: list[dict]) -> dict[str, tuple[dict[str, float], in
 def evaluate_variants(cfg: PipelineConfig, examples: dict[str, list[dict]],
                       variants: dict[str, dict]) -> tuple[list[dict], list[dict]]:
     """Score every variant on the same examples. examples: {"validation": [...], "test": [...]} as returned by
-    tasks.warehouse.sft_examples. Returns (eval_results rows without run_id, generations rows)."""
+    tasks.core.warehouse.sft_examples. Returns (eval_results rows without run_id, generations rows)."""
     chosen = {split: select_examples(examples.get(split, []), cfg.eval.max_examples) for split in SPLITS}
     to_generate = chosen["test"][: cfg.eval.max_generate_examples]
     rows: list[dict] = []
@@ -137,19 +135,6 @@ def evaluate_variants(cfg: PipelineConfig, examples: dict[str, list[dict]],
 
 
 # ------------------------------------------------------------------------------------------------- warehouse
-def last_promoted(con, exclude_run: str | None = None) -> dict | None:
-    """{"run_id", "variant", "model_path", "rows"} of the most recently promoted run (other than exclude_run)."""
-    row = con.execute(
-        "SELECT run_id, variant, model_path FROM promotions WHERE decision = 'promoted' AND run_id IS DISTINCT FROM ? "
-        "ORDER BY decided_at DESC LIMIT 1", [exclude_run]).fetchone()
-    if row is None:
-        return None
-    cols = ["variant", "split", "source", "metric", "value", "n"]
-    rows = [dict(zip(cols, r)) for r in con.execute(
-        f"SELECT {', '.join(cols)} FROM eval_results WHERE run_id = ?", [row[0]]).fetchall()]
-    return {"run_id": row[0], "variant": row[1], "model_path": row[2], "rows": rows}
-
-
 def _variant_record(result: dict) -> dict:
     """The paths and fingerprint of a variant (what the promotion pointer and the report need)."""
     record = {"fingerprint": result.get("fingerprint"), "model": describe_variant(result)}
@@ -161,29 +146,6 @@ def _variant_record(result: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- Prefect bits
-def in_flow_run() -> bool:
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    return bool(FlowRunContext.get() or TaskRunContext.get())
-
-
-def publish_artifacts(markdown: dict[str, tuple[str, str]] | None = None,
-                      tables: dict[str, tuple[list[dict], str]] | None = None) -> list[str]:
-    """Markdown / table artifacts under stable keys, only inside a flow run (plain calls stay offline)."""
-    if not in_flow_run():
-        return []
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    made = []
-    for key, (text, description) in (markdown or {}).items():
-        create_markdown_artifact(markdown=text, key=key, description=description)
-        made.append(key)
-    for key, (rows, description) in (tables or {}).items():
-        create_table_artifact(table=rows, key=key, description=description)
-        made.append(key)
-    return made
-
-
 # ------------------------------------------------------------------------------------------------- the stage
 def run_eval(cfg: PipelineConfig, data: dict, variants: dict[str, dict]) -> dict:
     """Evaluate every variant ("base", "sft", "dpo", "merged": stage results holding a model folder or an adapter
@@ -244,7 +206,7 @@ def run_eval(cfg: PipelineConfig, data: dict, variants: dict[str, dict]) -> dict
 
 def _eval_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {"eval": cfg.eval.model_dump(), "model": cfg.model.model_dump(), "scope": perplexity_scope(cfg),
-            "storage_root": cfg.storage_root, "code": evals_code_hash()}
+            "storage_root": cfg.storage_root, "code": [evals_code_hash(), source_hash(encode_for_loss)]}
 
 
 @stage_task("evaluate", _eval_config)

@@ -20,10 +20,17 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from tasks import formats, storage
-from tasks.caching import current_run_id, sha256_text, stage_task
-from tasks.config import PipelineConfig
-from tasks.warehouse import insert_columns, open_warehouse, record_stage, table_fingerprint, utcnow
+from tasks.core import storage
+from tasks.core.caching import current_run_id, sha256_text, stage_task
+from tasks.core.config import PipelineConfig
+from tasks.core.warehouse import (
+    insert_columns,
+    open_warehouse,
+    record_stage,
+    table_fingerprint,
+    utcnow,
+)
+from tasks.data import formats
 
 SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -262,7 +269,7 @@ def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: Pipe
 
 def input_paths(cfg: PipelineConfig) -> list[str]:
     """The configured input files, or the embedded sample data (written on first use) when none are configured."""
-    from tasks.sample_data import ensure_sample_data
+    from tasks.data.sample_data import ensure_sample_data
 
     inputs = cfg.data.ingest.inputs or [ensure_sample_data(cfg.sample_data_url)]
     paths = discover(inputs, cfg)

@@ -19,13 +19,21 @@ from typing import Any
 
 import torch
 
-from tasks import storage
-from tasks.caching import stage_task
-from tasks.config import PipelineConfig
-from tasks.model import (configure_threads, files_fingerprint, json_fingerprint, library_versions, load_model,
-                         load_tokenizer, publish_markdown, read_jsonl, record_training_run, StageOutput,
-                         training_code_hash)
-from tasks.sft import summary_markdown
+from tasks.core import storage
+from tasks.core.artifacts import publish_markdown
+from tasks.core.caching import stage_task
+from tasks.core.config import PipelineConfig
+from tasks.core.hashing import files_fingerprint, json_fingerprint
+from tasks.core.storage import read_jsonl
+from tasks.training.loading import (
+    configure_threads,
+    library_versions,
+    load_model,
+    load_tokenizer,
+    training_code_hash,
+)
+from tasks.training.outputs import StageOutput
+from tasks.training.tracking import record_training_run, summary_markdown
 
 log = logging.getLogger("sftpipe.merge")
 
@@ -157,7 +165,7 @@ def merge_adapter(cfg: PipelineConfig, base_path: str | Path, adapter_dir: str |
 
 def run_merge(cfg: PipelineConfig, dpo_or_sft: dict) -> dict:
     """The merge stage: merge the upstream (DPO or SFT) adapter into its base; returns the merged model's path."""
-    from tasks.caching import source_hash
+    from tasks.core.caching import source_hash
 
     upstream = dpo_or_sft
     key = json_fingerprint({"adapter": upstream["fingerprint"], "model": cfg.model.model_dump(),

@@ -19,10 +19,10 @@ from typing import Any
 
 import polars as pl
 
-from tasks import storage
-from tasks.caching import current_run_id, stage_task
-from tasks.config import PipelineConfig
-from tasks.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
+from tasks.core import storage
+from tasks.core.caching import current_run_id, stage_task
+from tasks.core.config import PipelineConfig
+from tasks.core.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
 
 ROLE_CODE = {"system": "S", "user": "U", "assistant": "A"}
 _CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufeff\u200b]"  # keeps \t \n \r; drops BOMs and zero-width spaces

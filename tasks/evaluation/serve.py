@@ -32,18 +32,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evals.generation import (adapter_of, encode_prompt, free, full_model_dir, greedy_generate, load_variant,
-                              render_prompt, split_conversation, stop_token_ids)
 from evals.report import serve_markdown
-from tasks import storage
-from tasks.caching import stage_task
-from tasks.config import PipelineConfig
-from tasks.evaluate import new_run_id, publish_artifacts, select_examples
-from tasks.warehouse import open_warehouse, record_stage, sft_examples, utcnow
+from tasks.core import storage
+from tasks.core.artifacts import publish_artifacts
+from tasks.core.caching import stage_task
+from tasks.core.config import PipelineConfig
+from tasks.core.warehouse import open_warehouse, record_stage, sft_examples, utcnow
+from tasks.evaluation.generation import (
+    adapter_of,
+    encode_prompt,
+    free,
+    full_model_dir,
+    greedy_generate,
+    load_variant,
+    new_run_id,
+    render_prompt,
+    select_examples,
+    split_conversation,
+    stop_token_ids,
+)
 
 log = logging.getLogger("sftpipe.serve")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
 
@@ -389,7 +400,7 @@ def run_serve_smoke(cfg: PipelineConfig, merged: dict, adapter: dict | None = No
     reference = {"model_dir": model, **({"adapter_dir": pair[0], "base_dir": pair[1]} if pair else {})}
     limit = max_model_len(cfg, model)
 
-    from tasks.model import load_tokenizer
+    from tasks.training.loading import load_tokenizer
 
     examples = parity_examples(cfg, warehouse, load_tokenizer(pair[0] if pair else model, cfg),
                                limit - cfg.serve.max_tokens)

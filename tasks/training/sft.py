@@ -11,7 +11,7 @@
   the run's training_runs row.
 - sft.num_processes > 1 relaunches this module with `accelerate launch --multi_gpu` or `torchrun`.
 
-    python -m tasks.sft --job runs/models/sft/<key>/job.json      # what the launcher runs in every process
+    python -m tasks.training.sft --job runs/models/sft/<key>/job.json      # what the launcher runs in every process
 """
 
 from __future__ import annotations
@@ -23,14 +23,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks import storage
-from tasks.caching import stage_task
-from tasks.config import PipelineConfig
-from tasks.model import (attention_keeps_packed_examples_apart, compute_dtype, configure_threads, distributed_backend,
-                         files_fingerprint, json_fingerprint, launched_job, library_versions, load_model,
-                         load_tokenizer, publish_markdown, read_curves, read_jsonl, record_training_run,
-                         retry_unless_deterministic, StageOutput, train_in_processes, trainer_precision,
-                         training_code_hash, TrainingReporter, upcast_trainable_params, use_cuda)
+from tasks.core import storage
+from tasks.core.artifacts import publish_markdown
+from tasks.core.caching import retry_unless_deterministic, stage_task
+from tasks.core.config import PipelineConfig
+from tasks.core.hashing import files_fingerprint, json_fingerprint
+from tasks.core.storage import read_jsonl
+from tasks.training.launch import last_checkpoint, launched_job, train_in_processes
+from tasks.training.loading import (
+    attention_keeps_packed_examples_apart,
+    compute_dtype,
+    configure_threads,
+    library_versions,
+    load_model,
+    load_tokenizer,
+    trainer_precision,
+    training_code_hash,
+    upcast_trainable_params,
+    use_cuda,
+)
+from tasks.training.outputs import StageOutput
+from tasks.training.tracking import (
+    TrainingReporter,
+    distributed_backend,
+    metric_series,
+    read_curves,
+    record_training_run,
+    summary_markdown,
+)
 
 log = logging.getLogger("sftpipe.sft")
 
@@ -152,25 +172,6 @@ def build_trainer(cfg: PipelineConfig, base_path: str | Path, train_examples: li
     return trainer
 
 
-def _last_checkpoint(folder: Path) -> tuple[str | None, int | None]:
-    """The newest complete checkpoint (trainer_state.json is written last); a half-written one is removed."""
-    complete = []
-    for path in folder.glob("checkpoint-*") if folder.is_dir() else []:
-        if (path / "trainer_state.json").is_file():
-            complete.append((int(path.name.rsplit("-", 1)[1]), path))
-        else:
-            log.warning("removing incomplete checkpoint %s (killed while saving)", path)
-            shutil.rmtree(path, ignore_errors=True)
-    if not complete:
-        return None, None
-    step, path = max(complete)
-    return str(path), step
-
-
-def _metric_series(rows: list[dict], name: str) -> list[tuple[int, float]]:
-    return [(r["step"], r["value"]) for r in rows if r["metric"] == name]
-
-
 def train_sft(cfg: PipelineConfig, base_path: str | Path, train_examples: list[dict], eval_examples: list[dict],
               out_dir: str | Path, callbacks: list | tuple = ()) -> dict[str, Any]:
     """Train (or resume) one SFT run in this process; writes adapter/, metrics.jsonl and train.json under out_dir."""
@@ -179,7 +180,7 @@ def train_sft(cfg: PipelineConfig, base_path: str | Path, train_examples: list[d
     started = time.time()
     reporter = TrainingReporter("sft", out_dir / "metrics.jsonl")
     trainer = build_trainer(cfg, base_path, train_examples, eval_examples, out_dir, [reporter, *callbacks])
-    checkpoint, resumed_from = _last_checkpoint(out_dir / "checkpoints")
+    checkpoint, resumed_from = last_checkpoint(out_dir / "checkpoints")
     if checkpoint:
         log.info("resuming SFT from %s (step %d)", checkpoint, resumed_from)
         if trainer.is_world_process_zero():
@@ -195,8 +196,8 @@ def train_sft(cfg: PipelineConfig, base_path: str | Path, train_examples: list[d
         return {}
 
     rows = read_curves(out_dir / "metrics.jsonl")
-    losses, eval_losses = _metric_series(rows, "loss"), _metric_series(rows, "eval_loss")
-    tokens = max([v for _, v in _metric_series(rows, "num_tokens")] or [0])
+    losses, eval_losses = metric_series(rows, "loss"), metric_series(rows, "eval_loss")
+    tokens = max([v for _, v in metric_series(rows, "num_tokens")] or [0])
     runtime = output.metrics.get("train_runtime") or (time.time() - started)
     stats = {
         "train_examples": len(train_examples), "eval_examples": len(trainer.eval_dataset or []),
@@ -224,7 +225,7 @@ def train_sft(cfg: PipelineConfig, base_path: str | Path, train_examples: list[d
 
 # ------------------------------------------------------------------------------------------------------ the stage
 def _read_split(warehouse: str, split: str) -> list[dict]:
-    from tasks.warehouse import open_warehouse, sft_examples
+    from tasks.core.warehouse import open_warehouse, sft_examples
 
     with open_warehouse(warehouse, read_only=True) as con:
         return sft_examples(con, split)
@@ -237,7 +238,7 @@ def stage_key(cfg: PipelineConfig, base: dict, data: dict) -> str:
 
 
 def _own_hash() -> str:
-    from tasks.caching import source_hash
+    from tasks.core.caching import source_hash
 
     return source_hash(stage_key)
 
@@ -254,7 +255,7 @@ def run_sft(cfg: PipelineConfig, base: dict, data: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if cfg.sft.num_processes > 1:
-        run = train_in_processes(cfg, cfg.sft, "tasks.sft", out_dir, train, valid, base_path=base_path)
+        run = train_in_processes(cfg, cfg.sft, "tasks.training.sft", out_dir, train, valid, base_path=base_path)
     else:
         run = train_sft(cfg, base_path, train, valid, out_dir)
     stats = {**run["stats"], "wall_s": round(time.time() - started, 2)}
@@ -271,18 +272,6 @@ def run_sft(cfg: PipelineConfig, base: dict, data: dict) -> dict:
                         curves_path=out_dir / "metrics.jsonl")
     publish_markdown("sft-summary", summary_markdown("SFT", result), "SFT run summary")
     return out.finish(result)
-
-
-def summary_markdown(title: str, result: dict) -> str:
-    s = result["stats"]
-    keep = ["steps", "resumed_from_step", "train_examples", "eval_examples", "first_loss", "last_loss",
-            "first_eval_loss", "last_eval_loss", "wall_s", "train_tokens", "tokens_per_s", "quantization",
-            "packing", "world_size", "device", "ref_logps_computed", "ref_logps_cache_hits", "train_reward_accuracy",
-            "probe_reward_accuracy", "probe_reward_margin", "eval_reward_accuracy", "eval_reward_margin",
-            "max_abs_logit_diff", "parity_atol", "dtype"]
-    lines = [f"## {title}", "", f"`{result.get('adapter') or result.get('path')}`", "", "| stat | value |", "|---|---|"]
-    lines += [f"| {k} | {s[k]} |" for k in keep if k in s]
-    return "\n".join(lines)
 
 
 def _sft_config(cfg: PipelineConfig) -> dict:

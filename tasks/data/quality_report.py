@@ -7,8 +7,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import PipelineConfig
-from tasks.warehouse import open_warehouse
+from tasks.core.config import PipelineConfig
+from tasks.core.warehouse import open_warehouse
 
 
 def _markdown_table(columns: list[str], rows: list[tuple]) -> str:

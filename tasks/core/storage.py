@@ -378,3 +378,15 @@ def _describe(holder: dict | None) -> str:
         return "another process"
     return f"pid {holder.get('pid')} on {holder.get('host')}"
 
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
+def read_jsonl(url: str | Path | None) -> list[dict]:
+    """Rows of a JSON Lines file (path or URL); [] when there is none."""
+    if not url or not exists(url):
+        return []
+    return [json.loads(line) for line in read_text(url).splitlines() if line.strip()]
+
+

@@ -20,15 +20,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks import storage
-from tasks.caching import stage_task
-from tasks.config import PipelineConfig
-from tasks.model import (compute_dtype, configure_threads, distributed_backend, files_fingerprint, json_fingerprint,
-                         launched_job, library_versions, load_model, load_tokenizer, publish_markdown, read_curves,
-                         read_jsonl, record_training_run, retry_unless_deterministic, snapshot_trainable_params,
-                         StageOutput, train_in_processes, trainer_precision, training_code_hash, TrainingReporter,
-                         upcast_trainable_params, use_cuda)
-from tasks.sft import _last_checkpoint, _metric_series, summary_markdown
+from tasks.core import storage
+from tasks.core.artifacts import publish_markdown
+from tasks.core.caching import retry_unless_deterministic, stage_task
+from tasks.core.config import PipelineConfig
+from tasks.core.hashing import files_fingerprint, json_fingerprint
+from tasks.core.storage import read_jsonl
+from tasks.training.launch import last_checkpoint, launched_job, train_in_processes
+from tasks.training.loading import (
+    compute_dtype,
+    configure_threads,
+    library_versions,
+    load_model,
+    load_tokenizer,
+    snapshot_trainable_params,
+    trainer_precision,
+    training_code_hash,
+    upcast_trainable_params,
+    use_cuda,
+)
+from tasks.training.outputs import StageOutput
+from tasks.training.tracking import (
+    TrainingReporter,
+    distributed_backend,
+    metric_series,
+    read_curves,
+    record_training_run,
+    summary_markdown,
+)
 
 log = logging.getLogger("sftpipe.dpo")
 
@@ -144,7 +163,7 @@ def build_trainer(cfg: PipelineConfig, base_path: str | Path, adapter_path: str 
 
 
 def _last(rows: list[dict], metric: str, first: bool = False) -> float | None:
-    series = _metric_series(rows, metric)
+    series = metric_series(rows, metric)
     return (series[0] if first else series[-1])[1] if series else None
 
 
@@ -157,7 +176,7 @@ def train_dpo(cfg: PipelineConfig, base_path: str | Path, adapter_path: str | Pa
     reporter = TrainingReporter("dpo", out_dir / "metrics.jsonl")
     trainer = build_trainer(cfg, base_path, adapter_path, train_pairs, eval_pairs, out_dir, ref_cache_salt,
                             [reporter, *callbacks])
-    checkpoint, resumed_from = _last_checkpoint(out_dir / "checkpoints")
+    checkpoint, resumed_from = last_checkpoint(out_dir / "checkpoints")
     if checkpoint:
         log.info("resuming DPO from %s (step %d)", checkpoint, resumed_from)
         if trainer.is_world_process_zero():
@@ -176,7 +195,7 @@ def train_dpo(cfg: PipelineConfig, base_path: str | Path, adapter_path: str | Pa
     trainer.processing_class.save_pretrained(str(adapter_dir))
 
     rows = read_curves(out_dir / "metrics.jsonl")
-    tokens = max([v for _, v in _metric_series(rows, "num_tokens")] or [0])
+    tokens = max([v for _, v in metric_series(rows, "num_tokens")] or [0])
     runtime = output.metrics.get("train_runtime") or (time.time() - started)
     stats = {
         "train_pairs": len(train_pairs), "eval_pairs": len(evals_of(trainer, "validation")),
@@ -210,14 +229,14 @@ def evals_of(trainer, name: str):
 
 # ------------------------------------------------------------------------------------------------------ the stage
 def _read_pairs(warehouse: str, split: str) -> list[dict]:
-    from tasks.warehouse import open_warehouse, preference_pairs
+    from tasks.core.warehouse import open_warehouse, preference_pairs
 
     with open_warehouse(warehouse, read_only=True) as con:
         return preference_pairs(con, split)
 
 
 def _own_hash() -> str:
-    from tasks.caching import source_hash
+    from tasks.core.caching import source_hash
 
     return source_hash(preference_dataset)
 
@@ -243,7 +262,7 @@ def run_dpo(cfg: PipelineConfig, sft: dict, data: dict) -> dict:
     started = time.time()
     salt = ref_cache_salt(cfg, sft)
     if cfg.dpo.num_processes > 1:
-        run = train_in_processes(cfg, cfg.dpo, "tasks.dpo", out_dir, train, valid, base_path=base_path,
+        run = train_in_processes(cfg, cfg.dpo, "tasks.training.dpo", out_dir, train, valid, base_path=base_path,
                                  adapter_path=adapter_path, ref_cache_salt=salt)
     else:
         run = train_dpo(cfg, base_path, adapter_path, train, valid, out_dir, salt)

@@ -12,10 +12,16 @@ from typing import Any
 
 import xxhash
 
-from tasks.caching import current_run_id, stage_task
-from tasks.config import PipelineConfig, SplitConfig
-from tasks.minhash import tokenize
-from tasks.warehouse import insert_columns, open_warehouse, record_stage, table_fingerprint, utcnow
+from tasks.core.caching import current_run_id, stage_task
+from tasks.core.config import PipelineConfig, SplitConfig
+from tasks.core.warehouse import (
+    insert_columns,
+    open_warehouse,
+    record_stage,
+    table_fingerprint,
+    utcnow,
+)
+from tasks.data.minhash import tokenize
 
 
 def split_of(cluster_id: str, s: SplitConfig) -> str:

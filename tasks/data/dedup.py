@@ -22,10 +22,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks import minhash, storage
-from tasks.caching import current_run_id, source_hash, stage_task
-from tasks.config import DedupConfig, PipelineConfig
-from tasks.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
+from tasks.core import storage
+from tasks.core.caching import current_run_id, source_hash, stage_task
+from tasks.core.config import DedupConfig, PipelineConfig
+from tasks.core.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
+from tasks.data import minhash
 
 ACCEPTED_SQL = "SELECT row_id, kind, row_seq, content_hash, dedup_text FROM clean_rows WHERE reason IS NULL"
 

@@ -1,0 +1,179 @@
+"""The base stage: the model every run fine-tunes.
+
+`model.base` is any Hugging Face id or local path, loaded with the Auto classes (safetensors preferred,
+`trust_remote_code` only when the config turns it on). `embedded` builds a tiny Llama here, offline: a byte-level
+BPE tokenizer trained with `tokenizers`, a small LlamaConfig and a short causal-LM warm-up, so a fresh clone runs
+the whole pipeline without a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+from tasks.core import storage
+from tasks.core.caching import stage_task
+from tasks.core.config import PipelineConfig
+from tasks.core.hashing import files_fingerprint, json_fingerprint
+from tasks.training.loading import (
+    configure_threads,
+    ensure_chat_template,
+    training_code_hash,
+    use_cuda,
+)
+from tasks.training.outputs import StageOutput
+from tasks.training.tracking import TrainingReporter, record_training_run
+
+log = logging.getLogger("sftpipe.train")
+
+EMBEDDED_SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+def _render_texts(examples: list[dict]) -> list[str]:
+    return [m["content"] for ex in examples for m in ex["messages"] if m.get("content")]
+
+
+def build_embedded_base(cfg: PipelineConfig, train_examples: list[dict], out_dir: str | Path) -> dict:
+    """Train a byte-level BPE tokenizer on the training texts, build a tiny Llama and warm it up as a causal LM.
+
+    Writes a Hugging Face model folder (safetensors, tokenizer, chat template) to out_dir and returns
+    {"stage": "base", "fingerprint", "path", "stats"}. Reuses out_dir when a previous build completed there.
+    """
+    from datasets import Dataset
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        PrinterCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    out_dir = Path(out_dir)
+    done = out_dir / "base.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if not train_examples:
+        raise ValueError("the embedded base needs training examples: the training split is empty")
+    configure_threads()
+    started = time.time()
+    m = cfg.model
+    set_seed(m.embedded_seed)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe_trainer = trainers.BpeTrainer(vocab_size=m.embedded_vocab_size, special_tokens=EMBEDDED_SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(_render_texts(train_examples), trainer=bpe_trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=m.max_length,
+    )
+    ensure_chat_template(tokenizer, m.chat_template)
+
+    hidden = m.embedded_hidden_size
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64 * math.ceil(hidden * 8 / 3 / 64),
+        num_hidden_layers=m.embedded_layers, num_attention_heads=m.embedded_heads,
+        num_key_value_heads=m.embedded_heads, max_position_embeddings=m.max_length, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+
+    # Warm-up on the conversations as the chat template renders them: the base learns the text and the format.
+    texts = [tokenizer.apply_chat_template(ex["messages"], tokenize=False) for ex in train_examples]
+    enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=m.embedded_warmup_max_length)
+    dataset = Dataset.from_dict({"input_ids": enc["input_ids"]})
+    work = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    curves = work / "metrics.jsonl"
+    reporter = TrainingReporter("base", curves, total_steps=m.embedded_warmup_steps)
+    args = TrainingArguments(
+        output_dir=str(work / "trainer"), max_steps=max(m.embedded_warmup_steps, 1), per_device_train_batch_size=16,
+        learning_rate=m.embedded_warmup_lr, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.01,
+        logging_steps=max(1, m.embedded_warmup_steps // 10), save_strategy="no", eval_strategy="no",
+        report_to=[], disable_tqdm=True, seed=m.embedded_seed, dataloader_num_workers=0, use_cpu=not use_cuda(cfg),
+        include_num_input_tokens_seen="non_padding",
+    )
+    warmup_loss: dict[str, float] = {}
+    if m.embedded_warmup_steps > 0:
+        trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                          callbacks=[reporter])
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        losses = [r["value"] for r in reporter.rows if r["metric"] == "loss"]
+        warmup_loss = {"first": losses[0], "last": losses[-1]} if losses else {}
+
+    model.save_pretrained(work, safe_serialization=True)
+    tokenizer.save_pretrained(work)
+    shutil.rmtree(work / "trainer", ignore_errors=True)
+    stats = {
+        "kind": "embedded", "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
+        "train_examples": len(train_examples), "warmup_steps": m.embedded_warmup_steps, "warmup_loss": warmup_loss,
+        "wall_s": round(time.time() - started, 2), "tokens_per_s": reporter.tokens_per_s,
+    }
+    result = {"stage": "base", "fingerprint": files_fingerprint(work), "path": str(out_dir.resolve()),
+              "stats": stats}
+    (work / "base.json").write_text(json.dumps(result, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    work.rename(out_dir)  # atomic: a half-written base is never mistaken for a finished one
+    log.info("embedded base: %s parameters, warm-up loss %s, %.1f s", stats["parameters"], warmup_loss,
+             stats["wall_s"])
+    return result
+
+
+def pretrained_fingerprint(base: str) -> str:
+    """Identity of a base given by path (config + weight files' names, sizes, mtimes) or by hub id."""
+    if not storage.is_local(base):  # a model folder in a bucket
+        return json_fingerprint({"url": base, "listing": storage.folder_fingerprint(base)})
+    path = Path(base)
+    if not path.exists():
+        return json_fingerprint({"hub_id": base})
+    parts = []
+    for p in sorted(path.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            parts.append([p.name, st.st_size, st.st_mtime_ns])
+    return json_fingerprint({"files": parts, "config": (path / "config.json").read_text()
+                             if (path / "config.json").exists() else ""})
+
+
+def resolve_base(cfg: PipelineConfig, data: dict | None = None) -> dict:
+    """The base model to train: cfg.model.base, or the embedded tiny Llama built from data's training split."""
+    if cfg.model.base != "embedded":
+        return {"stage": "base", "fingerprint": pretrained_fingerprint(cfg.model.base), "path": cfg.model.base,
+                "stats": {"kind": "pretrained"}}
+    if data is None:
+        raise ValueError("model.base=embedded needs the data stage's result to train its tokenizer and warm-up")
+    from tasks.core.warehouse import open_warehouse, sft_examples
+
+    with open_warehouse(data["warehouse"], read_only=True) as con:
+        train = sft_examples(con, "train")
+    key = json_fingerprint({"data": data["fingerprint"], "model": cfg.model.model_dump(), "code": training_code_hash()})
+    out = StageOutput(cfg, "base", key)
+    if (done := out.finished()) is not None:
+        return done
+    result = build_embedded_base(cfg, train, out.dir)
+    curves = Path(result["path"]) / "metrics.jsonl"
+    result["path"] = out.url
+    record_training_run(data["warehouse"], run_id=f"base-{key}", stage="base", fingerprint=result["fingerprint"],
+                        base=out.url, data_fingerprint=data["fingerprint"], output_dir=out.url,
+                        stats=result["stats"], config=cfg.model.model_dump(), curves_path=curves)
+    return out.finish(result)
+
+
+
+def _base_config(cfg: PipelineConfig) -> dict:
+    return {"model": cfg.model.model_dump(), "storage_root": cfg.storage_root, "code": training_code_hash()}
+
+
+base_task = stage_task("base", _base_config, retries=1)(resolve_base)
