@@ -1,4 +1,4 @@
-"""Training overhead: our SFT stage (tasks.training.sft.train_sft, QLoRA 4-bit) vs a plain TRL script, same run, same machine.
+"""Training overhead: our SFT stage (tasks.training.trainer.train_adapter with the SFT method, QLoRA 4-bit) vs a plain TRL script, same run, same machine.
 
     .venv/bin/python -m benchmarks.training.run                  # ~6 min on 2 shared cores
     .venv/bin/python -m benchmarks.training.run --steps 10 --repeats 1 --name training_smoke
@@ -45,7 +45,7 @@ STORIES = SHARED / "models" / "stories260K"
 WORK = OUT / "training"
 METHODS = ["ours", "plain", "plain_fp32"]
 LABELS = {
-    "ours": "ours: `tasks.training.sft.train_sft` (QLoRA)",
+    "ours": "ours: `tasks.training.trainer.train_adapter` with `tasks.training.sft.SFT` (QLoRA)",
     "plain": "plain TRL script (SFTTrainer + peft + bnb 4-bit)",
     "plain_fp32": "plain TRL script + fp32 LoRA weights",
 }
@@ -107,9 +107,11 @@ def _timer():
 
 
 def run_ours(a: argparse.Namespace, base: str, examples: list[dict], out_dir: Path, timer) -> dict:
-    from tasks.training.sft import train_sft
+    from tasks.training.sft import SFT
+    from tasks.training.trainer import TrainingJob, train_adapter
 
-    run = train_sft(bench_config(a, base), base, examples, [], out_dir, callbacks=[timer])
+    job = TrainingJob(out_dir=str(out_dir), base_path=base, train=examples, validation=[])
+    run = train_adapter(SFT, bench_config(a, base), job, callbacks=[timer])
     return {"first_loss": run["stats"]["first_loss"], "last_loss": run["stats"]["last_loss"]}
 
 

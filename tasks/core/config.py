@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.core import storage
 
@@ -96,7 +96,6 @@ class ModelConfig(Section):
     chat_template: str | None = Field(None, description="Jinja chat template to use instead of the tokenizer's own "
                                       "(or the ChatML-style default where it has none).")
     max_length: int = Field(512, ge=16, description="Maximum tokens per training example.")
-    # Added by the training plane (issue 3).
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the training stages run; auto: cuda "
                                                    "when available, else cpu.")
     attn_implementation: str | None = Field(None, description="transformers attention implementation (sdpa, eager, "
@@ -122,15 +121,13 @@ class ModelConfig(Section):
     embedded_seed: int = Field(0, description="Embedded base: seed of initialisation and warm-up.")
 
 
-# --- training plane (issue 3): tasks/model.py, tasks/sft.py, tasks/dpo.py, tasks/merge.py -----------------------
-class SFTConfig(Section):
-    assistant_only_loss: bool = Field(True, description="Loss only on assistant tokens (needs a chat template with "
-                                      "generation markers; the default template has them). False: whole sequence.")
-    lora_r: int = Field(16, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters: 'all-linear' "
-                                            "(every linear layer except the output head) or a list of names.")
+class TrainerSettings(Section):
+    """What every adapter-training method shares, mapped onto trl's config classes in one place
+    (tasks/training/trainer.py: trainer_arguments). A method section subclasses it, adds its own fields and may give
+    shared fields other defaults through `defaults` (each field is still declared once, here)."""
+
+    defaults: ClassVar[dict[str, Any]] = {}
+
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
     warmup_steps: float = Field(0.03, ge=0, description="Warm-up: steps, or a fraction of all steps when < 1.")
@@ -138,53 +135,65 @@ class SFTConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     max_steps: int = Field(100, description="Optimizer steps; -1: run num_train_epochs instead.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
-    per_device_batch_size: int = Field(8, ge=1, description="Examples per device per step.")
+    per_device_batch_size: int = Field(8, ge=1, description="Examples (or pairs) per device per step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (saves GPU memory, "
                                          "costs ~20% time).")
-    eval_steps: int = Field(25, ge=1, description="Validation loss every this many steps (and at start and end).")
+    eval_steps: int = Field(25, ge=1, description="Validation metrics every this many steps (and at start and end).")
     save_steps: int = Field(25, ge=1, description="Checkpoint every this many steps; a retried stage resumes from the "
                             "last one.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
     logging_steps: int = Field(5, ge=1, description="Training metrics every this many steps.")
-    max_train_examples: int | None = Field(None, ge=1, description="Use at most this many training examples "
-                                           "(None: all).")
-    max_eval_examples: int = Field(128, ge=1, description="Validation examples used for the validation loss.")
-    packing: bool = Field(False, description="Pack examples into max_length blocks. Only honoured with a "
-                          "flash-attention implementation (model.attn_implementation); otherwise packed examples "
-                          "would attend to each other, so it is switched off with a log line.")
+    max_train_examples: int | None = Field(None, ge=1, validation_alias=AliasChoices("max_train_examples",
+                                           "max_train_pairs"), description="Use at most this many training examples "
+                                           "(or pairs; None: all).")
+    max_eval_examples: int = Field(128, ge=1, validation_alias=AliasChoices("max_eval_examples", "max_eval_pairs"),
+                                   description="Validation examples (or pairs) evaluated.")
     seed: int = Field(42, description="Seed of adapter init, data order and dropout.")
     num_processes: int = Field(1, ge=1, description="Data-parallel processes; > 1 launches the stage with "
                                "`launcher` (one per GPU; gloo processes on CPU).")
     launcher: Literal["accelerate", "torchrun"] = Field("accelerate", description="Multi-process launcher.")
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if cls.defaults:
+            for name, value in cls.defaults.items():
+                cls.model_fields[name].default = value
+            cls.model_rebuild(force=True)
 
-class DPOConfig(Section):
-    beta: float = Field(0.1, gt=0, description="DPO beta: strength of the pull towards the reference (SFT) model.")
+
+class SFTConfig(TrainerSettings):
+    assistant_only_loss: bool = Field(True, description="Loss only on assistant tokens (needs a chat template with "
+                                      "generation markers; the default template has them). False: whole sequence.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters: 'all-linear' "
+                                            "(every linear layer except the output head) or a list of names.")
+    packing: bool = Field(False, description="Pack examples into max_length blocks. Only honoured with a "
+                          "flash-attention implementation (model.attn_implementation); otherwise packed examples "
+                          "would attend to each other, so it is switched off with a log line.")
+
+
+class PreferenceSettings(TrainerSettings):
+    """What the methods that continue the SFT adapter against it as reference share (DPO, KTO)."""
+
+    defaults: ClassVar[dict[str, Any]] = {"learning_rate": 5e-5, "max_steps": 50, "per_device_batch_size": 4,
+                                          "max_eval_examples": 64}
+
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (SFT) model.")
+    train_probe_examples: int = Field(32, ge=0, validation_alias=AliasChoices("train_probe_examples",
+                                      "train_probe_pairs"), description="A fixed sample of training rows also "
+                                      "evaluated at start and end, so training reward accuracy is measured on the "
+                                      "same rows both times.")
+
+
+class DPOConfig(PreferenceSettings):
     loss_type: str = Field("sigmoid", description="trl DPO loss type (sigmoid, ipo, hinge, robust, ...).")
-    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
-    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
-    warmup_steps: float = Field(0.03, ge=0, description="Warm-up: steps, or a fraction of all steps when < 1.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    max_steps: int = Field(50, description="Optimizer steps; -1: run num_train_epochs instead.")
-    num_train_epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
-    per_device_batch_size: int = Field(4, ge=1, description="Preference pairs per device per step.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
-    eval_steps: int = Field(25, ge=1, description="Reward accuracy / margins on validation every this many steps.")
-    save_steps: int = Field(25, ge=1, description="Checkpoint every this many steps (resume on retry).")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
-    logging_steps: int = Field(5, ge=1, description="Training metrics every this many steps.")
-    max_train_pairs: int | None = Field(None, ge=1, description="Use at most this many training pairs (None: all).")
-    max_eval_pairs: int = Field(64, ge=1, description="Validation pairs for reward accuracy / margins.")
-    train_probe_pairs: int = Field(32, ge=0, description="A fixed sample of training pairs also evaluated at start "
-                                   "and end, so training reward accuracy is measured on the same pairs both times.")
     precompute_ref_log_probs: bool = Field(True, description="Compute the reference log-probs once and cache them on "
                                            "disk (keyed by SFT result + pairs), so a rerun with a new beta reuses "
                                            "them.")
-    seed: int = Field(42, description="Seed of data order and dropout.")
-    num_processes: int = Field(1, ge=1, description="Data-parallel processes (see sft.num_processes).")
-    launcher: Literal["accelerate", "torchrun"] = Field("accelerate", description="Multi-process launcher.")
 
 
 class MergeConfig(Section):
@@ -197,7 +206,6 @@ class MergeConfig(Section):
                                       "1e-3 for float32, 0.25 for float16, 1.0 for bfloat16.")
 
 
-# --- evaluation plane (issue 4): evals/, tasks/evaluate.py, tasks/promote.py, tasks/serve.py -----------------------
 class EvalConfig(Section):
     max_examples: int = Field(64, ge=1, description="Examples per split (validation, test) scored for perplexity, "
                               "taken round-robin over sources so every dataset is represented.")
@@ -249,7 +257,6 @@ class ServeConfig(Section):
     seed: int = Field(0, description="Server and request seed.")
 
 
-# --- orchestration (issue 5): flows/pipeline.py, prefect.yaml -----------------------------------------------------
 class OrchestrationConfig(Section):
     gpu_deployment: str | None = Field(None, description="Prefect deployment (flow/deployment) that runs the GPU "
                                        "stages (base, sft, dpo, merge, evaluate, serve), e.g. sft-stage/gpu, so they "

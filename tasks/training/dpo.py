@@ -1,4 +1,6 @@
-"""DPO stage: trl's DPOTrainer on the warehouse's preference pairs, continuing the SFT adapter.
+"""DPO: trl's DPOTrainer on the warehouse's preference pairs, continuing the SFT adapter.
+
+What is DPO's own; the shared path is tasks/training/trainer.py.
 
 - Policy: base (4-bit when model.quantization=4bit) + the SFT adapter, trainable. Reference: the SFT model itself.
   trl keeps it as a frozen copy of the adapter next to the trained one (peft multi-adapter), so the base weights
@@ -6,8 +8,8 @@
 - Reference log-probs are cached on this machine's disk (cfg.cache_dir: <storage_root>/cache/ref_logps for a local
   root, the work dir for a remote one), keyed by the SFT result, the quantisation settings and the tokenized pairs
   (not beta, loss type or learning rate): a rerun with a new beta reads them instead of recomputing.
-- Trains on the training split only; reward accuracy and margins are evaluated on the validation split (and on a
-  fixed sample of training pairs) at start, every eval_steps and at the end.
+- Reward accuracy and margins are evaluated on the validation split (and on a fixed sample of training pairs) at
+  start, every eval_steps and at the end.
 """
 
 from __future__ import annotations
@@ -15,38 +17,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import time
 from pathlib import Path
-from typing import Any
 
-from tasks.core import storage
-from tasks.core.artifacts import publish_markdown
-from tasks.core.caching import retry_unless_deterministic, stage_task
 from tasks.core.config import PipelineConfig
-from tasks.core.hashing import files_fingerprint, json_fingerprint
-from tasks.core.storage import read_jsonl
-from tasks.training.launch import last_checkpoint, launched_job, train_in_processes
+from tasks.core.hashing import json_fingerprint
 from tasks.training.loading import (
     compute_dtype,
     configure_threads,
-    library_versions,
     load_model,
     load_tokenizer,
     snapshot_trainable_params,
-    trainer_precision,
-    training_code_hash,
     upcast_trainable_params,
     use_cuda,
 )
-from tasks.training.outputs import StageOutput
-from tasks.training.tracking import (
-    TrainingReporter,
-    distributed_backend,
-    metric_series,
-    read_curves,
-    record_training_run,
-    summary_markdown,
+from tasks.training.trainer import (
+    AdapterMethod,
+    TrainingJob,
+    adapter_stage_task,
+    first_and_last,
+    launched_main,
+    run_adapter_stage,
+    trainer_arguments,
 )
 
 log = logging.getLogger("sftpipe.dpo")
@@ -113,48 +104,32 @@ def _dpo_trainer_class():
     return CachedRefDPOTrainer
 
 
-def dpo_arguments(cfg: PipelineConfig, out_dir: Path, has_eval: bool):
+def build_trainer(cfg: PipelineConfig, job: TrainingJob, callbacks=()):
+    """A ready DPO trainer: the SFT adapter (trainable) on the base, validation and train-probe eval sets."""
     import trl
-
-    d = cfg.dpo
-    return trl.DPOConfig(
-        output_dir=str(out_dir / "checkpoints"), beta=d.beta, loss_type=[d.loss_type],
-        max_steps=d.max_steps, num_train_epochs=d.num_train_epochs,
-        per_device_train_batch_size=d.per_device_batch_size, per_device_eval_batch_size=d.per_device_batch_size,
-        gradient_accumulation_steps=d.gradient_accumulation_steps, gradient_checkpointing=d.gradient_checkpointing,
-        learning_rate=d.learning_rate, lr_scheduler_type=d.lr_scheduler_type, warmup_steps=d.warmup_steps,
-        max_grad_norm=d.max_grad_norm, logging_steps=d.logging_steps,
-        eval_strategy="steps" if has_eval else "no", eval_steps=d.eval_steps, eval_on_start=has_eval,
-        save_strategy="steps", save_steps=d.save_steps, save_total_limit=d.save_total_limit,
-        max_length=cfg.model.max_length, precompute_ref_log_probs=d.precompute_ref_log_probs,
-        seed=d.seed, data_seed=d.seed, report_to=[], disable_tqdm=True, dataloader_num_workers=0,
-        ddp_find_unused_parameters=False, log_level="warning", **trainer_precision(cfg),
-    )
-
-
-def build_trainer(cfg: PipelineConfig, base_path: str | Path, adapter_path: str | Path, train_pairs: list[dict],
-                  eval_pairs: list[dict], out_dir: str | Path, ref_cache_salt: str = "", callbacks=()):
     from peft import PeftModel
     from transformers import PrinterCallback
 
     configure_threads()
-    out_dir = Path(out_dir)
-    if not train_pairs:
+    d = cfg.dpo
+    if not job.train:
         raise ValueError("DPO needs preference pairs: the training split of preference_pairs is empty")
-    tokenizer = load_tokenizer(adapter_path, cfg)  # the SFT adapter's tokenizer: same pad token and chat template
-    model = PeftModel.from_pretrained(load_model(base_path, cfg, quantize=True), str(adapter_path), is_trainable=True)
+    tokenizer = load_tokenizer(job.adapter_path, cfg)  # the SFT adapter's tokenizer: same pad token and chat template
+    model = PeftModel.from_pretrained(load_model(job.base_path, cfg, quantize=True), job.adapter_path,
+                                      is_trainable=True)
     exact = snapshot_trainable_params(model)
     evals = {}
-    if eval_pairs:
-        evals["validation"] = preference_dataset(eval_pairs[: cfg.dpo.max_eval_pairs])
-    if cfg.dpo.train_probe_pairs:
-        evals["train_probe"] = preference_dataset(train_pairs[: cfg.dpo.train_probe_pairs])
+    if job.validation:
+        evals["validation"] = preference_dataset(job.validation[: d.max_eval_examples])
+    if d.train_probe_examples:
+        evals["train_probe"] = preference_dataset(job.train[: d.train_probe_examples])
+    args = trainer_arguments(trl.DPOConfig, cfg, d, job.out_dir, has_eval=bool(evals), beta=d.beta,
+                             loss_type=[d.loss_type], precompute_ref_log_probs=d.precompute_ref_log_probs)
     trainer = _dpo_trainer_class()(
-        model=model, args=dpo_arguments(cfg, out_dir, has_eval=bool(evals)),
-        train_dataset=preference_dataset(train_pairs), eval_dataset=evals or None, processing_class=tokenizer,
-        callbacks=list(callbacks),
-        ref_cache_dir=cfg.cache_dir("ref_logps") if cfg.dpo.precompute_ref_log_probs else None,
-        ref_cache_salt=ref_cache_salt,
+        model=model, args=args, train_dataset=preference_dataset(job.train), eval_dataset=evals or None,
+        processing_class=tokenizer, callbacks=list(callbacks),
+        ref_cache_dir=cfg.cache_dir("ref_logps") if d.precompute_ref_log_probs else None,
+        ref_cache_salt=job.extra.get("ref_cache_salt", ""),
     )
     trainer.remove_callback(PrinterCallback)
     if not use_cuda(cfg):
@@ -162,83 +137,29 @@ def build_trainer(cfg: PipelineConfig, base_path: str | Path, adapter_path: str 
     return trainer
 
 
-def _last(rows: list[dict], metric: str, first: bool = False) -> float | None:
-    series = metric_series(rows, metric)
-    return (series[0] if first else series[-1])[1] if series else None
+def _stats(cfg: PipelineConfig, trainer, job: TrainingJob, curves: list[dict]) -> dict:
+    def last(metric: str) -> float | None:
+        return first_and_last(curves, metric)[1]
 
-
-def train_dpo(cfg: PipelineConfig, base_path: str | Path, adapter_path: str | Path, train_pairs: list[dict],
-              eval_pairs: list[dict], out_dir: str | Path, ref_cache_salt: str = "", callbacks=()) -> dict[str, Any]:
-    """Train (or resume) one DPO run in this process; writes adapter/, metrics.jsonl and train.json."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    reporter = TrainingReporter("dpo", out_dir / "metrics.jsonl")
-    trainer = build_trainer(cfg, base_path, adapter_path, train_pairs, eval_pairs, out_dir, ref_cache_salt,
-                            [reporter, *callbacks])
-    checkpoint, resumed_from = last_checkpoint(out_dir / "checkpoints")
-    if checkpoint:
-        log.info("resuming DPO from %s (step %d)", checkpoint, resumed_from)
-        if trainer.is_world_process_zero():
-            reporter.truncate_after(resumed_from)
-    elif trainer.is_world_process_zero():
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    output = trainer.train(resume_from_checkpoint=checkpoint)
-    if trainer.eval_dataset is not None and trainer.state.global_step % cfg.dpo.eval_steps != 0:
-        trainer.evaluate()
-    adapter_dir = out_dir / "adapter"
-    # Only the trained adapter: trl's frozen reference copy ("ref") is not part of the result.
-    trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"],
-                                  is_main_process=trainer.is_world_process_zero())
-    if not trainer.is_world_process_zero():
-        return {}
-    trainer.processing_class.save_pretrained(str(adapter_dir))
-
-    rows = read_curves(out_dir / "metrics.jsonl")
-    tokens = max([v for _, v in metric_series(rows, "num_tokens")] or [0])
-    runtime = output.metrics.get("train_runtime") or (time.time() - started)
-    stats = {
-        "train_pairs": len(train_pairs), "eval_pairs": len(evals_of(trainer, "validation")),
-        "steps": trainer.state.global_step, "resumed_from_step": resumed_from, "beta": cfg.dpo.beta,
-        "loss_type": cfg.dpo.loss_type, "first_loss": _last(rows, "loss", first=True), "last_loss": _last(rows, "loss"),
-        "train_reward_accuracy": _last(rows, "rewards/accuracies"),
-        "train_reward_margin": _last(rows, "rewards/margins"),
-        "probe_reward_accuracy_start": _last(rows, "eval_train_probe_rewards/accuracies", first=True),
-        "probe_reward_accuracy": _last(rows, "eval_train_probe_rewards/accuracies"),
-        "probe_reward_margin_start": _last(rows, "eval_train_probe_rewards/margins", first=True),
-        "probe_reward_margin": _last(rows, "eval_train_probe_rewards/margins"),
-        "eval_reward_accuracy": _last(rows, "eval_validation_rewards/accuracies"),
-        "eval_reward_margin": _last(rows, "eval_validation_rewards/margins"),
+    probe_accuracy = first_and_last(curves, "eval_train_probe_rewards/accuracies")
+    probe_margin = first_and_last(curves, "eval_train_probe_rewards/margins")
+    return {
+        "train_pairs": len(job.train), "eval_pairs": len((trainer.eval_dataset or {}).get("validation", [])),
+        "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type,
+        "train_reward_accuracy": last("rewards/accuracies"), "train_reward_margin": last("rewards/margins"),
+        "probe_reward_accuracy_start": probe_accuracy[0], "probe_reward_accuracy": probe_accuracy[1],
+        "probe_reward_margin_start": probe_margin[0], "probe_reward_margin": probe_margin[1],
+        "eval_reward_accuracy": last("eval_validation_rewards/accuracies"),
+        "eval_reward_margin": last("eval_validation_rewards/margins"),
         "ref_logps_computed": trainer.ref_logps_computed, "ref_logps_cache_hits": trainer.ref_logps_cache_hits,
-        "train_runtime_s": round(runtime, 2), "wall_s": round(time.time() - started, 2), "train_tokens": int(tokens),
-        "tokens_per_s": round(tokens / runtime, 1) if runtime and tokens else None,
-        "quantization": cfg.model.quantization, "world_size": trainer.args.world_size,
-        "distributed_backend": distributed_backend(), "seed": cfg.dpo.seed,
-        "device": str(trainer.args.device), "versions": library_versions(),
     }
-    run = {"adapter": str(adapter_dir.resolve()), "adapter_sha": files_fingerprint(adapter_dir), "stats": stats}
-    (out_dir / "train.json").write_text(json.dumps(run, indent=2, default=str))
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    return run
 
 
-def evals_of(trainer, name: str):
-    ev = trainer.eval_dataset
-    return (ev or {}).get(name, []) if isinstance(ev, dict) else (ev or [])
-
-
-# ------------------------------------------------------------------------------------------------------ the stage
 def _read_pairs(warehouse: str, split: str) -> list[dict]:
     from tasks.core.warehouse import open_warehouse, preference_pairs
 
     with open_warehouse(warehouse, read_only=True) as con:
         return preference_pairs(con, split)
-
-
-def _own_hash() -> str:
-    from tasks.core.caching import source_hash
-
-    return source_hash(preference_dataset)
 
 
 def ref_cache_salt(cfg: PipelineConfig, sft: dict) -> str:
@@ -248,54 +169,17 @@ def ref_cache_salt(cfg: PipelineConfig, sft: dict) -> str:
                              m.bnb_4bit_use_double_quant, str(compute_dtype(cfg))], "attn": m.attn_implementation})
 
 
+DPO = AdapterMethod(name="dpo", title="DPO", module="tasks.training.dpo", read_rows=_read_pairs,
+                    build=build_trainer, stats=_stats,
+                    job_extra=lambda cfg, sft: {"ref_cache_salt": ref_cache_salt(cfg, sft)})
+
+
 def run_dpo(cfg: PipelineConfig, sft: dict, data: dict) -> dict:
     """The DPO stage: continue the SFT adapter on data's training preference pairs."""
-    key = json_fingerprint({"sft": sft["fingerprint"], "data": data["fingerprint"], "model": cfg.model.model_dump(),
-                            "dpo": cfg.dpo.model_dump(), "code": [training_code_hash(), _own_hash()]})
-    out = StageOutput(cfg, "dpo", key)
-    if (done := out.finished()) is not None:
-        return done
-    out_dir, base_path, adapter_path = out.dir, storage.fetched(sft["base"]), storage.fetched(sft["adapter"])
-    train = _read_pairs(data["warehouse"], "train")[: cfg.dpo.max_train_pairs]
-    valid = _read_pairs(data["warehouse"], "validation")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    salt = ref_cache_salt(cfg, sft)
-    if cfg.dpo.num_processes > 1:
-        run = train_in_processes(cfg, cfg.dpo, "tasks.training.dpo", out_dir, train, valid, base_path=base_path,
-                                 adapter_path=adapter_path, ref_cache_salt=salt)
-    else:
-        run = train_dpo(cfg, base_path, adapter_path, train, valid, out_dir, salt)
-    stats = {**run["stats"], "wall_s": round(time.time() - started, 2)}
-    result = {
-        "stage": "dpo", "fingerprint": json_fingerprint({"adapter": run["adapter_sha"], "sft": sft["fingerprint"]}),
-        "adapter": out.url_of(run["adapter"]), "adapter_sha": run["adapter_sha"], "base": sft["base"],
-        "base_fingerprint": sft["base_fingerprint"], "sft_fingerprint": sft["fingerprint"], "out_dir": out.url,
-        "warehouse": data["warehouse"], "data_fingerprint": data["fingerprint"],
-        "validation_sample": sft.get("validation_sample"), "stats": stats,
-    }
-    record_training_run(data["warehouse"], run_id=f"dpo-{key}", stage="dpo", fingerprint=result["fingerprint"],
-                        base=sft["base"], data_fingerprint=data["fingerprint"], output_dir=out.url, stats=stats,
-                        config={"model": cfg.model.model_dump(), "dpo": cfg.dpo.model_dump()},
-                        curves_path=out_dir / "metrics.jsonl")
-    publish_markdown("dpo-summary", summary_markdown("DPO", result), "DPO run summary")
-    return out.finish(result)
+    return run_adapter_stage(DPO, cfg, sft, data)
 
 
-def _dpo_config(cfg: PipelineConfig) -> dict:
-    return {"model": cfg.model.model_dump(), "dpo": cfg.dpo.model_dump(), "storage_root": cfg.storage_root,
-            "code": training_code_hash()}
-
-
-dpo_task = stage_task("dpo", _dpo_config, retries=1, retry_condition_fn=retry_unless_deterministic)(run_dpo)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of every launched process (accelerate launch / torchrun)."""
-    job, cfg = launched_job(argv, __doc__.splitlines()[0])
-    train_dpo(cfg, job["base_path"], job["adapter_path"], read_jsonl(job["train"]), read_jsonl(job["validation"]),
-              job["out_dir"], job["ref_cache_salt"])
-
+dpo_task = adapter_stage_task(DPO, run_dpo)
 
 if __name__ == "__main__":
-    main()
+    launched_main(DPO)

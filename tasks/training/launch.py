@@ -42,8 +42,8 @@ def run_launched(cmd: list[str], log_path: Path) -> None:
 
 def train_in_processes(cfg: PipelineConfig, stage_cfg, module: str, out_dir: Path, train: list[dict],
                        valid: list[dict], **job: Any) -> dict:
-    """Run `module`'s main() in stage_cfg.num_processes processes (stage_cfg.launcher). The examples and a job.json
-    (config, paths, `job`) go to out_dir; returns the train.json the main process writes there."""
+    """Run `python -m module --job <out_dir>/job.json` in stage_cfg.num_processes processes (stage_cfg.launcher).
+    The examples and the job file (config, paths, `job`) go to out_dir; returns the train.json the main process writes there."""
     write_jsonl(out_dir / "train.jsonl", train)
     write_jsonl(out_dir / "validation.jsonl", valid)
     job = {"config": cfg.model_dump(mode="json"), "out_dir": str(out_dir), "train": str(out_dir / "train.jsonl"),

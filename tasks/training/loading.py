@@ -56,7 +56,7 @@ def library_versions() -> dict[str, str]:
 
 
 # Modules every training stage runs through: their code is part of every training stage's cache key.
-SHARED_TRAINING_MODULES = ("loading.py", "launch.py", "tracking.py", "outputs.py")
+SHARED_TRAINING_MODULES = ("loading.py", "launch.py", "tracking.py", "outputs.py", "trainer.py")
 
 
 def training_code_hash() -> str:
