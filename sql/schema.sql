@@ -14,6 +14,17 @@ CREATE TABLE IF NOT EXISTS stage_runs (
 );
 
 -- ============================================================== data plane: ingest
+-- One turn of a conversation (tasks/data/formats.py documents the fields). tool_calls' arguments are the text of a
+-- JSON object; a field a turn does not have is NULL.
+CREATE TYPE IF NOT EXISTS chat_message AS STRUCT(
+    role         VARCHAR,                   -- system | user | assistant | tool
+    content      VARCHAR,
+    reasoning    VARCHAR,                   -- an assistant turn's reasoning
+    tool_calls   STRUCT(id VARCHAR, name VARCHAR, arguments VARCHAR)[],
+    tool_call_id VARCHAR,                   -- a tool result: the call it answers
+    name         VARCHAR                    -- a tool result: the function that produced it
+);
+
 -- One row per (path, content) version of an input file. A changed file is a new version; the same file again
 -- is a no-op. A file that cannot be read at all (corrupt gzip, empty, unknown layout) is kept with its reason.
 CREATE TABLE IF NOT EXISTS source_files (
@@ -49,8 +60,9 @@ CREATE TABLE IF NOT EXISTS raw_rows (
 CREATE TABLE IF NOT EXISTS parsed_rows (
     row_id     VARCHAR PRIMARY KEY,
     kind       VARCHAR,                     -- sft | preference (NULL when unparsed)
-    messages   STRUCT(role VARCHAR, content VARCHAR)[],
+    messages   chat_message[],
     responses  VARCHAR[],
+    tools      VARCHAR,                     -- function schemas offered to the model, JSON (NULL: none)
     reason     VARCHAR,                     -- reason code when the row could not be parsed
     detail     VARCHAR
 );
@@ -62,15 +74,22 @@ CREATE TABLE IF NOT EXISTS clean_rows (
     kind       VARCHAR NOT NULL,
     source     VARCHAR NOT NULL,
     row_seq    BIGINT NOT NULL,
-    messages   STRUCT(role VARCHAR, content VARCHAR)[],
+    messages   chat_message[],
     responses  VARCHAR[],
-    dedup_text VARCHAR,                     -- what dedup compares: the conversation (sft) or the prompt (preference)
+    tools      VARCHAR,
+    dedup_text VARCHAR,                     -- what dedup compares: the conversation (sft) or the prompt (preference),
+                                            -- tool calls and reasoning included as assistant text
     content_hash VARCHAR,                   -- sha256 of dedup_text, the exact-duplicate key
     n_chars    BIGINT,
     language   VARCHAR,                     -- zh | ja | ko | en | other (script-based)
     reason     VARCHAR,
     detail     VARCHAR
 );
+
+-- Warehouses made before turns could carry tool calls: add the tools column (tasks/core/warehouse.py widens their
+-- messages to chat_message[]).
+ALTER TABLE parsed_rows ADD COLUMN IF NOT EXISTS tools VARCHAR;
+ALTER TABLE clean_rows ADD COLUMN IF NOT EXISTS tools VARCHAR;
 
 -- MinHash signatures by content, so a nightly run signs only texts it has not seen. params names how they were
 -- made (permutations, seed, shingle size, code version).

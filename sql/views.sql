@@ -137,10 +137,26 @@ JOIN clean_rows e ON e.row_id = k.row_id
 LEFT JOIN clean_rows t ON t.row_id = k.closest_train_row
 ORDER BY k.overlap DESC;
 
+-- Tool calling in accepted rows, per source and function: how many calls, in how many rows, and whether the
+-- row's tool schemas declare the function (NULL: the row lists no tools).
+CREATE OR REPLACE VIEW tool_calls AS
+WITH calls AS (
+    SELECT c.source, c.row_id, c.tools, unnest(flatten(list_transform(c.messages, lambda m: coalesce(m.tool_calls, []))))
+        AS call
+    FROM clean_rows c
+    JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
+)
+SELECT source, call.name AS function, count(*) AS calls, count(DISTINCT row_id) AS rows,
+    bool_and(list_contains(json_extract_string(tools, '$[*].function.name'), call.name)) AS declared,
+    any_value(call.arguments) AS example_arguments
+FROM calls
+GROUP BY ALL
+ORDER BY calls DESC, source, function;
+
 -- ============================================================== what training reads
 -- Conversations for SFT: one per duplicate cluster, with its split.
 CREATE OR REPLACE VIEW sft_examples AS
-SELECT c.row_id AS example_id, s.split, c.source, c.messages
+SELECT c.row_id AS example_id, s.split, c.source, c.messages, c.tools
 FROM clean_rows c
 JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
 JOIN split_assignments s ON s.cluster_id = m.cluster_id
@@ -149,7 +165,7 @@ WHERE c.kind = 'sft';
 -- Preference pairs for DPO: a ranked list of n answers gives n*(n-1)/2 (better, worse) pairs.
 CREATE OR REPLACE VIEW preference_pairs AS
 WITH ranked AS (
-    SELECT c.row_id, s.split, c.source, c.messages, c.responses
+    SELECT c.row_id, s.split, c.source, c.messages, c.responses, c.tools
     FROM clean_rows c
     JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
     JOIN split_assignments s ON s.cluster_id = m.cluster_id
@@ -163,7 +179,7 @@ WITH ranked AS (
 )
 SELECT
     CASE WHEN len(responses) = 2 THEN row_id ELSE row_id || '#' || i || '>' || j END AS example_id,
-    split, source, messages AS prompt, responses[i] AS chosen, responses[j] AS rejected
+    split, source, messages AS prompt, responses[i] AS chosen, responses[j] AS rejected, tools
 FROM idx;
 
 -- ============================================================== training plane (issue 3)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import polars as pl
+import pyarrow as pa
 import pytest
 from conftest import SHARED_DATA, query, run_data_plane
 
 from tasks.core.config import load_config
 from tasks.data import minhash
+from tasks.core.warehouse import compact_messages
 from tasks.data.clean import clean_frame
+from tasks.data.ingest import MESSAGE_TYPE
 
 ALPACA_EN = SHARED_DATA / "instruct_alpaca_en" / "alpaca_en_demo.json"
 ALPACA_ZH = SHARED_DATA / "instruct_alpaca_zh" / "alpaca_zh_demo.json"
@@ -19,13 +22,14 @@ DPO = SHARED_DATA / "preference_sharegpt" / "dpo_en_demo.json"
 
 
 def _frame(rows):
-    return pl.DataFrame(
-        [{"row_id": str(i), "kind": k, "source": "t", "row_seq": i, "messages": m, "responses": r}
-         for i, (k, m, r) in enumerate(rows)],
-        schema={"row_id": pl.String, "kind": pl.String, "source": pl.String, "row_seq": pl.Int64,
-                "messages": pl.List(pl.Struct({"role": pl.String, "content": pl.String})),
-                "responses": pl.List(pl.String)},
-    )
+    """Parsed rows as the clean stage reads them: (kind, messages, responses[, tools])."""
+    rows = [(r + (None,))[:4] for r in rows]
+    return pl.from_arrow(pa.table({
+        "row_id": [str(i) for i in range(len(rows))], "kind": [r[0] for r in rows], "source": ["t"] * len(rows),
+        "row_seq": pa.array(range(len(rows)), pa.int64()), "messages": pa.array([r[1] for r in rows], MESSAGE_TYPE),
+        "responses": pa.array([r[2] for r in rows], pa.list_(pa.string())),
+        "tools": pa.array([json.dumps(r[3]) if r[3] else None for r in rows], pa.string()),
+    }))
 
 
 def u(text):
@@ -53,9 +57,9 @@ def test_clean_rules_and_normalisation():
     reasons = out["reason"].to_list()
     assert reasons == [None, "empty_turn", "no_assistant_reply", "wrong_role_order", "undecodable_text",
                        "identical_responses", "wrong_role_order", "too_long", None]
-    first = out["messages"][0].to_list()
+    first = compact_messages(out["messages"][0].to_list())
     assert first == [u("Café please"), a("Sure.\nDone")]
-    assert out["messages"][8].to_list() == [u("ok?"), a("ok")]
+    assert compact_messages(out["messages"][8].to_list()) == [u("ok?"), a("ok")]
     assert out["language"][0] == "other" or out["language"][0] == "en"
 
 

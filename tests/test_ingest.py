@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SHARED_DATA, query, run_data_plane
 
+from tasks.core.warehouse import compact_messages
 from tasks.data import formats
 from tasks.data.ingest import NothingToIngest, run_ingest
 
@@ -53,7 +54,7 @@ def test_shared_files_ingest_in_their_format(make_cfg, rel):
 
 
 def test_alpaca_history_system_and_input_are_kept():
-    kind, msgs, _ = formats.normalize({"instruction": "Translate", "input": "bonjour", "output": "hello",
+    kind, msgs, _, _ = formats.normalize({"instruction": "Translate", "input": "bonjour", "output": "hello",
                                        "system": "Be brief.", "history": [["hi", "hello!"]]}, "alpaca")
     assert kind == "sft"
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
@@ -75,7 +76,7 @@ def test_preference_variants(tmp_path, make_cfg):
     run_data_plane(cfg)
     got = query(cfg, "SELECT source, p.kind, p.messages, p.responses FROM parsed_rows p JOIN raw_rows USING (row_id) "
                      "JOIN source_files USING (file_id) ORDER BY source")
-    by_source = {s: (k, m, r) for s, k, m, r in got}
+    by_source = {s: (k, compact_messages(m), r) for s, k, m, r in got}
     assert by_source["explicit"] == ("preference", [{"role": "user", "content": "2+2?"}], ["4", "5"])
     assert by_source["implicit"] == ("preference", [{"role": "user", "content": "Name a color."}], ["Blue.", "Seven."])
     assert by_source["ranked"][2] == ["best", "good", "bad"]

@@ -18,6 +18,12 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from tasks.core import storage
 
 Format = Literal["auto", "alpaca", "sharegpt", "messages", "preference"]
+# The fields a file's columns can be mapped onto (what tasks/data/formats.py reads).
+OurField = Literal["instruction", "input", "output", "system", "history", "conversations", "messages", "prompt",
+                   "chosen", "rejected", "chosen_messages", "rejected_messages", "responses", "tools", "functions",
+                   "label"]
+# Speakers a turn's role value can be mapped onto (function_call: a ShareGPT turn whose value is the call as JSON).
+OurRole = Literal["system", "user", "assistant", "tool", "function_call"]
 
 
 class Section(BaseModel):
@@ -27,6 +33,17 @@ class Section(BaseModel):
     def fingerprint(self) -> str:
         """Stable hash of this section's values; part of every cache key that depends on it."""
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class FieldMapping(Section):
+    columns: dict[str, OurField] = Field(default_factory=dict, description="A file's field -> ours, e.g. "
+                                         "{question: instruction, answer: output} or {dialog: messages}.")
+    role_key: str | None = Field(None, description="The field of each turn that names the speaker (ours: role, "
+                                 "or ShareGPT's from).")
+    content_key: str | None = Field(None, description="The field of each turn that holds its text (ours: content, "
+                                    "or ShareGPT's value).")
+    roles: dict[str, OurRole] = Field(default_factory=dict, description="A speaker value -> ours, e.g. "
+                                      "{customer: user, agent: assistant, api: tool}.")
 
 
 class IngestConfig(Section):
@@ -41,6 +58,12 @@ class IngestConfig(Section):
         "Files not matched are auto-detected from their fields.",
     )
     csv_delimiter: str = Field(",", description="Delimiter of .csv inputs.")
+    mappings: dict[str, FieldMapping] = Field(
+        default_factory=dict,
+        description="Per-file field mapping, like a dataset registry entry: glob pattern (matched against the file "
+        "path) -> {columns: {their field: ours}, role_key, content_key, roles: {their speaker: ours}}. Applied "
+        "before format detection; raw rows stay as read.",
+    )
 
 
 class CleanConfig(Section):

@@ -52,11 +52,22 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = 600.0) ->
             time.sleep(1.0)
     if not read_only:
         con.execute(_sql("schema.sql"))
+        _widen_messages(con)
         con.execute(_sql("views.sql"))
         con.execute(
             "INSERT INTO warehouse_meta VALUES ('warehouse_id', ?) ON CONFLICT DO NOTHING", [uuid.uuid4().hex]
         )
     return con
+
+
+def _widen_messages(con: duckdb.DuckDBPyConnection) -> None:
+    """Tables made when a turn was only (role, content) take the wider chat_message type; their rows keep their
+    values, the new fields NULL. Only when needed: the ALTER rewrites the column."""
+    for table in ("parsed_rows", "clean_rows"):
+        [(data_type,)] = con.execute("SELECT data_type FROM information_schema.columns WHERE table_schema = 'main' "
+                                     "AND table_name = ? AND column_name = 'messages'", [table]).fetchall()
+        if "tool_calls" not in data_type:
+            con.execute(f"ALTER TABLE {table} ALTER messages TYPE chat_message[]")
 
 
 @contextmanager
@@ -163,22 +174,29 @@ def utcnow() -> datetime:
 
 
 # ---------------------------------------------------------------- reads for the training / eval planes
+def compact_messages(messages: list[dict]) -> list[dict]:
+    """Messages without the fields a turn does not have (NULL in the warehouse), as formats.py makes them."""
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
 def sft_examples(con: duckdb.DuckDBPyConnection, split: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """[{example_id, source, messages: [{role, content}, ...]}] of one split, in a stable order."""
-    sql = "SELECT example_id, source, messages FROM sft_examples WHERE split = ? ORDER BY example_id"
+    """[{example_id, source, messages: [{role, content, ...}, ...], tools: JSON text or None}] of one split, in a
+    stable order."""
+    sql = "SELECT example_id, source, messages, tools FROM sft_examples WHERE split = ? ORDER BY example_id"
     if limit:
         sql += f" LIMIT {int(limit)}"
-    cols = ["example_id", "source", "messages"]
-    return [dict(zip(cols, r)) for r in con.execute(sql, [split]).fetchall()]
+    return [{"example_id": e, "source": s, "messages": compact_messages(m), "tools": t}
+            for e, s, m, t in con.execute(sql, [split]).fetchall()]
 
 
 def preference_pairs(con: duckdb.DuckDBPyConnection, split: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """[{example_id, source, prompt: [{role, content}, ...], chosen: str, rejected: str}] of one split."""
-    sql = "SELECT example_id, source, prompt, chosen, rejected FROM preference_pairs WHERE split = ? ORDER BY example_id"
+    """[{example_id, source, prompt: [{role, content, ...}, ...], chosen: str, rejected: str, tools}] of one split."""
+    sql = ("SELECT example_id, source, prompt, chosen, rejected, tools FROM preference_pairs WHERE split = ? "
+           "ORDER BY example_id")
     if limit:
         sql += f" LIMIT {int(limit)}"
-    cols = ["example_id", "source", "prompt", "chosen", "rejected"]
-    return [dict(zip(cols, r)) for r in con.execute(sql, [split]).fetchall()]
+    return [{"example_id": e, "source": s, "prompt": compact_messages(p), "chosen": c, "rejected": r, "tools": t}
+            for e, s, p, c, r, t in con.execute(sql, [split]).fetchall()]
 
 
 def last_promoted(con, exclude_run: str | None = None) -> dict | None:

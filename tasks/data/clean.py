@@ -4,9 +4,12 @@ Rules run in a fixed order and a row keeps the first rule it breaks:
   undecodable_text     text holds U+FFFD, the mark of a decoding accident upstream
   empty_turn           a user/assistant turn (or a preference answer) is empty after normalisation
   no_assistant_reply   an SFT conversation without an assistant turn
-  wrong_role_order     anything but [system] user assistant (user assistant)* for SFT, or a preference prompt
-                       not ending on a user turn
+  wrong_role_order     anything but [system] (user (call tool+)* assistant)+ for SFT (the last answer may be a
+                       call), or a preference prompt not ending on a user turn or tool result; a call is an
+                       assistant turn with tool calls, a tool turn a tool result
   identical_responses  a preference row whose answers are not all different (chosen == rejected)
+  template_lacks_tools a row with tools, tool calls or tool results when the chat template training will use
+                       cannot render them (model.chat_template, else the base's own, else the default)
   too_short            a turn shorter than data.clean.min_turn_chars
   too_long             more than data.clean.max_chars characters in all
   too_long_tokens      more than data.clean.max_tokens tokens (only with a known tokenizer)
@@ -15,6 +18,7 @@ The table is rebuilt on every run, so a changed threshold re-judges old rows too
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
@@ -23,8 +27,9 @@ from tasks.core import storage
 from tasks.core.caching import current_run_id, stage_task
 from tasks.core.config import PipelineConfig
 from tasks.core.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
+from tasks.data.chat_template import DEFAULT_CHAT_TEMPLATE, tools_problem
 
-ROLE_CODE = {"system": "S", "user": "U", "assistant": "A"}
+ROLE_CODE = {"system": "S", "user": "U", "assistant": "A", "tool": "T"}  # C: an assistant turn with tool calls
 _CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufeff\u200b]"  # keeps \t \n \r; drops BOMs and zero-width spaces
 _LATIN_STOPWORDS = r"\b(the|and|is|of|to|in|a|you|that|it|for|what|with)\b"
 
@@ -56,23 +61,41 @@ def language_of(text: pl.Expr) -> pl.Expr:
     )
 
 
-def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None) -> pl.DataFrame:
-    """Normalise and judge parsed rows. Input columns: row_id, kind, source, row_seq, messages, responses."""
+def turn_text() -> pl.Expr:
+    """Everything a turn says, for dedup and lengths: its reasoning, its text and its tool calls as name(arguments)."""
+    calls = pl.col("tool_calls").list.eval(
+        pl.format("{}({})", pl.element().struct.field("name"), pl.element().struct.field("arguments"))
+    ).list.join("\n")
+    nonempty = [pl.when(e != "").then(e) for e in (pl.col("reasoning"), pl.col("content"), calls)]
+    return pl.concat_str(nonempty, separator="\n", ignore_nulls=True).fill_null("")
+
+
+def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None,
+                tools_problem: Callable[[], str | None] | None = None) -> pl.DataFrame:
+    """Normalise and judge parsed rows. Input columns: row_id, kind, source, row_seq, messages, responses, tools.
+    tools_problem() says why the training chat template cannot render tool calling (None: it can); it is asked only
+    when some row uses tools."""
     c = cfg.data.clean
     turns = (
         rows.select("row_id", "messages").explode("messages").unnest("messages")
         .with_columns(normalize_text(pl.col("content"), c.normalize_form).alias("content"),
-                      pl.col("content").alias("original"))
+                      normalize_text(pl.col("reasoning"), c.normalize_form).alias("reasoning"),
+                      (pl.col("content").fill_null("") + pl.col("reasoning").fill_null("")).alias("original"),
+                      pl.col("tool_calls").list.len().fill_null(0).alias("n_calls"))
         .filter(~((pl.col("role") == "system") & (pl.col("content") == "")))  # an empty system prompt says nothing
+        .with_columns(turn_text().alias("text"))
     )
+    speaks = pl.col("role").is_in(["user", "assistant"])  # tool results are the world's words, not a turn's
     per_row = turns.group_by("row_id", maintain_order=True).agg(
-        pl.struct("role", "content").alias("messages"),
-        pl.col("role").replace_strict(ROLE_CODE, default="?").str.join("").alias("roles"),
-        ((pl.col("content") == "") & (pl.col("role") != "system")).any().alias("has_empty"),
+        pl.struct("role", "content", "reasoning", "tool_calls", "tool_call_id", "name").alias("messages"),
+        pl.when((pl.col("role") == "assistant") & (pl.col("n_calls") > 0)).then(pl.lit("C"))
+        .otherwise(pl.col("role").replace_strict(ROLE_CODE, default="?")).str.join("").alias("roles"),
+        (speaks & (pl.col("text") == "")).any().alias("has_empty"),
         pl.col("original").str.contains("\ufffd", literal=True).any().alias("undecodable"),
-        pl.when(pl.col("role") != "system").then(pl.col("content").str.len_chars()).min().alias("shortest_turn"),
-        pl.col("content").str.len_chars().sum().alias("turn_chars"),
-        pl.format("{}: {}", "role", "content").str.join("\n").alias("conversation"),
+        pl.when(speaks).then(pl.col("text").str.len_chars()).min().alias("shortest_turn"),
+        pl.col("text").str.len_chars().sum().alias("turn_chars"),
+        pl.format("{}: {}", "role", "text").str.join("\n").alias("conversation"),
+        ((pl.col("role") == "tool") | (pl.col("n_calls") > 0)).any().alias("tool_turns"),
     )
     responses = (
         rows.select("row_id", "responses").explode("responses")
@@ -87,7 +110,7 @@ def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None) -> 
         )
     )
     df = (
-        rows.select("row_id", "kind", "source", "row_seq")
+        rows.select("row_id", "kind", "source", "row_seq", "tools")
         .join(per_row, on="row_id", how="left")
         .join(responses, on="row_id", how="left")
         .with_columns(pl.col("responses").fill_null([]).list.eval(pl.element()).alias("responses"))
@@ -100,18 +123,21 @@ def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None) -> 
         pl.col("conversation").fill_null("").alias("dedup_text"),
         language_of(pl.col("conversation").fill_null("") + "\n" + pl.col("responses").list.join("\n")).alias("language"),
     )
-    sft_order_ok = pl.col("roles").str.contains(r"^S?(UA)+$")
-    pref_order_ok = pl.col("roles").str.contains(r"^S?(UA)*U$")
+    sft_order_ok = pl.col("roles").str.contains(r"^S?(U(CT+)*A)*U(CT+)*[AC]$")
+    pref_order_ok = pl.col("roles").str.contains(r"^S?(U(CT+)*A)*U(CT+)*$")
+    uses_tools = pl.col("tools").is_not_null() | pl.col("tool_turns").fill_null(False)
+    problem = tools_problem() if tools_problem is not None and df.select(uses_tools.any()).item() else None
     rules = [
         ("undecodable_text", pl.col("undecodable").fill_null(False) | pl.col("undecodable_response").fill_null(False),
          "text contains U+FFFD (replacement character)"),
         ("empty_turn", pl.col("has_empty").fill_null(True) | pl.col("empty_response").fill_null(False),
          "a turn or answer is empty after whitespace normalisation"),
-        ("no_assistant_reply", ~is_pref & ~pl.col("roles").fill_null("").str.contains("A"),
+        ("no_assistant_reply", ~is_pref & ~pl.col("roles").fill_null("").str.contains("[AC]"),
          "the conversation has no assistant turn"),
         ("wrong_role_order", pl.when(is_pref).then(~pref_order_ok).otherwise(~sft_order_ok).fill_null(True),
-         pl.format("role sequence {} (S=system U=user A=assistant)", pl.col("roles").fill_null(""))),
+         pl.format("role sequence {} (S=system U=user A=assistant C=assistant tool call T=tool result)", pl.col("roles").fill_null(""))),
         ("identical_responses", is_pref & pl.col("dup_response").fill_null(False), "chosen equals rejected"),
+        ("template_lacks_tools", uses_tools & pl.lit(problem is not None), problem or ""),
         ("too_short", pl.col("shortest_turn").fill_null(0) < c.min_turn_chars,
          pl.format("shortest turn has {} characters", pl.col("shortest_turn"))),
         ("too_long", pl.col("n_chars") > c.max_chars, pl.format("{} characters", pl.col("n_chars"))),
@@ -128,34 +154,59 @@ def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None) -> 
             pl.when(too_long).then(pl.lit("too_long_tokens")).otherwise(pl.col("reason")).alias("reason"),
             pl.when(too_long).then(pl.format("{} tokens", tokens)).otherwise(pl.col("detail")).alias("detail"),
         )
-    return df.select("row_id", "kind", "source", "row_seq", "messages", "responses", "dedup_text", "n_chars",
-                     "language", "reason", "detail")
+    return df.select("row_id", "kind", "source", "row_seq", "messages", "responses", "tools", "dedup_text",
+                     "n_chars", "language", "reason", "detail")
+
+
+def _base_tokenizer(cfg: PipelineConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(storage.fetched(cfg.model.base),
+                                         trust_remote_code=cfg.model.trust_remote_code)
 
 
 def _token_counter(cfg: PipelineConfig):
     if not cfg.data.clean.max_tokens or cfg.model.base == "embedded":
         return None  # the embedded tokenizer is trained later, on the split this stage feeds
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(storage.fetched(cfg.model.base), trust_remote_code=cfg.model.trust_remote_code)
+    tok = _base_tokenizer(cfg)
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def template_tools_problem(cfg: PipelineConfig) -> str | None:
+    """Why the chat template training will use (model.chat_template, else the base tokenizer's, else the default)
+    cannot render tool calling; None when it can."""
+    if cfg.model.base == "embedded":
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        template = cfg.model.chat_template or DEFAULT_CHAT_TEMPLATE
+
+        def render(messages, tools):
+            return render_jinja_template([messages], tools=tools, chat_template=template, bos_token="<s>",
+                                         eos_token="</s>")[0][0]
+    else:
+        tok = _base_tokenizer(cfg)
+        template = cfg.model.chat_template or tok.chat_template or DEFAULT_CHAT_TEMPLATE
+
+        def render(messages, tools):
+            return tok.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False)
+    return tools_problem(render)
 
 
 def run_clean(cfg: PipelineConfig, ingest: dict[str, Any], run_id: str = "local") -> dict[str, Any]:
     started = utcnow()
     with open_warehouse(cfg.warehouse_url) as con:
         rows = con.sql(
-            "SELECT p.row_id, p.kind, f.source, r.row_seq, p.messages, p.responses "
+            "SELECT p.row_id, p.kind, f.source, r.row_seq, p.messages, p.responses, p.tools "
             "FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f USING (file_id) "
             "WHERE p.reason IS NULL ORDER BY r.row_seq"
         ).pl()
-        cleaned = clean_frame(rows, cfg, _token_counter(cfg))
+        cleaned = clean_frame(rows, cfg, _token_counter(cfg), lambda: template_tools_problem(cfg))
         con.begin()
         con.execute("DELETE FROM clean_rows")
         con.register("cleaned", cleaned.to_arrow())
         con.execute(
-            "INSERT INTO clean_rows SELECT row_id, kind, source, row_seq, messages, responses, dedup_text, "
-            "sha256(kind || chr(0) || dedup_text), n_chars, language, reason, detail FROM cleaned"
+            "INSERT INTO clean_rows BY NAME SELECT * EXCLUDE (dedup_text), dedup_text, "
+            "sha256(kind || chr(0) || dedup_text) AS content_hash FROM cleaned"
         )
         con.unregister("cleaned")
         con.commit()
@@ -168,6 +219,6 @@ def run_clean(cfg: PipelineConfig, ingest: dict[str, Any], run_id: str = "local"
 
 
 @stage_task("clean", lambda c: {"clean": c.data.clean.model_dump(), "warehouse": c.warehouse_url,
-                                "tokenizer": c.model.base if c.data.clean.max_tokens else None})
+                                "tokenizer": c.model.base, "chat_template": c.model.chat_template})
 def clean_task(cfg: PipelineConfig, ingest: dict[str, Any]) -> dict[str, Any]:
     return run_clean(cfg, ingest, current_run_id())

@@ -1,9 +1,15 @@
 """Record formats → one canonical form.
 
-Every input record becomes either
-  ("sft", messages, None)                     a conversation, or
-  ("preference", prompt_messages, responses)  prompt turns + assistant answers ranked best-first (a pair has two),
-where messages are [{"role": "system"|"user"|"assistant", "content": str}].
+Every input record becomes a `Parsed`:
+  kind "sft":        messages = the whole conversation, responses None
+  kind "preference": messages = the prompt turns, responses = assistant answers ranked best-first (a pair has two)
+  tools              the function schemas the row offers the model ([{"type": "function", "function": {...}}]), or
+                     None
+Messages are {"role": "system"|"user"|"assistant"|"tool", "content": str} plus, where the source has them:
+  reasoning      an assistant turn's reasoning (reasoning/thinking content parts, or reasoning_content)
+  tool_calls     an assistant turn's calls: [{"id": str|None, "name": str, "arguments": JSON object as text}]
+  tool_call_id   a tool result: the id of the call it answers (when the source names calls)
+  name           a tool result: the name of the function that produced it
 
 A record that cannot be put in that form raises `RecordError(reason, detail)`; the reason is a stable code stored
 with the row. Role order, emptiness and length are checked later by the clean stage, not here.
@@ -11,20 +17,31 @@ with the row. Role order, emptiness and length are checked later by the clean st
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 FORMATS = ("alpaca", "sharegpt", "messages", "preference")
 
-# ShareGPT speakers and their common aliases.
+# Speakers and their common aliases (ShareGPT `from`, OpenAI `role`, LLaMA-Factory's tool tags).
 ROLE_ALIASES = {
     "human": "user", "user": "user", "prompter": "user",
     "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
     "bard": "assistant", "claude": "assistant",
     "system": "system",
+    "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
+    "function_call": "function_call",  # ShareGPT: an assistant turn whose value is the call as JSON
 }
+
+# Content-part types (OpenAI chat and Responses, Anthropic): what each becomes.
+TEXT_PARTS = {"text", "input_text", "output_text", "refusal"}
+REASONING_PARTS = {"reasoning", "thinking"}
+CALL_PARTS = {"tool_use", "tool_call", "function_call"}
+RESULT_PARTS = {"tool_result", "function_call_output"}
+MEDIA_PARTS = {"image", "image_url", "input_image", "output_image", "audio", "input_audio", "output_audio", "file",
+               "input_file", "document", "video", "video_url", "redacted_thinking"}
 
 
 class RecordError(ValueError):
@@ -33,10 +50,17 @@ class RecordError(ValueError):
         self.reason, self.detail = reason, detail
 
 
+class Parsed(NamedTuple):
+    kind: str
+    messages: list[dict]
+    responses: list[str] | None = None
+    tools: list[dict] | None = None
+
+
 def detect(record: dict) -> str | None:
     """The format a record looks like, from its keys; None when it matches none."""
     keys = set(record)
-    if "chosen" in keys and "rejected" in keys:
+    if {"chosen", "rejected"} <= keys or {"chosen_messages", "rejected_messages"} <= keys:
         return "preference"
     if isinstance(record.get("output"), list) or isinstance(record.get("responses"), list):
         return "preference"  # ranked answers, best first
@@ -56,14 +80,59 @@ def detect_file_format(records: list[Any], sample: int = 200) -> str | None:
     return votes.most_common(1)[0][0] if votes else None
 
 
+# ------------------------------------------------------------------ column and role mapping
+TURN_FIELDS = ("conversations", "messages", "prompt", "chosen", "rejected", "chosen_messages", "rejected_messages")
+
+
+def apply_mapping(record: dict, columns: dict[str, str], role_key: str | None = None,
+                  content_key: str | None = None, roles: dict[str, str] | None = None) -> dict:
+    """The record with its fields renamed onto ours, and inside conversations its turns' speaker / text fields and
+    speaker values mapped too (a dataset registry entry, as other tools have). The raw row is never changed."""
+    out = {columns.get(k, k): v for k, v in record.items()}
+    if not (role_key or content_key or roles):
+        return out
+
+    def turn(t: Any) -> Any:
+        if not isinstance(t, dict):
+            return t
+        t = dict(t)
+        if role_key and role_key in t:
+            t["role"] = t.pop(role_key)
+        if content_key and content_key in t:
+            t["content"] = t.pop(content_key)
+        speaker = t.get("role", t.get("from"))
+        if roles and isinstance(speaker, str) and speaker in roles:
+            t.pop("from", None)
+            t["role"] = roles[speaker]
+        return t
+
+    for name in TURN_FIELDS:
+        value = out.get(name)
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                value = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                continue  # reported as wrong_type when the field is read
+        if isinstance(value, list):
+            out[name] = [turn(t) for t in value]
+        elif isinstance(value, dict):
+            out[name] = turn(value)
+    return out
+
+
 # ------------------------------------------------------------------ field helpers
-def _as_list(value: Any, field: str) -> list:
-    """Lists may arrive JSON-encoded (CSV cells, stringly-typed Parquet columns)."""
-    if isinstance(value, str) and value.lstrip().startswith("["):
+def _json_value(value: Any, field: str, reason: str = "wrong_type") -> Any:
+    """Lists and objects may arrive JSON-encoded (CSV cells, stringly-typed Parquet columns, ShareGPT tools)."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
         try:
-            value = orjson.loads(value)
+            return orjson.loads(value)
         except orjson.JSONDecodeError as err:
-            raise RecordError("wrong_type", f"{field} is a string that is not a JSON list: {err}") from None
+            raise RecordError(reason, f"{field} is a string that is not valid JSON: {err}") from None
+    return value
+
+
+def _as_list(value: Any, field: str) -> list:
+    value = _json_value(value, field)
     if not isinstance(value, list):
         raise RecordError("wrong_type", f"{field} must be a list, got {type(value).__name__}")
     return value
@@ -85,8 +154,122 @@ def _require(record: dict, *fields: str) -> None:
         raise RecordError("missing_field", f"missing {', '.join(missing)}")
 
 
-def _message(turn: Any, field: str) -> dict[str, str]:
-    """One turn in ShareGPT ({from, value}) or OpenAI ({role, content}) shape."""
+# ------------------------------------------------------------------ tools and tool calls
+def _arguments(value: Any, field: str) -> str:
+    """Call arguments as the text of a JSON object (OpenAI sends a JSON string, others an object)."""
+    if value is None:
+        value = {}
+    if isinstance(value, str):
+        try:
+            value = orjson.loads(value) if value.strip() else {}
+        except orjson.JSONDecodeError as err:
+            raise RecordError("invalid_tool_call", f"{field} is not valid JSON: {err}: {value[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise RecordError("invalid_tool_call", f"{field} must be a JSON object, got {type(value).__name__}")
+    return orjson.dumps(value).decode()
+
+
+def _tool_call(value: Any, field: str) -> dict:
+    """One call: OpenAI {id, type, function: {name, arguments}}, flat {name, arguments}, or Anthropic
+    {type: tool_use, id, name, input}."""
+    if not isinstance(value, dict):
+        raise RecordError("invalid_tool_call", f"{field} must be an object, got {type(value).__name__}")
+    fn = value.get("function") if isinstance(value.get("function"), dict) else value
+    name = fn.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise RecordError("invalid_tool_call", f"{field} has no function name")
+    args = fn["input"] if "input" in fn and "arguments" not in fn else fn.get("arguments", fn.get("parameters"))
+    call_id = value.get("id", value.get("call_id"))
+    return {"id": str(call_id) if call_id is not None else None, "name": name,
+            "arguments": _arguments(args, f"{field}.arguments")}
+
+
+def _tool_calls(value: Any, field: str) -> list[dict]:
+    value = _json_value(value, field, "invalid_tool_call")
+    if isinstance(value, str):
+        raise RecordError("invalid_tool_call", f"{field} is not a JSON call object: {value[:80]!r}")
+    calls = value if isinstance(value, list) else [value]
+    return [_tool_call(c, f"{field}[{i}]") for i, c in enumerate(calls)]
+
+
+def tools_of(value: Any, field: str = "tools") -> list[dict] | None:
+    """Function schemas in OpenAI's shape: [{"type": "function", "function": {name, description, parameters}}].
+    Accepts that shape, bare {name, description, parameters} objects (LLaMA-Factory), either as a JSON string."""
+    if value is None or value == "" or value == []:
+        return None
+    value = _json_value(value, field, "invalid_tools")
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise RecordError("invalid_tools", f"{field} must be a list of function schemas, got {type(value).__name__}")
+    tools = []
+    for i, tool in enumerate(value):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise RecordError("invalid_tools", f"{field}[{i}] is not a function schema with a name")
+        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+            raise RecordError("invalid_tools", f"{field}[{i}].parameters must be a JSON schema object")
+        tools.append({"type": "function", "function": fn})
+    return tools
+
+
+# ------------------------------------------------------------------ turns
+def _part_text(part: dict, field: str, *keys: str) -> str:
+    for key in keys:
+        value = part.get(key)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):  # OpenAI Responses: reasoning summary = [{"type": "summary_text", "text"}]
+            return "\n".join(_part_text(p, field, "text") if isinstance(p, dict) else _text(p, field) for p in value)
+    raise RecordError("wrong_type", f"{field} has no text ({' / '.join(keys)})")
+
+
+class _Content(NamedTuple):
+    text: str | None
+    reasoning: str | None
+    calls: list[dict]
+    results: list[dict]
+
+
+def _content(value: Any, field: str) -> _Content:
+    """A turn's content: a string, or a list of typed parts (text parts are joined in order)."""
+    if value is None or isinstance(value, str):
+        return _Content(value, None, [], [])
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise RecordError("wrong_type", f"{field} must be a string or a list of parts, got {type(value).__name__}")
+    texts, reasoning, calls, results = [], [], [], []
+    for i, part in enumerate(value):
+        where = f"{field}[{i}]"
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise RecordError("wrong_type", f"{where} must be a part object, got {type(part).__name__}")
+        kind = part.get("type", "text" if ("text" in part or "value" in part) else None)
+        if kind in TEXT_PARTS:
+            texts.append(_part_text(part, where, "text", "value", "refusal"))
+        elif kind in REASONING_PARTS:
+            reasoning.append(_part_text(part, where, "text", "value", "reasoning", "thinking", "summary"))
+        elif kind in CALL_PARTS:
+            calls.append(_tool_call(part, where))
+        elif kind in RESULT_PARTS:
+            inner = _content(part.get("content", part.get("output")), f"{where}.content")
+            call_id = part.get("tool_use_id", part.get("call_id", part.get("tool_call_id")))
+            results.append({"role": "tool", "content": inner.text or "",
+                            "tool_call_id": str(call_id) if call_id is not None else None})
+        elif kind in MEDIA_PARTS:
+            raise RecordError("unsupported_content", f"{where} is a {kind!r} part: only text is trained on")
+        else:
+            raise RecordError("unknown_part_type", f"{where} has part type {kind!r}")
+    return _Content("".join(texts) if texts or not (calls or results) else None,
+                    "\n\n".join(reasoning) or None, calls, results)
+
+
+def _turn(turn: Any, field: str) -> list[dict]:
+    """One source turn in ShareGPT ({from, value}) or OpenAI ({role, content, ...}) shape → canonical messages (a
+    user turn of tool-result parts gives tool messages)."""
     if not isinstance(turn, dict):
         raise RecordError("wrong_type", f"{field} must be an object, got {type(turn).__name__}")
     speaker = turn.get("role", turn.get("from"))
@@ -94,22 +277,118 @@ def _message(turn: Any, field: str) -> dict[str, str]:
         raise RecordError("missing_field", f"{field} has no role/from")
     role = ROLE_ALIASES.get(str(speaker).lower())
     if role is None:
-        raise RecordError("unsupported_role", f"{field} role {speaker!r} is not system/user/assistant")
-    content = turn.get("content", turn.get("value"))
-    return {"role": role, "content": _text(content, f"{field}.content")}
+        raise RecordError("unsupported_role", f"{field} role {speaker!r} is not system/user/assistant/tool")
+    raw_content = turn.get("content", turn.get("value"))
+    if role == "function_call":  # ShareGPT: the value is the call (or a list of calls) as JSON
+        return [{"role": "assistant", "content": "", "tool_calls": _tool_calls(raw_content, f"{field}.value")}]
+    content = _content(raw_content, f"{field}.content")
+    if role == "assistant":
+        calls = content.calls
+        if turn.get("tool_calls"):
+            calls = calls + _tool_calls(turn["tool_calls"], f"{field}.tool_calls")
+        if turn.get("function_call"):  # OpenAI's older single-call field
+            calls = calls + _tool_calls(turn["function_call"], f"{field}.function_call")
+        reasoning = content.reasoning
+        for key in ("reasoning_content", "reasoning", "thinking"):
+            if reasoning is None and turn.get(key) is not None:
+                reasoning = _text(turn[key], f"{field}.{key}")
+        msg = {"role": "assistant", "content": _text(content.text, f"{field}.content", optional=bool(calls))}
+        if reasoning:
+            msg["reasoning"] = reasoning
+        if calls:
+            msg["tool_calls"] = calls
+        return [msg]
+    if content.calls:
+        raise RecordError("wrong_role_order", f"{field} is a {role} turn with tool calls")
+    if role == "tool":
+        call_id = turn.get("tool_call_id")
+        msg = {"role": "tool", "content": _text(content.text, f"{field}.content"),
+               "tool_call_id": str(call_id) if call_id is not None else None}
+        if isinstance(turn.get("name"), str):
+            msg["name"] = turn["name"]
+        return [msg]
+    if content.results and role != "user":
+        raise RecordError("wrong_role_order", f"{field} is a {role} turn with tool results")
+    text = [{"role": role, "content": content.text}] if content.text is not None else []
+    if not (content.results or text):
+        raise RecordError("missing_field", f"{field}.content is missing")
+    return content.results + text
 
 
-def _messages(value: Any, field: str) -> list[dict[str, str]]:
-    return [_message(t, f"{field}[{i}]") for i, t in enumerate(_as_list(value, field))]
+def _link_tool_results(msgs: list[dict], field: str) -> list[dict]:
+    """Every tool result answers a call of the assistant turn just before it; fills in the function's name."""
+    calls: list[dict] = []
+    answered = 0
+    for i, m in enumerate(msgs):
+        if m["role"] != "tool":
+            calls, answered = (m.get("tool_calls") or []) if m["role"] == "assistant" else [], 0
+            continue
+        if not calls:
+            raise RecordError("orphan_tool_result", f"{field}: tool result at turn {i} follows no tool call")
+        if m.get("tool_call_id") is not None and any(c["id"] is not None for c in calls):
+            match = [c for c in calls if c["id"] == m["tool_call_id"]]
+            if not match:
+                raise RecordError("orphan_tool_result",
+                                  f"{field}: tool result {m['tool_call_id']!r} at turn {i} answers no call")
+            call = match[0]
+        elif answered < len(calls):
+            call = calls[answered]
+        else:
+            raise RecordError("orphan_tool_result", f"{field}: more tool results than the {len(calls)} call(s) "
+                              f"before turn {i}")
+        answered += 1
+        m.setdefault("name", call["name"])
+    return msgs
+
+
+def _messages(value: Any, field: str) -> list[dict]:
+    turns = _as_list(value, field)
+    return _link_tool_results([m for i, t in enumerate(turns) for m in _turn(t, f"{field}[{i}]")], field)
+
+
+# ------------------------------------------------------------------ HH-RLHF transcripts
+_TRANSCRIPT_SPEAKERS = {"Human": ("Human", "Assistant"), "H": ("H", "A")}
+_TRANSCRIPT_START = re.compile(r"\s*(Human|H):")
+
+
+def is_transcript(text: Any) -> bool:
+    """A string shaped like Anthropic's HH-RLHF: "\\n\\nHuman: …\\n\\nAssistant: …" (or the H: / A: shorthand)."""
+    m = isinstance(text, str) and _TRANSCRIPT_START.match(text)
+    return bool(m) and re.search(rf"\n\s*{_TRANSCRIPT_SPEAKERS[m.group(1)][1]}:", text) is not None
+
+
+def transcript(text: Any, field: str, prompt: bool = False) -> list[dict]:
+    """The turns of an HH-style transcript. Speakers are matched at line starts only, in the style the transcript
+    opens with (so "A:" inside a "Human:" transcript is text). A prompt's trailing empty "Assistant:" is the cue to
+    answer and is dropped."""
+    text = _text(text, field)
+    m = _TRANSCRIPT_START.match(text)
+    if not m:
+        raise RecordError("unparseable_transcript",
+                          f"{field} does not open with a 'Human:' turn: {text.lstrip()[:60]!r}")
+    user, assistant = _TRANSCRIPT_SPEAKERS[m.group(1)]
+    pieces = re.split(rf"(?:^\s*|\n\s*)({user}|{assistant}):", text)
+    msgs = [{"role": "user" if who == user else "assistant", "content": said.strip()}
+            for who, said in zip(pieces[1::2], pieces[2::2])]
+    if prompt and msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]:
+        msgs.pop()
+    for i in range(1, len(msgs)):
+        if msgs[i]["role"] == msgs[i - 1]["role"]:
+            raise RecordError("unparseable_transcript", f"{field}: two {msgs[i]['role']} turns in a row at turn {i}")
+    return msgs
 
 
 # ------------------------------------------------------------------ formats
-def _alpaca_prompt(record: dict) -> list[dict[str, str]]:
+def _with_system(record: dict, msgs: list[dict]) -> list[dict]:
+    system = record.get("system")
+    if system and not (msgs and msgs[0]["role"] == "system"):
+        msgs.insert(0, {"role": "system", "content": _text(system, "system")})
+    return msgs
+
+
+def _alpaca_prompt(record: dict) -> list[dict]:
     _require(record, "instruction")
-    msgs = []
-    system = _text(record.get("system"), "system", optional=True)
-    if system:
-        msgs.append({"role": "system", "content": system})
+    msgs = _with_system(record, [])
     for i, pair in enumerate(_as_list(record.get("history") or [], "history")):
         if not isinstance(pair, list) or len(pair) != 2:
             raise RecordError("wrong_type", f"history[{i}] must be a [user, assistant] pair")
@@ -121,37 +400,47 @@ def _alpaca_prompt(record: dict) -> list[dict[str, str]]:
     return msgs
 
 
-def alpaca(record: dict):
+def _tools(record: dict) -> list[dict] | None:
+    if record.get("tools") not in (None, "", []):
+        return tools_of(record["tools"], "tools")
+    return tools_of(record.get("functions"), "functions")  # OpenAI's older name
+
+
+def alpaca(record: dict) -> Parsed:
     _require(record, "instruction", "output")
-    return "sft", _alpaca_prompt(record) + [{"role": "assistant", "content": _text(record["output"], "output")}], None
+    msgs = _alpaca_prompt(record) + [{"role": "assistant", "content": _text(record["output"], "output")}]
+    return Parsed("sft", msgs, None, _tools(record))
 
 
-def sharegpt(record: dict):
+def sharegpt(record: dict) -> Parsed:
     _require(record, "conversations")
-    msgs = _messages(record["conversations"], "conversations")
-    system = record.get("system")
-    if system:
-        msgs.insert(0, {"role": "system", "content": _text(system, "system")})
-    return "sft", msgs, None
+    return Parsed("sft", _with_system(record, _messages(record["conversations"], "conversations")), None,
+                  _tools(record))
 
 
-def messages(record: dict):
+def messages(record: dict) -> Parsed:
     _require(record, "messages")
     if record.get("label") is False:
         # KTO-style rows: label false marks an undesirable answer, which SFT must not learn from.
         raise RecordError("negative_label", "label is false: the answer is marked undesirable")
-    return "sft", _messages(record["messages"], "messages"), None
+    return Parsed("sft", _messages(record["messages"], "messages"), None, _tools(record))
 
 
-def _response(value: Any, field: str) -> str | list[dict[str, str]]:
+def _answer(msg: dict, field: str) -> str:
+    if msg["role"] != "assistant":
+        raise RecordError("wrong_role_order", f"{field} must be an assistant turn, got {msg['role']}")
+    if msg.get("tool_calls") or msg.get("reasoning"):
+        what = "tool calls" if msg.get("tool_calls") else "separate reasoning"
+        raise RecordError("unsupported_content", f"{field}: a preference answer with {what} (answers are text)")
+    return msg["content"]
+
+
+def _response(value: Any, field: str) -> str | list[dict]:
     """A preference answer: a string, one message object, or a whole conversation (implicit prompt)."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
-        msg = _message(value, field)
-        if msg["role"] != "assistant":
-            raise RecordError("wrong_role_order", f"{field} must be an assistant turn, got {msg['role']}")
-        return msg["content"]
+        return _answer(_turn(value, field)[-1], field)
     return _messages(value, field)
 
 
@@ -167,53 +456,80 @@ def _split_implicit(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict
     for name, tail in zip(("chosen", "rejected"), tails):
         if len(tail) != 1 or tail[0]["role"] != "assistant":
             raise RecordError("wrong_role_order", f"{name} must differ from the shared prompt by one assistant turn")
-    return chosen[:n], tails[0][0]["content"], tails[1][0]["content"]
+    return chosen[:n], _answer(tails[0][0], "chosen"), _answer(tails[1][0], "rejected")
 
 
-def preference(record: dict):
-    # The prompt: explicit `prompt`, ShareGPT `conversations`, OpenAI `messages`, or Alpaca fields.
-    if "prompt" in record and record["prompt"] is not None:
+def _explicit_prompt(record: dict) -> list[dict]:
+    """The prompt: explicit `prompt` (a string, an HH transcript or turns), ShareGPT `conversations`, OpenAI
+    `messages`, or Alpaca fields."""
+    if record.get("prompt") is not None:
         p = record["prompt"]
-        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, "prompt")
-    elif "conversations" in record:
-        prompt = _messages(record["conversations"], "conversations")
-    elif "messages" in record:
-        prompt = _messages(record["messages"], "messages")
-    elif "instruction" in record:
-        prompt = _alpaca_prompt(record)
-    else:
-        prompt = []
-    if record.get("system") and not (prompt and prompt[0]["role"] == "system"):
-        prompt.insert(0, {"role": "system", "content": _text(record["system"], "system")})
+        if is_transcript(p):
+            return transcript(p, "prompt", prompt=True)
+        return [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, "prompt")
+    if "conversations" in record:
+        return _messages(record["conversations"], "conversations")
+    if "messages" in record:
+        return _messages(record["messages"], "messages")
+    if "instruction" in record:
+        return _alpaca_prompt(record)
+    return []
 
+
+def preference(record: dict) -> Parsed:
+    tools = _tools(record)
     ranked = record.get("responses", record.get("output"))
     if isinstance(ranked, list) and "chosen" not in record:
-        answers = [_response(a, f"responses[{i}]") for i, a in enumerate(ranked)]
+        prompt = _with_system(record, _explicit_prompt(record))
+        answers = [a if isinstance(a, str) else _response(a, f"responses[{i}]") for i, a in enumerate(ranked)]
         if any(not isinstance(a, str) for a in answers):
             raise RecordError("wrong_type", "ranked responses must be strings or single assistant turns")
         if len(answers) < 2:
             raise RecordError("missing_field", "a ranked list needs at least two responses")
-        return "preference", prompt, answers
+        return Parsed("preference", prompt, answers, tools)
 
-    _require(record, "chosen", "rejected")
-    chosen, rejected = _response(record["chosen"], "chosen"), _response(record["rejected"], "rejected")
+    names = ("chosen", "rejected") if "chosen" in record else ("chosen_messages", "rejected_messages")
+    _require(record, *names)
+    raw_chosen, raw_rejected = record[names[0]], record[names[1]]
+    explicit = record.get("prompt") is not None or any(k in record for k in ("conversations", "instruction"))
+    if isinstance(raw_chosen, str) and isinstance(raw_rejected, str) and not explicit and "messages" not in record:
+        # No prompt anywhere: the strings are whole HH-style transcripts.
+        chosen, rejected = transcript(raw_chosen, names[0]), transcript(raw_rejected, names[1])
+    else:
+        chosen, rejected = _response(raw_chosen, names[0]), _response(raw_rejected, names[1])
     if isinstance(chosen, list) and isinstance(rejected, list):
+        # Whole conversations: their shared prefix is the prompt (a `prompt` / `messages` field next to them is
+        # usually a copy of it, as in UltraFeedback-style rows, and is used only when they share nothing).
         shared, chosen, rejected = _split_implicit(chosen, rejected)
-        prompt = prompt + shared
+        prompt = shared or _explicit_prompt(record)
     elif isinstance(chosen, list) or isinstance(rejected, list):
         raise RecordError("wrong_type", "chosen and rejected must both be conversations or both be answers")
+    else:
+        prompt = _explicit_prompt(record)
     if not prompt:
         raise RecordError("missing_field", "no prompt: expected prompt, conversations, messages or instruction")
-    return "preference", prompt, [chosen, rejected]
+    return Parsed("preference", _with_system(record, prompt), [chosen, rejected], tools)
 
 
 NORMALIZERS = {"alpaca": alpaca, "sharegpt": sharegpt, "messages": messages, "preference": preference}
 
 
-def normalize(record: Any, fmt: str):
-    """(kind, messages, responses) for one record in format `fmt`, or RecordError."""
+def normalize(record: Any, fmt: str | None) -> Parsed:
+    """The canonical form of one record in format `fmt`, or RecordError."""
     if not isinstance(record, dict):
         raise RecordError("wrong_type", f"a record must be a JSON object, got {type(record).__name__}")
     if fmt is None:
         raise RecordError("unknown_format", f"fields {sorted(record)[:8]} match no supported format")
     return NORMALIZERS[fmt](record)
+
+
+# ------------------------------------------------------------------ what a conversation says, as text
+def call_text(call: dict) -> str:
+    return f"{call['name']}({call['arguments']})"
+
+
+def turn_text(msg: dict) -> str:
+    """Everything a turn says, for dedup and length checks: reasoning, text and tool calls."""
+    parts = [msg.get("reasoning") or "", msg.get("content") or ""]
+    parts += [call_text(c) for c in msg.get("tool_calls") or []]
+    return "\n".join(p for p in parts if p)

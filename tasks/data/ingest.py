@@ -14,7 +14,7 @@ import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import orjson
@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from tasks.core import storage
 from tasks.core.caching import current_run_id, sha256_text, stage_task
-from tasks.core.config import PipelineConfig
+from tasks.core.config import FieldMapping, PipelineConfig
 from tasks.core.warehouse import (
     insert_columns,
     open_warehouse,
@@ -33,7 +33,11 @@ from tasks.core.warehouse import (
 from tasks.data import formats
 
 SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+# Arrow's spelling of sql/schema.sql's chat_message (fields absent from a message are NULL).
+TOOL_CALL_TYPE = pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())])
+MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string()), ("reasoning", pa.string()),
+                                   ("tool_calls", pa.list_(TOOL_CALL_TYPE)), ("tool_call_id", pa.string()),
+                                   ("name", pa.string())]))
 
 
 class NothingToIngest(RuntimeError):
@@ -197,21 +201,45 @@ def read_file(path: Path, data: bytes, csv_delimiter: str = ",") -> FileRead:
 
 
 # ------------------------------------------------------------------ parsing into canonical form
-def file_format(url: str, rows: list[RawRow], overrides: dict[str, str]) -> str | None:
+def _matches(url: str, pattern: str) -> bool:
+    return fnmatch.fnmatch(url, pattern) or fnmatch.fnmatch(PurePosixPath(url).name, pattern)
+
+
+def file_mapping(url: str, cfg: PipelineConfig) -> FieldMapping | None:
+    """The configured field mapping of a file: the first glob in data.ingest.mappings that matches it."""
+    return next((m for pattern, m in cfg.data.ingest.mappings.items() if _matches(url, pattern)), None)
+
+
+def mapped_record(row: RawRow, mapping: FieldMapping | None) -> Any:
+    if mapping is None or row.reason or not isinstance(row.record, dict):
+        return row.record
+    return formats.apply_mapping(row.record, mapping.columns, mapping.role_key, mapping.content_key, mapping.roles)
+
+
+def file_format(url: str, records: list[Any], overrides: dict[str, str]) -> str | None:
     for pattern, fmt in overrides.items():
-        if fmt != "auto" and (fnmatch.fnmatch(url, pattern) or fnmatch.fnmatch(PurePosixPath(url).name, pattern)):
+        if fmt != "auto" and _matches(url, pattern):
             return fmt
-    return formats.detect_file_format([r.record for r in rows if r.reason is None])
+    return formats.detect_file_format(records)
 
 
-def parse_row(row: RawRow, fmt: str | None) -> tuple[str | None, list | None, list | None, str | None, str | None]:
+class ParsedRow(NamedTuple):
+    kind: str | None = None
+    messages: list | None = None
+    responses: list | None = None
+    tools: str | None = None  # the function schemas as JSON text
+    reason: str | None = None
+    detail: str | None = None
+
+
+def parse_row(row: RawRow, record: Any, fmt: str | None) -> ParsedRow:
     if row.reason:
-        return None, None, None, row.reason, row.detail
+        return ParsedRow(reason=row.reason, detail=row.detail)
     try:
-        kind, msgs, responses = formats.normalize(row.record, fmt)
-        return kind, msgs, responses, None, None
+        kind, msgs, responses, tools = formats.normalize(record, fmt)
     except formats.RecordError as err:
-        return None, None, None, err.reason, err.detail
+        return ParsedRow(reason=err.reason, detail=err.detail)
+    return ParsedRow(kind, msgs, responses, json.dumps(tools, ensure_ascii=False) if tools else None)
 
 
 # ------------------------------------------------------------------ the stage
@@ -228,7 +256,10 @@ def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: Pipe
         return {"path": url, "file_id": file_id, "skipped": True, "rows": 0}
 
     read = read_file(local, data, cfg.data.ingest.csv_delimiter)
-    fmt = file_format(url, read.rows, cfg.data.ingest.formats) if read.rows else None
+    mapping = file_mapping(url, cfg)
+    records = [mapped_record(r, mapping) for r in read.rows]
+    fmt = file_format(url, [rec for r, rec in zip(read.rows, records) if r.reason is None],
+                      cfg.data.ingest.formats) if read.rows else None
     now = utcnow()
     con.begin()
     try:
@@ -249,14 +280,15 @@ def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: Pipe
                 "raw_bytes": pa.array([r.raw_bytes for r in read.rows], pa.binary()),
                 "ingest_run_id": [run_id] * len(row_ids),
             })
-            parsed = [parse_row(r, fmt) for r in read.rows]
+            parsed = [parse_row(r, rec, fmt) for r, rec in zip(read.rows, records)]
             insert_columns(con, "parsed_rows", {
                 "row_id": row_ids,
-                "kind": pa.array([p[0] for p in parsed], pa.string()),
-                "messages": pa.array([p[1] for p in parsed], MESSAGE_TYPE),
-                "responses": pa.array([p[2] for p in parsed], pa.list_(pa.string())),
-                "reason": pa.array([p[3] for p in parsed], pa.string()),
-                "detail": pa.array([p[4] for p in parsed], pa.string()),
+                "kind": pa.array([p.kind for p in parsed], pa.string()),
+                "messages": pa.array([p.messages for p in parsed], MESSAGE_TYPE),
+                "responses": pa.array([p.responses for p in parsed], pa.list_(pa.string())),
+                "tools": pa.array([p.tools for p in parsed], pa.string()),
+                "reason": pa.array([p.reason for p in parsed], pa.string()),
+                "detail": pa.array([p.detail for p in parsed], pa.string()),
             })
         con.commit()
     except BaseException:
@@ -297,7 +329,7 @@ def run_ingest(cfg: PipelineConfig, run_id: str = "local") -> dict[str, Any]:
             "new_rows": sum(f["rows"] for f in files),
             "warehouse_rows": con.execute("SELECT count(*) FROM raw_rows").fetchone()[0],
         }
-        fingerprint = table_fingerprint(con, "SELECT row_id, kind, messages, responses, reason FROM parsed_rows")
+        fingerprint = table_fingerprint(con, "SELECT row_id, kind, messages, responses, tools, reason FROM parsed_rows")
         record_stage(con, run_id, "ingest", started, stats)
     return {"stage": "ingest", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats,
             "files": files}

@@ -16,26 +16,9 @@ from typing import Any
 import torch
 
 from tasks.core.config import PipelineConfig
+from tasks.data.chat_template import DEFAULT_CHAT_TEMPLATE  # ChatML-style, with tools; the clean stage checks it too
 
 log = logging.getLogger("sftpipe.train")
-
-# ChatML-style default for tokenizers without a template. Assistant content, its end marker and EOS sit inside
-# {% generation %} so `return_assistant_tokens_mask` (trl's assistant_only_loss) selects exactly what the model must
-# produce, including how to stop. The markers are plain text: no tokens are added, so no embedding resize is needed.
-DEFAULT_CHAT_TEMPLATE = """\
-{%- if bos_token %}{{- bos_token }}{%- endif %}
-{%- for message in messages %}
-    {%- if message['role'] == 'assistant' %}
-        {{- '<|im_start|>assistant\n' }}
-        {%- generation %}{{- message['content'] + '<|im_end|>' + (eos_token or '') }}{%- endgeneration %}
-        {{- '\n' }}
-    {%- else %}
-        {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
-"""
-
 
 
 def library_versions() -> dict[str, str]:

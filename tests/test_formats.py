@@ -1,0 +1,391 @@
+"""Public layouts go in unmodified: HH-RLHF transcripts, content-part arrays, whole-conversation preference under
+other names, OpenAI and ShareGPT tool calling, column / role mapping. English and Chinese rows in each layout, with a
+malformed variant of each that is rejected with its reason; every file keeps raw = accepted + rejected + duplicate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import query, run_data_plane
+
+from tasks.core.config import ConfigError, load_config
+from tasks.core.warehouse import compact_messages
+from tasks.data import formats
+
+# ------------------------------------------------------------------ fixtures, one file per layout
+HH = [
+    {"chosen": "\n\nHuman: What are some good ways to keep basil fresh?\n\nAssistant: Trim the stems and stand the "
+               "bunch in a glass of water on the counter, loosely covered with a bag. Basil turns black in the "
+               "fridge.",
+     "rejected": "\n\nHuman: What are some good ways to keep basil fresh?\n\nAssistant: Put it in the freezer."},
+    {"chosen": "\n\nHuman: Can you help me write a birthday card for my grandmother?\n\nAssistant: Of course. How "
+               "old is she turning, and is there a memory you share?\n\nHuman: She is turning 90 and taught me to "
+               "bake bread.\n\nAssistant: Dear Grandma, happy 90th! Every loaf I bake still starts with your "
+               "hands on mine.",
+     "rejected": "\n\nHuman: Can you help me write a birthday card for my grandmother?\n\nAssistant: Of course. How "
+                 "old is she turning, and is there a memory you share?\n\nHuman: She is turning 90 and taught me "
+                 "to bake bread.\n\nAssistant: Happy birthday."},
+    {"chosen": "\n\nHuman: 怎样才能睡得更好？\n\nAssistant: 每天固定时间上床和起床，睡前一小时不看手机，卧室保持凉爽和安静。",
+     "rejected": "\n\nHuman: 怎样才能睡得更好？\n\nAssistant: 多喝咖啡。"},
+    # The line-start speaker is locked to the transcript's style: "A:" inside a Human: transcript is text.
+    {"chosen": "\n\nHuman: Format this as a quiz:\nQ: What is the capital of Peru?\nA: Lima\n\nAssistant: "
+               "Question 1. What is the capital of Peru? (Answer: Lima)",
+     "rejected": "\n\nHuman: Format this as a quiz:\nQ: What is the capital of Peru?\nA: Lima\n\nAssistant: Lima."},
+    # The H: / A: shorthand.
+    {"chosen": "\n\nH: Is it safe to eat raw cookie dough?\n\nA: Not really: raw flour and raw eggs can carry "
+               "bacteria. Heat-treated flour and no eggs make it safe.",
+     "rejected": "\n\nH: Is it safe to eat raw cookie dough?\n\nA: Yes, always."},
+    # Malformed: not a transcript; two Human turns in a row.
+    {"chosen": "User: hi\nBot: hello there", "rejected": "User: hi\nBot: go away"},
+    {"chosen": "\n\nHuman: Tell me a joke.\n\nHuman: A short one.\n\nAssistant: Why did the bread rise? It kneaded to.",
+     "rejected": "\n\nHuman: Tell me a joke.\n\nHuman: A short one.\n\nAssistant: No."},
+]
+HH_PROMPT = [  # prompt is a transcript ending in the "Assistant:" cue, chosen / rejected are the answers
+    {"prompt": "\n\nHuman: How do I get candle wax out of a tablecloth?\n\nAssistant:",
+     "response": "Freeze it and scrape it off.",
+     "chosen": "Let the wax harden, scrape off what you can, then iron it between paper towels on low heat.",
+     "rejected": "Throw the tablecloth away."},
+]
+PARTS = [
+    {"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "You are a concise travel assistant."}]},
+        {"role": "user", "content": [{"type": "text", "text": "I have one day in Lisbon. "},
+                                     {"type": "text", "text": "What should I not miss?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Ride tram 28 early, then walk Alfama and "
+                                                                    "watch sunset from a miradouro."}]}]},
+    {"messages": [
+        {"role": "user", "content": [{"type": "text", "value": "What is 17 times 23?"}]},
+        {"role": "assistant", "content": [
+            {"type": "reasoning", "text": "17 * 23 = 17 * 20 + 17 * 3 = 340 + 51 = 391."},
+            {"type": "text", "text": "17 times 23 is 391."}]}]},
+    {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "请用一句话介绍长城。"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "长城是中国古代修建的防御工程，"},
+                                          {"type": "text", "text": "总长度超过两万公里。"}]}]},
+    {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
+                                     {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]},
+        {"role": "assistant", "content": "A cat on a windowsill."}]},
+    {"messages": [
+        {"role": "user", "content": [{"type": "hologram", "data": "..."}]},
+        {"role": "assistant", "content": "I cannot see that."}]},
+]
+SHAREGPT_PARTS = [
+    {"conversations": [{"from": "human", "value": [{"type": "text", "value": "推荐一本适合初学者的编程书。"}]},
+                       {"from": "gpt", "value": [{"type": "text", "value": "《Python编程：从入门到实践》很适合初学者。"}]}]},
+    {"conversations": [{"from": "human", "value": [{"type": "input_audio", "input_audio": {"data": "UklGR..."}}]},
+                       {"from": "gpt", "value": "Sorry, I cannot listen to audio."}]},
+]
+WHOLE_CONVERSATIONS = [
+    {"chosen_messages": [{"role": "user", "content": "Give me a synonym for 'happy'."},
+                         {"role": "assistant", "content": "Joyful."}],
+     "rejected_messages": [{"role": "user", "content": "Give me a synonym for 'happy'."},
+                           {"role": "assistant", "content": "Sad."}]},
+    # UltraFeedback-style: prompt and messages repeat the conversations' shared first turn.
+    {"prompt": "把“早上好”翻译成英文。",
+     "chosen": [{"role": "user", "content": "把“早上好”翻译成英文。"}, {"role": "assistant", "content": "Good morning."}],
+     "rejected": [{"role": "user", "content": "把“早上好”翻译成英文。"}, {"role": "assistant", "content": "Good night."}],
+     "messages": [{"role": "user", "content": "把“早上好”翻译成英文。"}, {"role": "assistant", "content": "Good morning."}],
+     "score_chosen": 9.0, "score_rejected": 2.0},
+]
+FORECAST_TOOL = {"type": "function", "function": {
+    "name": "get_forecast", "description": "Weather forecast for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city"]}}}
+ORDER_TOOL = {"type": "function", "function": {
+    "name": "lookup_order", "description": "查询订单状态",
+    "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}}
+
+
+def _forecast_row(arguments='{"city": "Berlin", "days": 1}', call_id="call_8KQ2", result_id="call_8KQ2"):
+    return {"messages": [
+        {"role": "system", "content": "You are a helpful assistant with access to a weather service."},
+        {"role": "user", "content": "Do I need an umbrella in Berlin tomorrow?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": "get_forecast", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": result_id, "content": '{"rain_probability": 0.8, "high_c": 14}'},
+        {"role": "assistant", "content": "Yes: there is an 80% chance of rain in Berlin tomorrow, high of 14 °C."}],
+        "tools": [FORECAST_TOOL]}
+
+
+OPENAI_TOOLS = [
+    _forecast_row(),
+    {"messages": [  # two calls in one turn, answered by id
+        {"role": "user", "content": "Compare tomorrow in Oslo and Rome."},
+        {"role": "assistant", "content": "Let me check both.", "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "get_forecast", "arguments": '{"city": "Oslo"}'}},
+            {"id": "call_b", "type": "function", "function": {"name": "get_forecast", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "call_b", "content": '{"high_c": 24}'},
+        {"role": "tool", "tool_call_id": "call_a", "content": '{"high_c": 9}'},
+        {"role": "assistant", "content": "Rome will be 15 degrees warmer than Oslo tomorrow."}],
+        "tools": [FORECAST_TOOL]},
+    {"messages": [
+        {"role": "user", "content": "我的订单 A1029 到哪了？"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_zh1", "type": "function",
+             "function": {"name": "lookup_order", "arguments": '{"order_id": "A1029"}'}}]},
+        {"role": "tool", "tool_call_id": "call_zh1", "content": '{"status": "已发货", "eta": "明天"}'},
+        {"role": "assistant", "content": "您的订单 A1029 已发货，预计明天送达。"}],
+        "tools": [ORDER_TOOL]},
+    _forecast_row(arguments='{"city": "Berlin", "days": 1'),  # arguments are not JSON
+    {"messages": [  # a tool result nothing asked for
+        {"role": "user", "content": "Do I need an umbrella in Berlin tomorrow?"},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"rain_probability": 0.8}'},
+        {"role": "assistant", "content": "Yes, take one."}], "tools": [FORECAST_TOOL]},
+    _forecast_row(result_id="call_other"),  # answers a call id that was never made
+]
+GLAIVE_TOOLS = json.dumps([{"name": "generate_password", "description": "Generate a random password",
+                            "parameters": {"type": "object", "properties": {
+                                "length": {"type": "integer", "description": "The length of the password"}},
+                                "required": ["length"]}}])
+RATE_TOOLS = [{"name": "convert_currency", "description": "货币换算",
+               "parameters": {"type": "object", "properties": {"amount": {"type": "number"},
+                                                              "from": {"type": "string"}, "to": {"type": "string"}}}}]
+SHAREGPT_TOOLS = [
+    {"conversations": [
+        {"from": "human", "value": "I need a new password. Can you generate one with 12 characters?"},
+        {"from": "function_call", "value": '{"name": "generate_password", "arguments": {"length": 12}}'},
+        {"from": "observation", "value": '{"password": "aB3$fG7!kL9@"}'},
+        {"from": "gpt", "value": "Here is your new password: aB3$fG7!kL9@. Keep it somewhere safe."}],
+     "system": "You are a helpful assistant.", "tools": GLAIVE_TOOLS},
+    {"conversations": [
+        {"from": "human", "value": "100美元能换多少人民币？"},
+        {"from": "function_call", "value": '{"name": "convert_currency", "arguments": '
+                                           '{"amount": 100, "from": "USD", "to": "CNY"}}'},
+        {"from": "observation", "value": '{"converted_amount": 718.5}'},
+        {"from": "gpt", "value": "100美元大约可以换718.5元人民币。"}],
+     "tools": RATE_TOOLS},
+    {"conversations": [  # the call is not JSON
+        {"from": "human", "value": "Generate a 16 character password."},
+        {"from": "function_call", "value": "generate_password(length=16)"},
+        {"from": "observation", "value": '{"password": "x"}'},
+        {"from": "gpt", "value": "Done."}], "tools": GLAIVE_TOOLS},
+    {"conversations": [  # an observation without a call
+        {"from": "human", "value": "What is my password?"},
+        {"from": "observation", "value": '{"password": "hunter2"}'},
+        {"from": "gpt", "value": "I cannot tell you that."}], "tools": GLAIVE_TOOLS},
+]
+FAQ = [{"question": "How do I reset my router?", "answer": "Hold the reset button for ten seconds.", "category": "net"},
+       {"question": "路由器指示灯一直闪烁怎么办？", "answer": "请先重启路由器，再检查网线是否插好。", "category": "net"}]
+SUPPORT_CHATS = [{"dialog": [{"speaker": "customer", "text": "My package arrived damaged."},
+                             {"speaker": "agent", "text": "Sorry about that! I have sent a replacement today."}]},
+                 {"dialog": [{"speaker": "customer", "text": "可以开发票吗？"},
+                             {"speaker": "agent", "text": "可以，请提供您的抬头和税号。"}]}]
+MAPPINGS = {"*faq*": {"columns": {"question": "instruction", "answer": "output"}},
+            "support_chats.jsonl": {"columns": {"dialog": "messages"}, "role_key": "speaker", "content_key": "text",
+                                    "roles": {"customer": "user", "agent": "assistant"}}}
+
+FILES = {"hh_rlhf.jsonl": HH, "hh_prompt.jsonl": HH_PROMPT, "content_parts.jsonl": PARTS,
+         "sharegpt_parts.json": SHAREGPT_PARTS, "whole_conversations.jsonl": WHOLE_CONVERSATIONS,
+         "openai_tools.jsonl": OPENAI_TOOLS, "sharegpt_tools.json": SHAREGPT_TOOLS, "faq_support.jsonl": FAQ,
+         "support_chats.jsonl": SUPPORT_CHATS}
+EXPECTED_REASONS = {  # (file, 1-based row) -> reason; every other row is accepted
+    ("hh_rlhf", 6): "unparseable_transcript", ("hh_rlhf", 7): "unparseable_transcript",
+    ("content_parts", 4): "unsupported_content", ("content_parts", 5): "unknown_part_type",
+    ("sharegpt_parts", 2): "unsupported_content",
+    ("openai_tools", 4): "invalid_tool_call", ("openai_tools", 5): "orphan_tool_result",
+    ("openai_tools", 6): "orphan_tool_result",
+    ("sharegpt_tools", 3): "invalid_tool_call", ("sharegpt_tools", 4): "orphan_tool_result",
+}
+
+
+def _write(folder, name, rows):
+    path = folder / name
+    if name.endswith(".json"):
+        path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory):
+    """Every layout ingested, cleaned, deduplicated and split once (plain functions, one warehouse)."""
+    root = tmp_path_factory.mktemp("formats")
+    raw = root / "raw"
+    raw.mkdir()
+    for name, rows in FILES.items():
+        _write(raw, name, rows)
+    cfg = load_config(None, {"storage_root": str(root / "runs"), "data.ingest.inputs": [str(raw)],
+                             "data.ingest.mappings": MAPPINGS})
+    run_data_plane(cfg)
+    return cfg
+
+
+def _parsed(cfg, source: str) -> list[tuple]:
+    rows = query(cfg, "SELECT r.row_number, p.kind, p.messages, p.responses, p.tools, d.status, d.reason, d.detail "
+                      "FROM raw_rows r JOIN source_files f USING (file_id) JOIN parsed_rows p USING (row_id) "
+                      "JOIN row_dispositions d USING (row_id) WHERE f.source = ? ORDER BY r.row_number", [source])
+    return [(n, k, compact_messages(m) if m else m, r, json.loads(t) if t else None, s, why, d)
+            for n, k, m, r, t, s, why, d in rows]
+
+
+def test_every_row_ends_accepted_rejected_or_duplicate_with_its_reason(plane):
+    assert all(balanced for (balanced,) in query(plane, "SELECT balanced FROM row_conservation"))
+    dispositions = query(plane, "SELECT f.source, d.row_number, d.status, d.reason, d.detail FROM row_dispositions d "
+                                "JOIN source_files f USING (file_id)")
+    assert len(dispositions) == sum(len(rows) for rows in FILES.values())
+    for source, n, status, reason, detail in dispositions:
+        expected = EXPECTED_REASONS.get((source, n))
+        assert (status == "rejected", reason) == (expected is not None, expected), (source, n, status, reason, detail)
+    # Raw rows are stored verbatim: each parses back to the record as written.
+    raw = dict(query(plane, "SELECT f.source || ':' || r.row_number, r.raw FROM raw_rows r JOIN source_files f "
+                            "USING (file_id)"))
+    for name, rows in FILES.items():
+        source = name.split(".")[0]
+        assert [json.loads(raw[f"{source}:{i}"]) for i in range(1, len(rows) + 1)] == rows
+
+
+def test_hh_transcripts_become_prompt_and_final_answers(plane):
+    rows = _parsed(plane, "hh_rlhf")
+    _, kind, prompt, answers, *_ = rows[1]
+    assert kind == "preference"
+    assert [m["role"] for m in prompt] == ["user", "assistant", "user"]
+    assert prompt[2]["content"] == "She is turning 90 and taught me to bake bread."
+    assert answers == ["Dear Grandma, happy 90th! Every loaf I bake still starts with your hands on mine.",
+                       "Happy birthday."]
+    assert rows[2][2] == [{"role": "user", "content": "怎样才能睡得更好？"}] and rows[2][3][1] == "多喝咖啡。"
+    assert rows[3][2][0]["content"].endswith("A: Lima")  # a line-start "A:" inside a Human: transcript is text
+    assert rows[4][2] == [{"role": "user", "content": "Is it safe to eat raw cookie dough?"}]
+    assert "does not open with a 'Human:' turn" in rows[5][7]
+    assert "two user turns in a row" in rows[6][7]
+    [(_, kind, prompt, answers, *_)] = _parsed(plane, "hh_prompt")
+    assert prompt == [{"role": "user", "content": "How do I get candle wax out of a tablecloth?"}]
+    assert answers[1] == "Throw the tablecloth away."
+
+
+def test_content_parts_are_joined_and_reasoning_kept(plane):
+    rows = _parsed(plane, "content_parts")
+    assert rows[0][2][1]["content"] == "I have one day in Lisbon. What should I not miss?"
+    assert rows[1][2][1] == {"role": "assistant", "content": "17 times 23 is 391.",
+                             "reasoning": "17 * 23 = 17 * 20 + 17 * 3 = 340 + 51 = 391."}
+    assert rows[2][2][1]["content"] == "长城是中国古代修建的防御工程，总长度超过两万公里。"
+    assert "'image_url'" in rows[3][7] and "'hologram'" in rows[4][7]
+    zh, audio = _parsed(plane, "sharegpt_parts")
+    assert zh[2][0] == {"role": "user", "content": "推荐一本适合初学者的编程书。"}
+    assert "'input_audio'" in audio[7]
+    # Reasoning counts as assistant text for dedup.
+    [(text,)] = query(plane, "SELECT dedup_text FROM clean_rows WHERE row_id LIKE '%:2' AND source = 'content_parts'")
+    assert "340 + 51 = 391" in text
+
+
+def test_whole_conversations_under_other_names(plane):
+    rows = _parsed(plane, "whole_conversations")
+    assert rows[0][2:4] == ([{"role": "user", "content": "Give me a synonym for 'happy'."}], ["Joyful.", "Sad."])
+    assert rows[1][2:4] == ([{"role": "user", "content": "把“早上好”翻译成英文。"}], ["Good morning.", "Good night."])
+
+
+def test_openai_tool_calls_and_results_are_kept(plane):
+    rows = _parsed(plane, "openai_tools")
+    _, kind, msgs, _, tools, status, *_ = rows[0]
+    assert (kind, status, tools) == ("sft", "accepted", [FORECAST_TOOL])
+    assert msgs[2] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_8KQ2", "name": "get_forecast", "arguments": '{"city":"Berlin","days":1}'}]}
+    assert msgs[3] == {"role": "tool", "content": '{"rain_probability": 0.8, "high_c": 14}',
+                       "tool_call_id": "call_8KQ2", "name": "get_forecast"}
+    parallel = rows[1][2]
+    assert [c["name"] for c in parallel[1]["tool_calls"]] == ["get_forecast", "get_forecast"]
+    assert [m.get("tool_call_id") for m in parallel[2:4]] == ["call_b", "call_a"]
+    assert rows[2][2][3]["content"] == "您的订单 A1029 已发货，预计明天送达。"
+    assert "not valid JSON" in rows[3][7]
+    assert "follows no tool call" in rows[4][7] and "'call_other'" in rows[5][7]
+    # The SQL view counts calls per function, and knows they are declared in the row's tools.
+    got = {(s, f): (calls, n, declared) for s, f, calls, n, declared, _ in query(plane, "SELECT * FROM tool_calls")}
+    assert got[("openai_tools", "get_forecast")] == (3, 2, True)
+    assert got[("sharegpt_tools", "convert_currency")] == (1, 1, True)
+
+
+def test_sharegpt_function_call_and_observation_turns(plane):
+    rows = _parsed(plane, "sharegpt_tools")
+    _, kind, msgs, _, tools, status, *_ = rows[0]
+    assert status == "accepted"
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool", "assistant"]
+    assert msgs[2]["tool_calls"] == [{"id": None, "name": "generate_password", "arguments": '{"length":12}'}]
+    assert msgs[3]["name"] == "generate_password"
+    assert tools == [{"type": "function", "function": json.loads(GLAIVE_TOOLS)[0]}]  # a JSON string in the file
+    assert rows[1][4][0]["function"]["description"] == "货币换算"  # a list in the file
+    assert "generate_password(length=16)" in rows[2][7]
+
+
+def test_column_and_role_mapping_from_config(plane):
+    faq = _parsed(plane, "faq_support")
+    assert faq[0][2] == [{"role": "user", "content": "How do I reset my router?"},
+                         {"role": "assistant", "content": "Hold the reset button for ten seconds."}]
+    chats = _parsed(plane, "support_chats")
+    assert chats[1][2] == [{"role": "user", "content": "可以开发票吗？"},
+                           {"role": "assistant", "content": "可以，请提供您的抬头和税号。"}]
+    assert dict(query(plane, "SELECT source, data_format FROM source_files"))["support_chats"] == "messages"
+
+
+def test_unknown_mapping_targets_fail_at_config_load():
+    with pytest.raises(ConfigError, match=r"mappings\.\*faq\*\.columns\.question"):
+        load_config(None, {"data.ingest.mappings": {"*faq*": {"columns": {"question": "instructions"}}}})
+    with pytest.raises(ConfigError, match=r"mappings\.x\.roles\.agent"):
+        load_config(None, {"data.ingest.mappings": {"x": {"roles": {"agent": "bot"}}}})
+
+
+def test_tool_calls_count_as_assistant_text_for_dedup(tmp_path, make_cfg):
+    other_call = _forecast_row()
+    other_call["messages"][2]["tool_calls"][0]["function"]["arguments"] = '{"city": "Hamburg", "days": 5}'
+    _write(tmp_path, "tools.jsonl", [_forecast_row(), _forecast_row(), other_call])
+    cfg = make_cfg(f"data.ingest.inputs=[{tmp_path / 'tools.jsonl'}]")
+    run_data_plane(cfg)
+    status = [s for (s,) in query(cfg, "SELECT status FROM row_dispositions ORDER BY row_number")]
+    assert status == ["accepted", "duplicate", "accepted"]
+    texts = [t for (t,) in query(cfg, "SELECT dedup_text FROM clean_rows ORDER BY row_seq")]
+    assert 'get_forecast({"city":"Berlin","days":1})' in texts[0]
+    assert 'get_forecast({"city":"Hamburg","days":5})' in texts[2]
+
+
+PLAIN_CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + (m['content'] or '') + "
+                "'<|im_end|>\\n' }}{% endfor %}")
+
+
+def test_a_template_that_cannot_render_tools_rejects_tool_rows_at_clean_time(tmp_path, make_cfg):
+    _write(tmp_path, "a_tools.jsonl", [_forecast_row()])
+    _write(tmp_path, "b_plain.jsonl", [{"instruction": "Say hi", "input": "", "output": "Hi!"}])
+    cfg = make_cfg(f"data.ingest.inputs=[{tmp_path}]", f"model.chat_template={PLAIN_CHATML!r}")
+    run_data_plane(cfg)
+    rows = query(cfg, "SELECT status, reason, detail FROM row_dispositions ORDER BY source")
+    assert rows[0][:2] == ("rejected", "template_lacks_tools")
+    assert "drops the tool schemas, the tool calls" in rows[0][2]
+    assert rows[1][:2] == ("accepted", None)
+
+
+def test_the_default_template_renders_tools_calls_results_and_reasoning():
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from tasks.data.chat_template import DEFAULT_CHAT_TEMPLATE, template_messages, tools_problem
+
+    def render(messages, tools):
+        return render_jinja_template([messages], tools=tools, chat_template=DEFAULT_CHAT_TEMPLATE)[0][0]
+
+    assert tools_problem(render) is None
+    parsed = formats.normalize(_forecast_row(), "messages")
+    text = render(template_messages(parsed.messages), parsed.tools)
+    assert '<tool_call>\n{"name": "get_forecast", "arguments": {"city": "Berlin", "days": 1}}\n</tool_call>' in text
+    assert '"description": "Weather forecast for a city"' in text
+    reasoning = formats.normalize(PARTS[1], "messages").messages
+    assert "<think>\n17 * 23 = 17 * 20" in render(template_messages(reasoning), None)
+    # Without tools or reasoning it renders as plain ChatML, as before tools existed.
+    assert render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], None) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n")
+
+
+def test_a_warehouse_from_before_tool_calls_is_widened_in_place(tmp_path):
+    import duckdb
+
+    from tasks.core.warehouse import connect
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE parsed_rows (row_id VARCHAR PRIMARY KEY, kind VARCHAR, "
+                "messages STRUCT(role VARCHAR, content VARCHAR)[], responses VARCHAR[], reason VARCHAR, detail VARCHAR)")
+    con.execute("INSERT INTO parsed_rows VALUES ('f:1', 'sft', [{'role': 'user', 'content': 'hi'}], NULL, NULL, NULL)")
+    con.close()
+    con = connect(path)
+    [(messages, tools)] = con.execute("SELECT messages, tools FROM parsed_rows").fetchall()
+    assert (compact_messages(messages), tools) == ([{"role": "user", "content": "hi"}], None)
+    assert "tool_calls" in con.execute("SELECT data_type FROM information_schema.columns WHERE "
+                                       "table_name = 'parsed_rows' AND column_name = 'messages'").fetchone()[0]
+    con.close()
