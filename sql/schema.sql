@@ -109,12 +109,32 @@ CREATE TABLE IF NOT EXISTS cluster_members (
     similarity  DOUBLE NOT NULL             -- estimated Jaccard to the representative (1.0 for exact copies)
 );
 
--- Insert-only: a cluster's split never changes once assigned, whatever data arrives later.
+-- Insert-only: a cluster's split never changes once assigned, whatever data arrives later. Every member of a
+-- prompt group gets the group's split (see split_groups).
 CREATE TABLE IF NOT EXISTS split_assignments (
     cluster_id  VARCHAR PRIMARY KEY,
     split       VARCHAR NOT NULL,           -- train | validation | test
     assigned_run VARCHAR NOT NULL,
     assigned_at TIMESTAMP NOT NULL
+);
+
+-- Rebuilt by the split stage: the prompt group of every cluster representative. group_id is the row_id of the
+-- group's earliest-ingested row; rows whose prompts are near-duplicates or extend one another share a group.
+CREATE TABLE IF NOT EXISTS split_groups (
+    cluster_id  VARCHAR PRIMARY KEY,
+    group_id    VARCHAR NOT NULL
+);
+
+-- Insert-only: new rows whose group joined groups that were already in different splits. The row took the split
+-- of the group's earliest assigned row; the older rows stayed where they were.
+CREATE TABLE IF NOT EXISTS split_bridges (
+    cluster_id    VARCHAR PRIMARY KEY,
+    group_id      VARCHAR NOT NULL,
+    split         VARCHAR NOT NULL,         -- the split the new row was given
+    joined_groups VARCHAR[] NOT NULL,       -- the groups it joined (each named by its earliest row) ...
+    joined_splits VARCHAR[] NOT NULL,       -- ... and the split each of them was in
+    bridged_run   VARCHAR NOT NULL,
+    bridged_at    TIMESTAMP NOT NULL
 );
 
 -- Rebuilt by the split stage: validation/test rows whose n-grams overlap the training split too much.

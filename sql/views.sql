@@ -94,13 +94,42 @@ GROUP BY m.cluster_id
 HAVING count(*) > 1
 ORDER BY members DESC, representative;
 
+-- Rows per source, kind and split, with their share of the source's rows and how many prompt groups they come from.
 CREATE OR REPLACE VIEW split_balance AS
-SELECT c.source, c.kind, s.split, count(*) AS rows, round(avg(c.n_chars), 1) AS avg_chars
+SELECT c.source, c.kind, s.split, count(*) AS rows,
+    round(count(*) / sum(count(*)) OVER (PARTITION BY c.source, c.kind), 4) AS share,
+    count(DISTINCT g.group_id) AS groups, round(avg(c.n_chars), 1) AS avg_chars
 FROM clean_rows c
 JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
 JOIN split_assignments s ON s.cluster_id = m.cluster_id
-GROUP BY ALL
+LEFT JOIN split_groups g ON g.cluster_id = m.cluster_id
+GROUP BY c.source, c.kind, s.split
 ORDER BY c.source, c.kind, s.split;
+
+-- Prompt groups with more than one row, largest first: what they hold and which splits they are in (more than
+-- one only after a bridge, see bridged_rows).
+CREATE OR REPLACE VIEW prompt_groups AS
+SELECT g.group_id, count(*) AS rows,
+    count(*) FILTER (WHERE c.kind = 'sft') AS sft_rows,
+    count(*) FILTER (WHERE c.kind = 'preference') AS preference_rows,
+    list(DISTINCT s.split ORDER BY s.split) AS splits,
+    left(any_value(first.dedup_text), 120) AS first_text
+FROM split_groups g
+JOIN clean_rows c ON c.row_id = g.cluster_id
+JOIN split_assignments s ON s.cluster_id = g.cluster_id
+JOIN clean_rows first ON first.row_id = g.group_id
+GROUP BY g.group_id
+HAVING count(*) > 1
+ORDER BY rows DESC, g.group_id;
+
+-- New rows that joined prompt groups already in different splits: the split each was given and the groups it
+-- joined. Their leftover overlap with training, if any, is in contaminated_examples.
+CREATE OR REPLACE VIEW bridged_rows AS
+SELECT b.bridged_at, b.cluster_id AS row_id, b.split, b.group_id, b.joined_groups, b.joined_splits,
+    left(c.dedup_text, 120) AS text
+FROM split_bridges b
+JOIN clean_rows c ON c.row_id = b.cluster_id
+ORDER BY b.bridged_at DESC, b.cluster_id;
 
 -- Character lengths of accepted rows per source, in power-of-two buckets.
 CREATE OR REPLACE VIEW length_distribution AS
@@ -129,6 +158,14 @@ SELECT source, language, rows, round(rows / sum(rows) OVER (PARTITION BY source)
 FROM counts
 ORDER BY source, rows DESC;
 
+-- Validation/test rows left out of training's and evaluation's held-out sets, and why.
+CREATE OR REPLACE VIEW eval_exclusions AS
+SELECT k.split, c.kind, 'overlaps training' AS reason, count(*) AS rows
+FROM contamination k
+JOIN clean_rows c USING (row_id)
+GROUP BY ALL
+ORDER BY k.split, c.kind;
+
 CREATE OR REPLACE VIEW contaminated_examples AS
 SELECT k.split, k.overlap, k.row_id, left(e.dedup_text, 120) AS text, k.closest_train_row,
     left(t.dedup_text, 120) AS closest_train_text
@@ -154,22 +191,24 @@ GROUP BY ALL
 ORDER BY calls DESC, source, function;
 
 -- ============================================================== what training reads
--- Conversations for SFT: one per duplicate cluster, with its split.
+-- Conversations for SFT: one per duplicate cluster, with its split. Validation/test rows that overlap the training
+-- split (contamination) are left out: scoring them would measure memorisation.
 CREATE OR REPLACE VIEW sft_examples AS
 SELECT c.row_id AS example_id, s.split, c.source, c.messages, c.tools
 FROM clean_rows c
 JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
 JOIN split_assignments s ON s.cluster_id = m.cluster_id
-WHERE c.kind = 'sft';
+WHERE c.kind = 'sft' AND c.row_id NOT IN (SELECT row_id FROM contamination);
 
--- Preference pairs for DPO: a ranked list of n answers gives n*(n-1)/2 (better, worse) pairs.
+-- Preference pairs for DPO: a ranked list of n answers gives n*(n-1)/2 (better, worse) pairs (contaminated
+-- validation/test rows left out, as for sft_examples).
 CREATE OR REPLACE VIEW preference_pairs AS
 WITH ranked AS (
     SELECT c.row_id, s.split, c.source, c.messages, c.responses, c.tools
     FROM clean_rows c
     JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
     JOIN split_assignments s ON s.cluster_id = m.cluster_id
-    WHERE c.kind = 'preference'
+    WHERE c.kind = 'preference' AND c.row_id NOT IN (SELECT row_id FROM contamination)
 ), idx AS (
     SELECT r.*, i.i, j.j
     FROM ranked r,

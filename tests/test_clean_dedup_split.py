@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
 from conftest import SHARED_DATA, query, run_data_plane
 
-from tasks.core.config import load_config
-from tasks.data import minhash
+from leakage_fixtures import _pool, write_leaky_data
+
+from tasks.core.config import SplitConfig, load_config
 from tasks.core.warehouse import compact_messages
+from tasks.data import minhash
 from tasks.data.clean import clean_frame
 from tasks.data.ingest import MESSAGE_TYPE
+from tasks.data.split import assign, contamination, prompt_keys, split_of
 
 ALPACA_EN = SHARED_DATA / "instruct_alpaca_en" / "alpaca_en_demo.json"
 ALPACA_ZH = SHARED_DATA / "instruct_alpaca_zh" / "alpaca_zh_demo.json"
@@ -169,17 +173,151 @@ def test_splits_are_by_cluster_and_stable_when_data_arrives(tmp_path, make_cfg):
     assert statuses == [("accepted", 30), ("duplicate", 30)]
 
 
-def test_decontamination_reports_overlap(tmp_path, make_cfg):
+def test_groups_that_would_overlap_training_stay_in_train(tmp_path, make_cfg):
+    # Templated rows: their prompts are below the near-duplicate threshold of one another, so each is its own
+    # group, but every one shares most of its 8-grams with the others.
     base = "The quick brown fox jumps over the lazy dog near the quiet river bank every single morning"
     rows = [{"instruction": f"Story {i}: {base} {i}", "input": "", "output": f"Tale {i} {base[::-1]}"} for i in range(60)]
+    distinct = [{"instruction": q, "input": "", "output": a} for q, a in _pool("en")[:60]]
     f = tmp_path / "s.json"
-    f.write_text(json.dumps(rows), encoding="utf-8")
+    f.write_text(json.dumps(rows + distinct), encoding="utf-8")
     cfg = make_cfg(f"data.ingest.inputs=[{f}]", "data.dedup.threshold=0.99", "data.split.validation=0.3",
                    "data.split.test=0.3")
+    stats = run_data_plane(cfg)["split"]["stats"]
+    assert stats["groups"] == 120 and stats["kept_in_train_by_overlap"] > 0
+    story_splits = query(cfg, "SELECT DISTINCT e.split FROM sft_examples e JOIN clean_rows c ON c.row_id = "
+                              "e.example_id WHERE c.dedup_text LIKE 'user: Story %'")
+    assert story_splits == [("train",)]
+    assert query(cfg, "SELECT count(*) FROM contamination")[0][0] == 0
+    assert query(cfg, "SELECT count(*) FROM sft_examples WHERE split <> 'train'")[0][0] > 10
+
+
+def test_each_leakage_shape_shares_a_prompt_group(tmp_path, make_cfg):
+    data = tmp_path / "data"
+    write_leaky_data(data, trees=12, singles=40)
+    cfg = make_cfg(f"data.ingest.inputs=[{data}]", "data.split.validation=0.2", "data.split.test=0.2")
     run_data_plane(cfg)
-    held_out = query(cfg, "SELECT count(*) FROM sft_examples WHERE split <> 'train'")[0][0]
-    flagged = query(cfg, "SELECT count(*), min(overlap) FROM contamination")[0]
-    assert held_out > 0 and flagged[0] == held_out and flagged[1] >= 0.5
+    group_of = dict(query(cfg, "SELECT cluster_id, group_id FROM split_groups"))
+    split_of_row = dict(query(cfg, "SELECT cluster_id, split FROM split_assignments"))
+    for lang in ("en", "zh"):
+        # Every row of a tree (single, repeat, extension, branch, ranked, ranked with history) has the root
+        # question as its first user turn; the unrelated rows each have their own.
+        trees: dict[str, list[str]] = {}
+        for row_id, raw in query(cfg, "SELECT r.row_id, r.raw FROM raw_rows r JOIN source_files f USING (file_id) "
+                                      "WHERE f.path LIKE ?", [f"%oasst_{lang}_%"]):
+            rec = json.loads(raw)
+            root = rec["history"][0][0] if rec.get("history") else rec["instruction"]
+            trees.setdefault(root, []).append(row_id)
+        trees = {q: [i for i in ids if i in group_of] for q, ids in trees.items() if len(ids) > 1}
+        assert len(trees) == 12 and all(len(ids) >= 4 for ids in trees.values()), lang  # some rows near-duplicates
+        assert sum(map(len, trees.values())) >= 12 * 6 - 4
+        for ids in trees.values():
+            assert len({group_of[i] for i in ids}) == 1 and len({split_of_row[i] for i in ids}) == 1
+    held_out = query(cfg, "SELECT count(*) FROM split_assignments WHERE split <> 'train'")[0][0]
+    assert held_out > 40 and query(cfg, "SELECT count(*) FROM contaminated_examples")[0][0] == 0
+    assert query(cfg, "SELECT max(rows) FROM prompt_groups")[0][0] == 6
+
+    # The same rows split one by one (as by duplicate cluster alone): the overlap check finds the leaks.
+    texts = query(cfg, "SELECT c.row_id, c.dedup_text || chr(10) || coalesce(array_to_string(c.responses, chr(10)), "
+                       "'') FROM clean_rows c JOIN split_groups g ON g.cluster_id = c.row_id")
+    fractions = {"test": 0.2, "validation": 0.2}
+    by_row = [(r, split_of(r, 13, fractions), t) for r, t in texts]
+    leaks = contamination([(r, t) for r, sp, t in by_row if sp == "train"],
+                          [(r, sp, t) for r, sp, t in by_row if sp != "train"], cfg.data.split)
+    assert len(leaks) > 0.25 * sum(sp != "train" for _, sp, _ in by_row)
+
+
+def test_prompt_keys_first_turn_long_follow_ups_and_optional_system_prompt():
+    rows = _frame([
+        ("sft", [{"role": "system", "content": "Be brief."}, u("What is the capital of France?"), a("Paris."),
+                 u("Why?"), a("History."), u("And which river runs through that city?"), a("The Seine.")], None),
+        ("preference", [u("Hi"), a("Hello!"), u("tell me")], ["A", "B"]),
+    ])
+    keys = prompt_keys(rows, SplitConfig())
+    assert keys.rows() == [(0, "What is the capital of France?"), (0, "And which river runs through that city?"),
+                           (1, "Hi")]
+    with_system = prompt_keys(rows, SplitConfig(prompt_system=True, prompt_min_tokens=1))
+    assert with_system.filter(pl.col("row") == 0)["key"].to_list() == [
+        "Be brief.\nWhat is the capital of France?", "Be brief.\nWhy?", "Be brief.\nAnd which river runs through that city?"]
+    assert with_system.filter(pl.col("row") == 1)["key"].to_list() == ["\nHi", "\ntell me"]
+
+
+def test_same_question_under_another_system_prompt_shares_a_group_unless_configured(tmp_path, make_cfg):
+    f = tmp_path / "m.jsonl"
+    f.write_text("\n".join(json.dumps({"messages": ([{"role": "system", "content": sys_}] if sys_ else []) + [
+        u("How many legs does a spider have?"), a(ans)]}) for sys_, ans in
+        [(None, "Eight."), ("You answer in one short sentence.", "A spider has eight legs.")]), encoding="utf-8")
+    for system, groups in (("false", 1), ("true", 2)):
+        cfg = make_cfg(f"data.ingest.inputs=[{f}]", f"data.split.prompt_system={system}", root=tmp_path / system)
+        run_data_plane(cfg)
+        assert query(cfg, "SELECT count(DISTINCT group_id) FROM split_groups")[0][0] == groups
+
+
+def test_a_big_group_goes_to_train_and_the_targets_still_hold():
+    s = SplitConfig(validation=0.1, test=0.1, max_group_share=0.1)
+    n = 1000  # rows 0..199 share one key (a big group), the rest are on their own
+    rows = pl.DataFrame({"row_id": [f"r{i:04d}" for i in range(n)], "split": [None] * n},
+                        schema={"row_id": pl.String, "split": pl.String})
+    edge_rows = np.arange(n)
+    edge_keys = np.where(edge_rows < 200, 0, edge_rows)
+    held = {"validation": [], "test": []}
+    for seed in range(20):
+        out, bridges, stats = assign(rows, edge_rows, edge_keys, n, s.model_copy(update={"seed": seed}))
+        assert stats["groups"] == 801 and stats["largest_group"] == 200 and bridges.is_empty()
+        assert set(out["split"][:200]) == {"train"}
+        for split in held:
+            held[split].append((out["split"] == split).sum())
+    # 800 rows are eligible: each drawn with 0.125 so that 10 % of all 1000 rows are held out, on average.
+    for split, counts in held.items():
+        assert 94 <= np.mean(counts) <= 106, (split, counts)
+
+
+def test_old_rows_never_move_new_rows_follow_their_group_and_bridges_are_recorded(tmp_path, make_cfg):
+    pool = _pool("en")
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps([{"instruction": q, "input": "", "output": a_} for q, a_ in pool[:80]]),
+                     encoding="utf-8")
+    settings = ("data.split.validation=0.25", "data.split.test=0.25")
+    cfg = make_cfg(f"data.ingest.inputs=[{first}]", *settings)
+    run_data_plane(cfg)
+    rows = query(cfg, "SELECT r.row_id, r.raw, a.split FROM raw_rows r JOIN split_assignments a "
+                      "ON a.cluster_id = r.row_id ORDER BY r.row_seq")
+    before = {row_id: split for row_id, _, split in rows}
+    record = {row_id: json.loads(raw) for row_id, raw, _ in rows}
+    order = list(before)  # by row_seq
+    train_row = next(r for r in order if before[r] == "train")
+    held_row = next(r for r in order[order.index(train_row):] if before[r] != "train")
+    other_held = next(r for r in order if before[r] != "train" and r != held_row)
+    t, h, o = record[train_row], record[held_row], record[other_held]
+
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps([
+        {"instruction": pool[100][0], "input": "", "output": pool[100][1], "history": [[o["instruction"], o["output"]]]},
+        {"instruction": o["instruction"], "input": "", "output": pool[101][1]},  # asked again, another answer
+        {"instruction": h["instruction"], "input": "", "output": h["output"],  # joins a train and a held-out group
+         "history": [[t["instruction"], t["output"]]]},
+        *[{"instruction": q, "input": "", "output": a_} for q, a_ in pool[120:140]],
+    ]), encoding="utf-8")
+    cfg2 = make_cfg(f"data.ingest.inputs=[{first},{second}]", *settings)
+    stats = run_data_plane(cfg2)["split"]["stats"]
+    after = dict(query(cfg2, "SELECT cluster_id, split FROM split_assignments"))
+    assert {k: after[k] for k in before} == before and len(after) == len(before) + 23
+    new = dict(query(cfg2, "SELECT r.row_number, a.split FROM raw_rows r JOIN source_files f USING (file_id) "
+                           "JOIN split_assignments a ON a.cluster_id = r.row_id WHERE f.path LIKE '%second.json'"))
+    assert new[1] == new[2] == before[other_held]
+    assert new[3] == "train"  # the split of the earlier of the two groups it joined
+
+    bridged = query(cfg2, "SELECT r.row_number, b.split, b.group_id, b.joined_groups, b.joined_splits "
+                          "FROM bridged_rows b JOIN raw_rows r USING (row_id)")
+    assert bridged == [(3, "train", train_row, [train_row, held_row], ["train", before[held_row]])]
+    assert stats["bridged_rows"] == 1
+    # Only the new questions are signed (the follow-up in row 1 and the 20 new rows); old keys are read back.
+    assert stats["newly_signed_prompt_keys"] == 21
+    # The held-out row now overlaps the bridge in training: reported, and left out of what evaluation reads.
+    assert query(cfg2, "SELECT row_id FROM contaminated_examples") == [(held_row,)]
+    assert query(cfg2, "SELECT count(*) FROM sft_examples WHERE example_id = ?", [held_row])[0][0] == 0
+    assert query(cfg2, "SELECT split, kind, reason, rows FROM eval_exclusions") == [
+        (before[held_row], "sft", "overlaps training", 1)]
 
 
 def test_quality_views_answer_the_questions(make_cfg):
@@ -190,11 +328,12 @@ def test_quality_views_answer_the_questions(make_cfg):
     for source, raw, accepted, rejected, dups, pending in summary:
         assert raw == accepted + rejected + dups and pending == 0, source
     assert all(b for (b,) in query(cfg, "SELECT balanced FROM row_conservation"))
+    assert query(cfg, "SELECT count(*) FROM contaminated_examples")[0][0] == 0
     reasons = {r for (r,) in query(cfg, "SELECT DISTINCT reason FROM rejections_by_reason")}
     assert {"malformed_json", "negative_label", "empty_turn", "identical_responses", "wrong_type",
             "no_assistant_reply"} <= reasons
     for view in ("duplicate_clusters", "split_balance", "length_distribution", "length_stats", "language_mix",
-                 "preference_pairs", "sft_examples"):
+                 "preference_pairs", "sft_examples", "prompt_groups"):
         assert query(cfg, f"SELECT count(*) FROM {view}")[0][0] > 0, view
 
 
@@ -211,7 +350,9 @@ def test_dedup_shards_run_on_a_dask_cluster(make_cfg):
                             "data.dedup.shards=4"], return_state=True)
     assert state.is_completed(), state.message
     assert query(cfg, "SELECT count(*) FROM cluster_members WHERE method = 'near'")[0][0] > 50
-    assert query(cfg, "SELECT count(DISTINCT content_hash) FROM minhash_signatures")[0][0] == \
+    # Every accepted text was signed by a shard (the split stage adds its prompt keys' signatures to the table).
+    assert query(cfg, "SELECT count(DISTINCT content_hash) FROM minhash_signatures "
+                      "WHERE content_hash IN (SELECT content_hash FROM clean_rows)")[0][0] == \
         query(cfg, "SELECT count(DISTINCT content_hash) FROM clean_rows WHERE reason IS NULL")[0][0]
 
 

@@ -91,9 +91,20 @@ class DedupConfig(Section):
 
 
 class SplitConfig(Section):
-    validation: float = Field(0.05, ge=0, lt=1, description="Share of clusters in the validation split.")
-    test: float = Field(0.05, ge=0, lt=1, description="Share of clusters in the test split.")
-    seed: int = Field(13, description="Split seed. A row's split is a pure function of its cluster id and this seed.")
+    validation: float = Field(0.05, ge=0, lt=1, description="Target share of rows in the validation split.")
+    test: float = Field(0.05, ge=0, lt=1, description="Target share of rows in the test split.")
+    seed: int = Field(13, description="Split seed. A new prompt group's split is drawn from a hash of its group id "
+                      "and this seed.")
+    prompt_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity (the dedup stage's shingles "
+                                    "and MinHash) at or above which two prompt keys put their rows in one group.")
+    prompt_min_tokens: int = Field(5, ge=1, description="A user turn after the first is a grouping key only with at "
+                                   "least this many tokens (words, or characters for Chinese/Japanese/Korean/Thai); "
+                                   "the first user turn always is.")
+    prompt_system: bool = Field(False, description="Include the system prompt in the grouping keys (then the same "
+                                "question under another system prompt is another group).")
+    max_group_share: float = Field(0.1, gt=0, le=1, description="A new group larger than this share of a held-out "
+                                   "split's expected rows goes to train; the other groups' held-out fractions are "
+                                   "scaled up by the rows that displaces.")
     decontam_ngram: int = Field(8, ge=2, description="n-gram size (tokens) of the train/eval overlap check.")
     decontam_threshold: float = Field(0.5, gt=0, le=1, description="Share of an eval example's n-grams found in the "
                                       "training split above which it is reported as contaminated.")

@@ -116,17 +116,9 @@ def run_dedup(cfg: PipelineConfig, clean: dict[str, Any], shards: list[dict[str,
                 "ON CONFLICT DO NOTHING", [params, str(storage.fetch(s["path"]))])
         rows = con.sql(f"SELECT row_id, kind, row_seq, content_hash FROM ({ACCEPTED_SQL}) ORDER BY row_seq").pl()
         rep_hashes = rows.unique(["kind", "content_hash"], keep="first", maintain_order=True)["content_hash"]
-        con.register("wanted", pa.table({"content_hash": rep_hashes.to_arrow(),
-                                         "pos": pa.array(range(len(rep_hashes)), pa.int64())}))
-        stored = con.sql(
-            "SELECT w.pos, s.signature FROM wanted w LEFT JOIN minhash_signatures s "
-            "ON s.content_hash = w.content_hash AND s.params = ? ORDER BY w.pos", params=[params]
-        ).fetchnumpy()
-        con.unregister("wanted")
-        missing = sum(1 for s in stored["signature"] if s is None)
-        if missing:
-            raise RuntimeError(f"{missing} rows have no MinHash signature; were all signature shards run?")
-        sigs = np.array([np.asarray(s, dtype=np.uint64) for s in stored["signature"]]).reshape(-1, d.num_perm)
+        sigs, missing = load_signatures(con, rep_hashes.to_list(), d)
+        if missing.any():
+            raise RuntimeError(f"{missing.sum()} rows have no MinHash signature; were all signature shards run?")
         members = clusters(rows, sigs, d, lambda hashes: _texts(con, hashes))
         con.execute("DELETE FROM cluster_members")
         con.register("members", members.to_arrow())
@@ -141,6 +133,40 @@ def run_dedup(cfg: PipelineConfig, clean: dict[str, Any], shards: list[dict[str,
         fingerprint = table_fingerprint(con, "SELECT row_id, cluster_id, method FROM cluster_members")
         record_stage(con, run_id, "dedup", started, stats)
     return {"stage": "dedup", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats}
+
+
+def load_signatures(con, content_hashes: list[str], d: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(signatures, missing): the stored signature of each content hash in the order given, and a mask of those
+    with none stored under the current params (their rows are zeros)."""
+    con.register("wanted_sigs", pa.table({"content_hash": pa.array(content_hashes, pa.string()),
+                                          "pos": pa.array(range(len(content_hashes)), pa.int64())}))
+    column = con.sql(
+        "SELECT s.signature FROM wanted_sigs w LEFT JOIN minhash_signatures s "
+        "ON s.content_hash = w.content_hash AND s.params = ? ORDER BY w.pos", params=[signature_params(d)]
+    ).fetch_arrow_table()["signature"].combine_chunks()
+    con.unregister("wanted_sigs")
+    missing = column.is_null().to_numpy(zero_copy_only=False)
+    sigs = np.zeros((len(content_hashes), d.num_perm), dtype=np.uint64)
+    if (~missing).any():
+        sigs[~missing] = column.drop_null().flatten().to_numpy().astype(np.uint64).reshape(-1, d.num_perm)
+    return sigs, missing
+
+
+def signatures_of(con, texts: list[str], content_hashes: list[str], d: DedupConfig) -> tuple[np.ndarray, int]:
+    """(signatures, newly signed) of `texts` (keyed by `content_hashes`): stored ones are read back, the rest signed
+    and stored, so a nightly run signs only texts it has not seen. Needs a writable connection."""
+    sigs, missing = load_signatures(con, content_hashes, d)
+    todo = np.flatnonzero(missing)
+    if len(todo):
+        sigs[todo] = minhash.signatures([texts[i] for i in todo], d.num_perm, d.seed, d.ngram)
+        con.register("new_sigs", pa.table({
+            "content_hash": pa.array([content_hashes[i] for i in todo], pa.string()),
+            "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs[todo].reshape(-1), pa.uint64()), d.num_perm),
+        }))
+        con.execute("INSERT INTO minhash_signatures SELECT content_hash, ?, signature::UBIGINT[] FROM new_sigs "
+                    "ON CONFLICT DO NOTHING", [signature_params(d)])
+        con.unregister("new_sigs")
+    return sigs, len(todo)
 
 
 def _texts(con, content_hashes: list[str]) -> list[str]:

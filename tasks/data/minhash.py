@@ -29,6 +29,7 @@ _TOKEN = re.compile(
     r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\u0e00-\u0e7f]|[^\W_]+",
     re.UNICODE,
 )
+TOKEN_PATTERN = _TOKEN.pattern
 _MASK64 = (1 << 64) - 1
 _DOCS_PER_BATCH = 50_000  # bounds the polars token lists held at once
 _SHINGLES_PER_BLOCK = 1 << 16  # one block of uint64 shingle hashes stays in L2 across the permutation loop

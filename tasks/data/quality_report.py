@@ -37,7 +37,7 @@ def build_quality_report(warehouse: str) -> tuple[str, list[dict[str, Any]]]:
         "# Data quality",
         f"**{total[0]} raw rows** → {total[1]} accepted, {total[2]} rejected, {total[3]} duplicates. "
         f"Files balanced (raw = accepted + rejected + duplicate): {balanced[1] - balanced[0]}/{balanced[1]}. "
-        f"Validation/test rows overlapping the training split: {contaminated}.",
+        f"Validation/test rows overlapping the training split (left out of evaluation): {contaminated}.",
         "## Per source", _markdown_table(*summary),
         "## Rejections by reason", _markdown_table(*reasons) if reasons[1] else "None.",
     ]

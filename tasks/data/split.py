@@ -1,19 +1,40 @@
-"""Split: train / validation / test by duplicate cluster, stable forever; then a train↔eval overlap check.
+"""Split: train / validation / test by prompt group, stable forever; then a train↔eval overlap check.
 
-A cluster's split is a pure function of (cluster id, seed, ratios): xxh64 of "seed:cluster_id" mapped to [0, 1).
-Assignments are also stored insert-only, so a cluster keeps its split even if the ratios change later. Only a
-cluster's representative is trained or evaluated on, so no near-duplicate can sit on both sides of a split.
+A prompt group is a connected component of rows (duplicate-cluster representatives, SFT and preference alike)
+linked by near-duplicate prompt keys. A row's keys are its first user turn, always (so a conversation and every
+conversation extending it, a question asked again with another answer, and a preference prompt that is an SFT
+prompt share a key), and each later user turn of at least split.prompt_min_tokens tokens (a follow-up like
+"why?" or "继续" says too little to link two conversations). The system prompt is left out unless
+split.prompt_system. Keys are compared with the dedup stage's MinHash machinery (same permutations, shingles and
+exact confirmation, signatures stored by content so a nightly run signs only new keys) at split.prompt_threshold.
+
+A new group's split is drawn from xxh64("seed:group id") mapped to [0, 1), the group id being the row id of its
+earliest-ingested row. A group larger than split.max_group_share of a held-out split's expected rows goes to
+train, and the held-out fractions of the other new groups are scaled up by the rows that displaced, so the
+targets hold in expectation. Assignments are stored insert-only per row: a row never moves. A new row joining a
+group takes the split of the group's earliest assigned row; when it joins groups already in different splits, that
+is recorded in split_bridges (the bridged_rows view), and any overlap it leaves is caught by the check below.
+
+Then the n-gram overlap check: a new group whose held-out rows would overlap the training split at or above
+split.decontam_threshold goes to train as well (templated rows, a paraphrase with the same answer), until none
+does. What is left, overlap between old held-out rows and newer training rows, is reported (contaminated_examples)
+and left out of the views training and evaluation read (eval_exclusions counts it).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from typing import Any
 
+import numpy as np
+import polars as pl
 import xxhash
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from tasks.core.caching import current_run_id, stage_task
-from tasks.core.config import PipelineConfig, SplitConfig
+from tasks.core.config import DedupConfig, PipelineConfig, SplitConfig
 from tasks.core.warehouse import (
     insert_columns,
     open_warehouse,
@@ -21,80 +42,228 @@ from tasks.core.warehouse import (
     table_fingerprint,
     utcnow,
 )
+from tasks.data import minhash
+from tasks.data.dedup import signatures_of
 from tasks.data.minhash import tokenize
 
+HELD_OUT = ("test", "validation")
 
-def split_of(cluster_id: str, s: SplitConfig) -> str:
-    u = xxhash.xxh64_intdigest(f"{s.seed}:{cluster_id}".encode()) / 2.0**64
-    if u < s.test:
-        return "test"
-    if u < s.test + s.validation:
-        return "validation"
+
+def split_of(group_id: str, seed: int, fractions: dict[str, float]) -> str:
+    """The split a draw of xxh64("seed:group id") in [0, 1) falls in: test first, then validation, else train."""
+    u = xxhash.xxh64_intdigest(f"{seed}:{group_id}".encode()) / 2.0**64
+    edge = 0.0
+    for split in HELD_OUT:
+        edge += fractions[split]
+        if u < edge:
+            return split
     return "train"
 
 
+# ------------------------------------------------------------------------------------------------ prompt groups
+def prompt_keys(rows: pl.DataFrame, s: SplitConfig) -> pl.DataFrame:
+    """(row, key): the texts each row is grouped on. rows: row_id, messages (in row order; `row` is the position)."""
+    turns = (rows.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), "messages")
+             .explode("messages").unnest("messages").drop_nulls("role"))
+    users = turns.filter(pl.col("role") == "user").with_columns(
+        pl.int_range(pl.len()).over("row").alias("turn"),
+        pl.col("content").str.to_lowercase().str.count_matches(minhash.TOKEN_PATTERN).alias("tokens"))
+    keys = users.filter((pl.col("turn") == 0) | (pl.col("tokens") >= s.prompt_min_tokens))
+    if s.prompt_system:
+        system = (turns.filter(pl.col("role") == "system").group_by("row")
+                  .agg(pl.col("content").str.join("\n").alias("system")))
+        keys = keys.join(system, on="row", how="left").with_columns(
+            pl.concat_str([pl.col("system").fill_null(""), pl.col("content")], separator="\n").alias("content"))
+    return keys.select("row", pl.col("content").alias("key"))
+
+
+def key_clusters(con, keys: list[str], d: DedupConfig, threshold: float) -> tuple[np.ndarray, int]:
+    """(for each distinct key text the index of the first key of its near-duplicate cluster, keys newly signed)."""
+    hashes = [hashlib.sha256(b"prompt\0" + k.encode()).hexdigest() for k in keys]
+    sigs, signed = signatures_of(con, keys, hashes, d)
+    exact = None
+    if d.verify == "exact":
+        exact = minhash.exact_similarity(lambda pos: [keys[i] for i in pos], d.ngram)
+    rep, _ = minhash.near_duplicate_clusters(sigs, threshold, d.seed, exact)
+    return rep, signed
+
+
+def components(n_rows: int, edge_rows: np.ndarray, edge_keys: np.ndarray, n_keys: int) -> np.ndarray:
+    """Connected components of rows linked through shared keys: a label per row."""
+    graph = coo_matrix((np.ones(len(edge_rows), dtype=np.int8), (edge_rows, n_rows + edge_keys)),
+                       shape=(n_rows + n_keys, n_rows + n_keys))
+    _, labels = connected_components(graph, directed=False)
+    return labels[:n_rows]
+
+
+def held_out_fractions(sizes: np.ndarray, s: SplitConfig, total_rows: int) -> tuple[dict[str, float], np.ndarray]:
+    """(fractions, allowed): the held-out fractions for a batch of new groups of `sizes` rows, and per group and
+    held-out split whether it may go there (at most s.max_group_share of that split's expected rows). Each fraction
+    is scaled by rows / rows of allowed groups, so the expected held-out rows stay at the target share."""
+    allowed = np.stack([sizes <= s.max_group_share * getattr(s, split) * total_rows for split in HELD_OUT], axis=1)
+    fractions = {}
+    for i, split in enumerate(HELD_OUT):
+        eligible = sizes[allowed[:, i]].sum()
+        fractions[split] = getattr(s, split) * sizes.sum() / eligible if eligible else 0.0
+    total = sum(fractions.values())
+    if total > 0.9:  # too few small groups to reach the targets: keep most rows in train anyway
+        fractions = {k: v * 0.9 / total for k, v in fractions.items()}
+    return fractions, allowed
+
+
+def assign(rows: pl.DataFrame, edge_rows: np.ndarray, edge_keys: np.ndarray, n_keys: int, s: SplitConfig):
+    """Splits for rows without one, keeping every assigned row where it is.
+
+    rows: row_id, split (null: not yet assigned), ordered by ingest (row_seq). Returns (rows with group_id and
+    split filled, bridges: new rows whose group joined groups already in different splits).
+    """
+    old = rows["split"].is_not_null().to_numpy()
+    n = len(rows)
+    frame = rows.with_columns(
+        pl.Series("group", components(n, edge_rows, edge_keys, n_keys)),
+        pl.Series("old_group", components(n, edge_rows[old[edge_rows]], edge_keys[old[edge_rows]], n_keys)),
+    )
+    old_groups = (frame.filter(pl.col("split").is_not_null()).group_by("old_group", maintain_order=True)
+                  .agg(pl.col("row_id").first().alias("old_group_id"), pl.col("split").first().alias("old_split")))
+    frame = frame.join(old_groups, on="old_group", how="left", maintain_order="left")
+    groups = frame.group_by("group", maintain_order=True).agg(
+        pl.col("row_id").first().alias("group_id"),
+        pl.len().alias("rows"),
+        pl.col("split").drop_nulls().first().alias("inherited"),
+        pl.col("old_group_id").unique(maintain_order=True).drop_nulls().alias("joined_groups"),
+        pl.col("old_split").filter(pl.col("old_group_id").is_first_distinct()).drop_nulls().alias("joined_splits"),
+    )
+    fresh = groups.filter(pl.col("inherited").is_null())
+    sizes = fresh["rows"].to_numpy()
+    fractions, allowed = held_out_fractions(sizes, s, n)
+    drawn = [split_of(g, s.seed, fractions) for g in fresh["group_id"].to_list()]
+    capped = np.array([sp != "train" and not ok[HELD_OUT.index(sp)] for sp, ok in zip(drawn, allowed)], dtype=bool)
+    drawn = ["train" if cap else sp for sp, cap in zip(drawn, capped)]
+    groups = groups.join(fresh.select("group", pl.Series("drawn", drawn, pl.String)), on="group", how="left")
+    groups = groups.with_columns(pl.coalesce("inherited", "drawn").alias("group_split"))
+    out = frame.join(groups.select("group", "group_id", "group_split", "inherited", "joined_groups", "joined_splits"),
+                     on="group", maintain_order="left")
+    bridges = out.filter(pl.col("split").is_null() & (pl.col("joined_splits").list.n_unique() > 1))
+    out = out.with_columns(pl.coalesce("split", "group_split").alias("split"))
+    stats = {"groups": len(groups), "largest_group": int(groups["rows"].max() or 0),
+             "kept_in_train_by_group_cap": int(sizes[capped].sum())}
+    return (out.select("row_id", "group_id", "split", pl.col("inherited").is_null().alias("fresh")),
+            bridges.select(pl.col("row_id").alias("cluster_id"), "group_id", pl.col("group_split").alias("split"),
+                           "joined_groups", "joined_splits"), stats)
+
+
+# ------------------------------------------------------------------------------------------------ contamination
 def _ngrams(text: str, n: int) -> set[int]:
     toks = tokenize(text)
     return {xxhash.xxh64_intdigest(" ".join(toks[i:i + n]).encode()) for i in range(max(len(toks) - n + 1, 0))}
 
 
-def contamination(train: list[tuple[str, str]], held_out: list[tuple[str, str, str]], s: SplitConfig):
-    """Held-out rows whose n-grams appear in the training split at or above the threshold share.
+class TrainingNgrams:
+    """The n-grams of the training split, each with the first training row that has it."""
 
-    train: (row_id, text); held_out: (row_id, split, text). Returns (row_id, split, overlap, closest_train_row).
+    def __init__(self, s: SplitConfig):
+        self.s, self.owner = s, {}
+
+    def add(self, rows: list[tuple[str, str]]) -> None:
+        """rows: (row_id, text) of training rows."""
+        for row_id, text in rows:
+            for g in _ngrams(text, self.s.decontam_ngram):
+                self.owner.setdefault(g, row_id)
+
+    def overlapping(self, held_out: list[tuple[str, str, str]]) -> list[tuple[str, str, float, str]]:
+        """Held-out rows (row_id, split, text) whose n-grams are in the training split at or above the threshold
+        share: (row_id, split, overlap, closest_train_row)."""
+        found = []
+        for row_id, split, text in held_out:
+            grams = _ngrams(text, self.s.decontam_ngram)
+            hits = [self.owner[g] for g in grams if g in self.owner]
+            if grams and len(hits) / len(grams) >= self.s.decontam_threshold:
+                found.append((row_id, split, len(hits) / len(grams), Counter(hits).most_common(1)[0][0]))
+        return found
+
+
+def contamination(train: list[tuple[str, str]], held_out: list[tuple[str, str, str]], s: SplitConfig):
+    """Held-out rows (row_id, split, text) overlapping the training rows (row_id, text); see TrainingNgrams."""
+    index = TrainingNgrams(s)
+    index.add(train)
+    return index.overlapping(held_out)
+
+
+def keep_overlapping_groups_in_train(assigned: pl.DataFrame, texts: dict[str, str], s: SplitConfig):
+    """Move new groups whose held-out rows overlap training into train, until none does; then check every
+    held-out row. assigned: row_id, group_id, split, fresh (the group had no assigned row before this run).
+
+    Moving a group adds its n-grams to training, which can make another new group overlap: hence the loop. Rows
+    assigned in earlier runs never move, so what overlaps among them (or joined their groups) stays, and is
+    reported. Returns (assigned, contamination rows, rows moved).
     """
-    owner: dict[int, str] = {}
-    for row_id, text in train:
-        for g in _ngrams(text, s.decontam_ngram):
-            owner.setdefault(g, row_id)
-    found = []
-    for row_id, split, text in held_out:
-        grams = _ngrams(text, s.decontam_ngram)
-        if not grams:
-            continue
-        hits = [owner[g] for g in grams if g in owner]
-        overlap = len(hits) / len(grams)
-        if overlap >= s.decontam_threshold:
-            found.append((row_id, split, overlap, Counter(hits).most_common(1)[0][0]))
-    return found
+    index = TrainingNgrams(s)
+    index.add([(r, texts[r]) for r in assigned.filter(pl.col("split") == "train")["row_id"]])
+    moved: set[str] = set()
+    candidates = assigned.filter(pl.col("fresh") & (pl.col("split") != "train"))
+    while True:
+        found = index.overlapping([(r, sp, texts[r]) for r, sp in candidates.select("row_id", "split").iter_rows()])
+        groups = {g for g in candidates.filter(pl.col("row_id").is_in([f[0] for f in found]))["group_id"]}
+        if not groups:
+            break
+        to_train = candidates.filter(pl.col("group_id").is_in(groups))["row_id"].to_list()
+        index.add([(r, texts[r]) for r in to_train])
+        moved.update(to_train)
+        candidates = candidates.filter(~pl.col("group_id").is_in(groups))
+    assigned = assigned.with_columns(
+        pl.when(pl.col("row_id").is_in(list(moved))).then(pl.lit("train")).otherwise(pl.col("split")).alias("split"))
+    held_out = assigned.filter(pl.col("split") != "train").select("row_id", "split").iter_rows()
+    return assigned, index.overlapping([(r, sp, texts[r]) for r, sp in held_out]), len(moved)
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+def _store(con, table: str, frame: pl.DataFrame, **constants) -> None:
+    insert_columns(con, table, {**{c: frame[c].to_list() for c in frame.columns},
+                                **{k: [v] * len(frame) for k, v in constants.items()}})
 
 
 def run_split(cfg: PipelineConfig, dedup: dict[str, Any], run_id: str = "local") -> dict[str, Any]:
     s = cfg.data.split
     started = utcnow()
     with open_warehouse(cfg.warehouse_url) as con:
-        new = con.execute(
-            "SELECT cluster_id FROM cluster_members WHERE method = 'representative' "
-            "AND cluster_id NOT IN (SELECT cluster_id FROM split_assignments) ORDER BY cluster_id"
-        ).fetchall()
-        now = utcnow()
-        con.begin()
-        insert_columns(con, "split_assignments", {
-            "cluster_id": [c for (c,) in new], "split": [split_of(c, s) for (c,) in new],
-            "assigned_run": [run_id] * len(new), "assigned_at": [now] * len(new)})
-        rows = con.execute(
-            "SELECT c.row_id, a.split, c.dedup_text || chr(10) || array_to_string(c.responses, chr(10)) "
+        rows = con.sql(
+            "SELECT c.row_id, c.messages, a.split, "
+            "c.dedup_text || chr(10) || coalesce(array_to_string(c.responses, chr(10)), '') AS text "
             "FROM clean_rows c JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative' "
-            "JOIN split_assignments a ON a.cluster_id = m.cluster_id ORDER BY c.row_seq"
-        ).fetchall()
-        found = contamination([(r, t) for r, sp, t in rows if sp == "train"],
-                              [(r, sp, t) for r, sp, t in rows if sp != "train"], s)
+            "LEFT JOIN split_assignments a ON a.cluster_id = c.row_id ORDER BY c.row_seq").pl()
+        keys = prompt_keys(rows, s)
+        distinct = keys.select("key").unique(maintain_order=True).with_row_index("key_id")
+        edges = keys.join(distinct, on="key", maintain_order="left")
+        con.begin()
+        rep, signed = key_clusters(con, distinct["key"].to_list(), cfg.data.dedup, s.prompt_threshold)
+        assigned, bridges, stats = assign(rows.select("row_id", "split"), edges["row"].to_numpy(),
+                                          rep[edges["key_id"].to_numpy()], len(distinct), s)
+        assigned, found, stats["kept_in_train_by_overlap"] = keep_overlapping_groups_in_train(
+            assigned, dict(zip(rows["row_id"], rows["text"])), s)
+        new = assigned.join(rows.filter(pl.col("split").is_null()).select("row_id"), on="row_id")
+        now = utcnow()
+        _store(con, "split_assignments", new.select(pl.col("row_id").alias("cluster_id"), "split"),
+               assigned_run=run_id, assigned_at=now)
+        _store(con, "split_bridges", bridges, bridged_run=run_id, bridged_at=now)
+        con.execute("DELETE FROM split_groups")
+        _store(con, "split_groups", assigned.select(pl.col("row_id").alias("cluster_id"), "group_id"))
         con.execute("DELETE FROM contamination")
-        insert_columns(con, "contamination", dict(zip(
-            ("row_id", "split", "overlap", "closest_train_row"), map(list, zip(*found)) if found else ([],) * 4)))
+        _store(con, "contamination", pl.DataFrame(
+            found, schema=["row_id", "split", "overlap", "closest_train_row"], orient="row"))
         con.commit()
-        sizes = dict(con.execute(
-            "SELECT split, count(*) FROM split_assignments a JOIN cluster_members m "
-            "ON m.cluster_id = a.cluster_id AND m.method = 'representative' GROUP BY ALL").fetchall())
-        stats = {"new_clusters": len(new), **{k: sizes.get(k, 0) for k in ("train", "validation", "test")},
-                 "contaminated_eval_rows": len(found)}
+        sizes = assigned["split"].value_counts()
+        stats = {"new_rows": len(new), **{k: 0 for k in ("train", "validation", "test")},
+                 **dict(sizes.iter_rows()), **stats, "bridged_rows": len(bridges), "contaminated_eval_rows": len(found),
+                 "prompt_keys": len(distinct), "newly_signed_prompt_keys": signed}
         fingerprint = table_fingerprint(
-            con, "SELECT m.row_id, a.split FROM cluster_members m JOIN split_assignments a USING (cluster_id) "
+            con, "SELECT m.row_id, a.split, k.row_id IS NULL AS usable FROM cluster_members m "
+                 "JOIN split_assignments a USING (cluster_id) LEFT JOIN contamination k ON k.row_id = m.row_id "
                  "WHERE m.method = 'representative'")
         record_stage(con, run_id, "split", started, stats)
     return {"stage": "split", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats}
 
 
-@stage_task("split", lambda c: {"split": c.data.split.model_dump(), "warehouse": c.warehouse_url})
+@stage_task("split", lambda c: {"split": c.data.split.model_dump(), "dedup": c.data.dedup.model_dump(),
+                                "warehouse": c.warehouse_url})
 def split_task(cfg: PipelineConfig, dedup: dict[str, Any]) -> dict[str, Any]:
     return run_split(cfg, dedup, current_run_id())
