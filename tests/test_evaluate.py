@@ -115,6 +115,9 @@ def test_run_eval_records_every_variant_on_the_same_examples(setup):
 
     report = open(result["report_path"], encoding="utf-8").read()
     assert "| merged |" in report and "Δ against the base" in report and "No run has been promoted yet" in report
+    excluded = dict(query(wh, "SELECT split, rows FROM eval_exclusions WHERE kind = 'sft'"))
+    assert (f"rows excluded for overlapping training (validation/test): {excluded.get('validation', 0)}/"
+            f"{excluded.get('test', 0)}") in report
     assert result["artifacts"] == []  # outside a flow run: nothing published, nothing fails
     assert query(wh, "SELECT count(*) FROM eval_summary WHERE run_id = ?", [run])[0][0] == 3
 

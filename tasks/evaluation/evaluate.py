@@ -157,13 +157,17 @@ def run_eval(cfg: PipelineConfig, data: dict, variants: dict[str, dict]) -> dict
         raise ValueError("run_eval needs at least one model variant")
     with open_warehouse(data["warehouse"], read_only=True) as con:
         examples = {split: sft_examples(con, split) for split in SPLITS}
+        excluded = dict(con.execute("SELECT split, rows FROM eval_exclusions WHERE kind = 'sft'").fetchall())
     if not examples["test"]:
         raise ValueError(f"the test split of {data['warehouse']} is empty: nothing to evaluate")
 
     rows, generations = evaluate_variants(cfg, examples, variants)
     settings = {"examples per split": cfg.eval.max_examples, "generated": cfg.eval.max_generate_examples,
                 "max_new_tokens": cfg.eval.max_new_tokens, "decoding": "greedy", "seed": cfg.eval.seed,
-                "perplexity tokens": perplexity_scope(cfg), "dtype": cfg.eval.dtype}
+                "perplexity tokens": perplexity_scope(cfg), "dtype": cfg.eval.dtype,
+                # sft_examples leaves out held-out rows the split stage found overlapping training.
+                "rows excluded for overlapping training (validation/test)":
+                    f"{excluded.get('validation', 0)}/{excluded.get('test', 0)}"}
     report_path = cfg.url("reports", f"eval-{run_id}.md")
     variant_records = {k: _variant_record(v) for k, v in variants.items()}
 
