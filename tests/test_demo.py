@@ -21,18 +21,27 @@ FAST = ["sft.max_steps=30", "dpo.max_steps=10", "eval.max_examples=8", "eval.max
 
 
 def _demo(root: Path) -> subprocess.CompletedProcess:
-    out = subprocess.run([str(Path(sys.executable).parent / "sftpipe"), "demo", f"storage_root={root}", *FAST],
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "demo", f"storage_root={root}", *FAST],
                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
+
+
+def _full_log(out: subprocess.CompletedProcess) -> str:
+    path = next(line.split()[-1] for line in out.stdout.splitlines() if line.strip().startswith("full log"))
+    return Path(path).read_text()
 
 
 def test_demo_runs_every_stage_on_a_local_root_then_comes_from_cache(tmp_path):
     root = tmp_path / "runs"
     first = _demo(root)
     assert "flow run finished: Promoted" in first.stdout
-    log = first.stdout + first.stderr
+    # one screen: a line per stage, the eval table, the decision and where things are; the rest is in the full log
+    assert len((first.stdout + first.stderr).splitlines()) <= 40, first.stdout + first.stderr
+    assert re.search(r"^merged\s+\d", first.stdout, flags=re.M) and "Promoted merged" in first.stdout
+    log = _full_log(first)
     for stage in ("ingest", "clean", "dedup", "split", "base", "sft", "dpo", "merge", "evaluate", "serve", "promote"):
+        assert re.search(rf"^\s+{stage}\s+ran\s", first.stdout, flags=re.M), stage
         assert re.search(rf"Task run '{stage}-\w+' - Finished in state Completed", log), stage
 
     cfg = load_config(None, [f"storage_root={root}"])
@@ -43,6 +52,7 @@ def test_demo_runs_every_stage_on_a_local_root_then_comes_from_cache(tmp_path):
 
     again = _demo(root)
     assert "flow run finished: Promoted" in again.stdout
-    log = again.stdout + again.stderr
+    log = _full_log(again)
+    assert all(re.search(rf"^\s+{stage}\s+cached\s", again.stdout, flags=re.M) for stage in ("sft", "serve"))
     assert not re.search(r"Task run '(ingest|sft|dpo|merge|evaluate|serve)-\w+' - Finished in state Completed", log)
     assert len(re.findall(r"Finished in state Cached", log)) >= 12

@@ -77,7 +77,11 @@ def sftpipe_run(root: str, work_dir: Path, *overrides: str) -> dict:
     # A rejected promotion is a finished run (exit 1 by design): every stage ran, the gate said no.
     if not found or found.group(1) not in ("Promoted", "PromotionRejected"):
         raise RuntimeError(f"sftpipe run failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    cached = len(re.findall(r"Finished in state Cached", out.stdout + out.stderr))
+    import fsspec
+
+    # the full log (path on the summary's last line) has Prefect's line per task run, minhash shards included
+    with fsspec.open(re.search(r"full log\s+(\S+)", out.stdout).group(1), "r") as log:
+        cached = len(re.findall(r"Finished in state Cached", log.read()))
     return {"wall_s": round(wall, 2), "flow_s": float(found.group(2)), "state": found.group(1),
             "cached_tasks": cached}
 

@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import CachePolicy
 
-from tasks.core import storage
+from tasks.core import progress, storage
 from tasks.core.config import PipelineConfig
 
 StageResult = dict[str, Any]  # {"stage": str, "fingerprint": str, "stats": {...}, ...}
@@ -87,9 +88,26 @@ def stage_task(stage: str, config_of: Callable[[PipelineConfig], Any], **task_op
 
     def wrap(fn: Callable) -> Any:
         policy = StagePolicy(stage, source_hash(fn), config_of)
-        return task(name=stage, cache_policy=policy, persist_result=True, **task_options)(fn)
+        return task(name=stage, cache_policy=policy, persist_result=True, on_running=[_started],
+                    on_completion=[_finished], on_failure=[_finished], **task_options)(fn)
 
     return wrap
+
+
+def _started(task, task_run, state) -> None:
+    progress.emit("stage_started", stage=task.name)
+
+
+def _finished(task, task_run, state) -> None:
+    """Tell progress listeners (the sftpipe terminal) how a stage ended: ran, cached or failed, and in how long."""
+    started = task_run.start_time.timestamp() if task_run.start_time else time.time()
+    fields: dict[str, Any] = {"stage": task.name, "seconds": max(time.time() - started, 0.0)}
+    if state.is_completed():
+        fields.update(state="cached" if state.name == "Cached" else "ran",
+                      result=state.result(raise_on_failure=False))
+    else:
+        fields.update(state="failed", error=state.message or state.name)
+    progress.emit("stage_finished", **fields)
 
 
 def current_run_id() -> str:

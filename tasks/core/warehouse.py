@@ -19,6 +19,11 @@ import duckdb
 from tasks.core import storage
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+# The storage format a new warehouse file is written in. DuckDB otherwise writes its own newest format, which older
+# DuckDB releases (and the CLI people have installed) refuse to open. With v1.0.0 every DuckDB from 1.1 on reads
+# the file, the DuckDB CLI that setup installs (duckdb-cli, .venv/bin/duckdb) included. Fixed when the file is
+# created: an existing file keeps the format it has.
+STORAGE_COMPATIBILITY = "v1.0.0"
 
 
 def _sql(name: str) -> str:
@@ -41,7 +46,8 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = 600.0) ->
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
+            con = duckdb.connect(str(path), read_only=read_only,
+                                 config={"storage_compatibility_version": STORAGE_COMPATIBILITY})
             break
         except duckdb.IOException as err:
             if "lock" not in str(err).lower():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from tasks.core import progress
 from tasks.core.artifacts import in_prefect_run
 from tasks.training.loading import library_versions
 
@@ -55,6 +56,8 @@ class TrainingReporter(TrainerCallback):
         self.total_steps = state.max_steps or self.total_steps
         self._train_started = time.time()
         self._last = (time.time(), None)
+        if _is_main_process():
+            progress.emit("train_started", stage=self.stage, step=int(state.global_step), total_steps=self.total_steps)
         if _is_main_process() and in_prefect_run():
             try:
                 from prefect.artifacts import create_progress_artifact
@@ -97,7 +100,13 @@ class TrainingReporter(TrainerCallback):
             except Exception as err:
                 log.warning("progress artifact update failed: %s", err)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if _is_main_process():
+            progress.emit("train_step", stage=self.stage, step=int(state.global_step), total_steps=self.total_steps)
+
     def on_train_end(self, args, state, control, **kwargs):
+        if _is_main_process():
+            progress.emit("train_finished", stage=self.stage)
         if self._train_started and self._train_tokens:
             self.tokens_per_s = round(self._train_tokens / max(time.time() - self._train_started, 1e-9), 1)
 
