@@ -1,6 +1,6 @@
 """sft-pipeline: the whole DAG as one Prefect flow, and sft-stage: any one stage on its own.
 
-  data (ingest → clean → dedup → split) → base → sft → dpo → merge → evaluate → serve → promote
+  data (ingest → clean → quality → dedup → split) → base → sft → dpo → merge → evaluate → serve → promote
 
 Every stage is a cached task: `refresh` forces named stages to recompute, `until` stops after a stage. With
 `orchestration.gpu_deployment` set (the prod deployment sets it), GPU stages are dispatched to that deployment, so

@@ -1,4 +1,4 @@
-"""prepare-data: raw files → DuckDB → clean → MinHash dedup → split → data-quality report."""
+"""prepare-data: raw files → DuckDB → clean → quality filters → MinHash dedup → split → data-quality report."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from tasks.core.warehouse import warehouse_id
 from tasks.data.clean import clean_task
 from tasks.data.dedup import dedup_task, signature_shard_task
 from tasks.data.ingest import ingest_task, input_fingerprint
+from tasks.data.quality import quality_task
 from tasks.data.quality_report import quality_report_task
 from tasks.data.split import split_task
 
-DATA_STAGES = ("ingest", "clean", "dedup", "split")
+DATA_STAGES = ("ingest", "clean", "quality", "dedup", "split")
 
 
 def _bound(prefect_task, cfg: PipelineConfig, stage: str, refresh: list[str]):
@@ -29,9 +30,11 @@ def prepare(cfg: PipelineConfig, refresh: list[str] = ()) -> dict[str, Any]:
     refresh = list(refresh)
     ingest = _bound(ingest_task, cfg, "ingest", refresh)(cfg, input_fingerprint(cfg), warehouse_id(cfg.warehouse_url))
     clean = _bound(clean_task, cfg, "clean", refresh)(cfg, ingest)
+    quality = _bound(quality_task, cfg, "quality", refresh)(cfg, clean)
+    # dedup reads curated_rows, the quality stage's output
     shards = _bound(signature_shard_task, cfg, "dedup", refresh).map(
-        unmapped(cfg), unmapped(clean), range(cfg.data.dedup.shards))
-    dedup = _bound(dedup_task, cfg, "dedup", refresh)(cfg, clean, shards.result())
+        unmapped(cfg), unmapped(quality), range(cfg.data.dedup.shards))
+    dedup = _bound(dedup_task, cfg, "dedup", refresh)(cfg, quality, shards.result())
     split = _bound(split_task, cfg, "split", refresh)(cfg, dedup)
     quality_report_task(cfg, split)
     return split

@@ -91,6 +91,39 @@ CREATE TABLE IF NOT EXISTS clean_rows (
 ALTER TABLE parsed_rows ADD COLUMN IF NOT EXISTS tools VARCHAR;
 ALTER TABLE clean_rows ADD COLUMN IF NOT EXISTS tools VARCHAR;
 
+-- Rebuilt by the quality stage, one row per row that passed clean: its language, the first quality rule it broke,
+-- and its text with personal data redacted (NULL where nothing was redacted; curated_rows then takes clean's).
+CREATE TABLE IF NOT EXISTS quality_rows (
+    row_id              VARCHAR PRIMARY KEY,
+    language            VARCHAR NOT NULL,   -- ISO 639 code from fastText's lid.176 (zh includes wuu, yue); und: no letters
+    language_confidence DOUBLE NOT NULL,    -- the detector's probability for that language
+    reason              VARCHAR,            -- language_not_allowed | pii_<kind> | benchmark_contamination
+    detail              VARCHAR,
+    messages            chat_message[],
+    responses           VARCHAR[],
+    dedup_text          VARCHAR,
+    content_hash        VARCHAR,
+    n_chars             BIGINT
+);
+
+-- Rebuilt by the quality stage: personal data found per row and kind, and what was done (redact | reject | keep).
+CREATE TABLE IF NOT EXISTS pii_matches (
+    row_id  VARCHAR NOT NULL,
+    kind    VARCHAR NOT NULL,               -- email | phone | ip_address | credit_card | iban | secret
+    action  VARCHAR NOT NULL,
+    matches INTEGER NOT NULL,
+    PRIMARY KEY (row_id, kind)
+);
+
+-- Rebuilt by the quality stage: rows that reproduce a benchmark item (the part they overlap most).
+CREATE TABLE IF NOT EXISTS benchmark_matches (
+    row_id    VARCHAR PRIMARY KEY,
+    benchmark VARCHAR NOT NULL,             -- benchmark file
+    item      BIGINT NOT NULL,              -- record number in that file (1-based)
+    part      VARCHAR NOT NULL,             -- text | prompt | answer | response N
+    overlap   DOUBLE NOT NULL               -- share of the part's n-grams found in the row
+);
+
 -- MinHash signatures by content, so a nightly run signs only texts it has not seen. params names how they were
 -- made (permutations, seed, shingle size, code version).
 CREATE TABLE IF NOT EXISTS minhash_signatures (

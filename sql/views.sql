@@ -1,6 +1,24 @@
 -- Views named for the questions people ask of the warehouse. Recreated on every connect.
 --   duckdb runs/warehouse.duckdb -c "select * from quality_summary"
 
+-- The rows every stage after quality reads: clean_rows with personal data redacted by the quality stage, and the
+-- first rule each row broke in clean or in quality (NULL: accepted so far).
+CREATE OR REPLACE VIEW curated_rows AS
+SELECT
+    c.row_id, c.kind, c.source, c.row_seq,
+    coalesce(q.messages, c.messages) AS messages,
+    coalesce(q.responses, c.responses) AS responses,
+    c.tools,
+    coalesce(q.dedup_text, c.dedup_text) AS dedup_text,
+    coalesce(q.content_hash, c.content_hash) AS content_hash,
+    coalesce(q.n_chars, c.n_chars) AS n_chars,
+    coalesce(q.language, c.language) AS language,
+    q.language_confidence,
+    coalesce(c.reason, q.reason) AS reason,
+    coalesce(c.detail, q.detail) AS detail
+FROM clean_rows c
+LEFT JOIN quality_rows q USING (row_id);
+
 -- What happened to every raw row: accepted, rejected (reason), duplicate (of which row), or pending (a later
 -- stage has not run yet).
 CREATE OR REPLACE VIEW row_dispositions AS
@@ -19,7 +37,7 @@ SELECT
 FROM raw_rows r
 JOIN source_files f USING (file_id)
 LEFT JOIN parsed_rows p USING (row_id)
-LEFT JOIN clean_rows c USING (row_id)
+LEFT JOIN curated_rows c USING (row_id)
 LEFT JOIN cluster_members m USING (row_id);
 
 -- Per file version: raw = accepted + rejected + duplicate must hold (balanced) once every stage has run.
@@ -44,7 +62,7 @@ WITH splits AS (
         count(*) FILTER (WHERE s.split = 'train') AS train,
         count(*) FILTER (WHERE s.split = 'validation') AS validation,
         count(*) FILTER (WHERE s.split = 'test') AS test
-    FROM clean_rows c
+    FROM curated_rows c
     JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
     JOIN split_assignments s ON s.cluster_id = m.cluster_id
     GROUP BY ALL
@@ -89,7 +107,7 @@ SELECT
     left(any_value(rep.dedup_text), 120) AS representative_text,
     list(m.row_id ORDER BY m.row_id) FILTER (WHERE m.method <> 'representative') AS duplicate_rows
 FROM cluster_members m
-JOIN clean_rows rep ON rep.row_id = m.cluster_id
+JOIN curated_rows rep ON rep.row_id = m.cluster_id
 GROUP BY m.cluster_id
 HAVING count(*) > 1
 ORDER BY members DESC, representative;
@@ -99,7 +117,7 @@ CREATE OR REPLACE VIEW split_balance AS
 SELECT c.source, c.kind, s.split, count(*) AS rows,
     round(count(*) / sum(count(*)) OVER (PARTITION BY c.source, c.kind), 4) AS share,
     count(DISTINCT g.group_id) AS groups, round(avg(c.n_chars), 1) AS avg_chars
-FROM clean_rows c
+FROM curated_rows c
 JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
 JOIN split_assignments s ON s.cluster_id = m.cluster_id
 LEFT JOIN split_groups g ON g.cluster_id = m.cluster_id
@@ -115,9 +133,9 @@ SELECT g.group_id, count(*) AS rows,
     list(DISTINCT s.split ORDER BY s.split) AS splits,
     left(any_value(first.dedup_text), 120) AS first_text
 FROM split_groups g
-JOIN clean_rows c ON c.row_id = g.cluster_id
+JOIN curated_rows c ON c.row_id = g.cluster_id
 JOIN split_assignments s ON s.cluster_id = g.cluster_id
-JOIN clean_rows first ON first.row_id = g.group_id
+JOIN curated_rows first ON first.row_id = g.group_id
 GROUP BY g.group_id
 HAVING count(*) > 1
 ORDER BY rows DESC, g.group_id;
@@ -128,7 +146,7 @@ CREATE OR REPLACE VIEW bridged_rows AS
 SELECT b.bridged_at, b.cluster_id AS row_id, b.split, b.group_id, b.joined_groups, b.joined_splits,
     left(c.dedup_text, 120) AS text
 FROM split_bridges b
-JOIN clean_rows c ON c.row_id = b.cluster_id
+JOIN curated_rows c ON c.row_id = b.cluster_id
 ORDER BY b.bridged_at DESC, b.cluster_id;
 
 -- Character lengths of accepted rows per source, in power-of-two buckets.
@@ -136,7 +154,7 @@ CREATE OR REPLACE VIEW length_distribution AS
 SELECT c.source, c.kind,
     CAST(pow(2, floor(log2(greatest(c.n_chars, 1)))) AS BIGINT) AS chars_from,
     count(*) AS rows
-FROM clean_rows c
+FROM curated_rows c
 JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
 GROUP BY ALL
 ORDER BY c.source, c.kind, chars_from;
@@ -145,24 +163,45 @@ CREATE OR REPLACE VIEW length_stats AS
 SELECT c.source, c.kind, count(*) AS rows, min(c.n_chars) AS min_chars,
     CAST(quantile_cont(c.n_chars, 0.5) AS BIGINT) AS median_chars,
     CAST(quantile_cont(c.n_chars, 0.95) AS BIGINT) AS p95_chars, max(c.n_chars) AS max_chars
-FROM clean_rows c
+FROM curated_rows c
 JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
 GROUP BY ALL
 ORDER BY c.source, c.kind;
 
+-- Detected languages per source among the rows that reached the quality stage: share, how many were kept (not
+-- rejected by a quality rule), and the detector's mean confidence.
 CREATE OR REPLACE VIEW language_mix AS
 WITH counts AS (
-    SELECT source, language, count(*) AS rows FROM clean_rows WHERE reason IS NULL GROUP BY source, language
+    SELECT c.source, q.language, count(*) AS rows, count(*) FILTER (WHERE q.reason IS NULL) AS kept,
+        round(avg(q.language_confidence), 3) AS mean_confidence
+    FROM quality_rows q JOIN clean_rows c USING (row_id)
+    GROUP BY c.source, q.language
 )
-SELECT source, language, rows, round(rows / sum(rows) OVER (PARTITION BY source), 4) AS share
+SELECT source, language, rows, round(rows / sum(rows) OVER (PARTITION BY source), 4) AS share, kept, mean_confidence
 FROM counts
-ORDER BY source, rows DESC;
+ORDER BY source, rows DESC, language;
+
+-- Personal data found, per source and kind: rows holding it, matches, and what the policy did with them.
+CREATE OR REPLACE VIEW pii_findings AS
+SELECT c.source, p.kind, p.action, count(*) AS rows, sum(p.matches)::BIGINT AS matches,
+    list(p.row_id ORDER BY p.row_id)[1:5] AS example_rows
+FROM pii_matches p
+JOIN clean_rows c USING (row_id)
+GROUP BY ALL
+ORDER BY c.source, p.kind;
+
+-- Training rows rejected for reproducing a benchmark item: which file and item, and how much of it.
+CREATE OR REPLACE VIEW benchmark_contamination AS
+SELECT b.row_id, c.source, b.benchmark, b.item, b.part, round(b.overlap, 4) AS overlap, left(c.dedup_text, 120) AS text
+FROM benchmark_matches b
+JOIN curated_rows c USING (row_id)
+ORDER BY b.overlap DESC, b.row_id;
 
 -- Validation/test rows left out of training's and evaluation's held-out sets, and why.
 CREATE OR REPLACE VIEW eval_exclusions AS
 SELECT k.split, c.kind, 'overlaps training' AS reason, count(*) AS rows
 FROM contamination k
-JOIN clean_rows c USING (row_id)
+JOIN curated_rows c USING (row_id)
 GROUP BY ALL
 ORDER BY k.split, c.kind;
 
@@ -170,8 +209,8 @@ CREATE OR REPLACE VIEW contaminated_examples AS
 SELECT k.split, k.overlap, k.row_id, left(e.dedup_text, 120) AS text, k.closest_train_row,
     left(t.dedup_text, 120) AS closest_train_text
 FROM contamination k
-JOIN clean_rows e ON e.row_id = k.row_id
-LEFT JOIN clean_rows t ON t.row_id = k.closest_train_row
+JOIN curated_rows e ON e.row_id = k.row_id
+LEFT JOIN curated_rows t ON t.row_id = k.closest_train_row
 ORDER BY k.overlap DESC;
 
 -- Tool calling in accepted rows, per source and function: how many calls, in how many rows, and whether the
@@ -180,7 +219,7 @@ CREATE OR REPLACE VIEW tool_calls AS
 WITH calls AS (
     SELECT c.source, c.row_id, c.tools, unnest(flatten(list_transform(c.messages, lambda m: coalesce(m.tool_calls, []))))
         AS call
-    FROM clean_rows c
+    FROM curated_rows c
     JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
 )
 SELECT source, call.name AS function, count(*) AS calls, count(DISTINCT row_id) AS rows,
@@ -195,7 +234,7 @@ ORDER BY calls DESC, source, function;
 -- split (contamination) are left out: scoring them would measure memorisation.
 CREATE OR REPLACE VIEW sft_examples AS
 SELECT c.row_id AS example_id, s.split, c.source, c.messages, c.tools
-FROM clean_rows c
+FROM curated_rows c
 JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
 JOIN split_assignments s ON s.cluster_id = m.cluster_id
 WHERE c.kind = 'sft' AND c.row_id NOT IN (SELECT row_id FROM contamination);
@@ -205,7 +244,7 @@ WHERE c.kind = 'sft' AND c.row_id NOT IN (SELECT row_id FROM contamination);
 CREATE OR REPLACE VIEW preference_pairs AS
 WITH ranked AS (
     SELECT c.row_id, s.split, c.source, c.messages, c.responses, c.tools
-    FROM clean_rows c
+    FROM curated_rows c
     JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
     JOIN split_assignments s ON s.cluster_id = m.cluster_id
     WHERE c.kind = 'preference' AND c.row_id NOT IN (SELECT row_id FROM contamination)

@@ -153,17 +153,19 @@ def make_cfg(tmp_path):
 
 
 def run_data_plane(cfg):
-    """Ingest → clean → dedup → split as plain functions (no Prefect), returning each stage's result."""
+    """Ingest → clean → quality → dedup → split as plain functions (no Prefect), returning each stage's result."""
     from tasks.data.clean import run_clean
     from tasks.data.dedup import deduplicate
     from tasks.data.ingest import run_ingest
+    from tasks.data.quality import run_quality
     from tasks.data.split import run_split
 
     ingest = run_ingest(cfg)
     clean = run_clean(cfg, ingest)
-    dedup = deduplicate(cfg, clean)
+    quality = run_quality(cfg, clean)
+    dedup = deduplicate(cfg, quality)
     split = run_split(cfg, dedup)
-    return {"ingest": ingest, "clean": clean, "dedup": dedup, "split": split}
+    return {"ingest": ingest, "clean": clean, "quality": quality, "dedup": dedup, "split": split}
 
 
 def query(cfg, sql: str, params=None):

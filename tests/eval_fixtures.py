@@ -46,9 +46,10 @@ def data_plane(cfg: PipelineConfig) -> dict:
     from tasks.data.clean import run_clean
     from tasks.data.dedup import deduplicate
     from tasks.data.ingest import run_ingest
+    from tasks.data.quality import run_quality
     from tasks.data.split import run_split
 
-    return run_split(cfg, deduplicate(cfg, run_clean(cfg, run_ingest(cfg))))
+    return run_split(cfg, deduplicate(cfg, run_quality(cfg, run_clean(cfg, run_ingest(cfg)))))
 
 
 def _save_tokenizer(src: Path, dst: Path, template: str | None = None) -> None:

@@ -70,7 +70,7 @@ def test_clean_rules_and_normalisation():
 def test_language_mix_tells_chinese_from_english(make_cfg):
     cfg = make_cfg(f"data.ingest.inputs=[{ALPACA_ZH},{ALPACA_EN}]")
     run_data_plane(cfg)
-    mix = {(s, lang): share for s, lang, _, share in query(cfg, "SELECT * FROM language_mix")}
+    mix = {(s, lang): share for s, lang, share in query(cfg, "SELECT source, language, share FROM language_mix")}
     assert mix[("alpaca_zh_demo", "zh")] > 0.9
     assert mix[("alpaca_en_demo", "en")] > 0.95
 

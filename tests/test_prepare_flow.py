@@ -33,17 +33,22 @@ def test_rerun_is_served_from_cache_and_a_config_change_reruns_only_downstream(m
     stats = first.result()["stats"]
     assert stats["train"] > 0 and stats["validation"] > 0 and stats["test"] > 0
     states = stage_states(first.state_details.flow_run_id)
-    assert states["ingest"] == states["clean"] == states["dedup"] == states["split"] == {"Completed"}
+    assert states["ingest"] == states["clean"] == states["quality"] == states["dedup"] == states["split"] == {"Completed"}
 
     second = prepare_data(overrides=overrides, return_state=True)
     states = stage_states(second.state_details.flow_run_id)
-    for stage in ("ingest", "clean", "minhash-shard", "dedup", "split"):
+    for stage in ("ingest", "clean", "quality", "minhash-shard", "dedup", "split"):
         assert states[stage] == {"Cached"}, (stage, states)
 
     third = prepare_data(overrides=overrides + ["data.dedup.threshold=0.7"], return_state=True)
     states = stage_states(third.state_details.flow_run_id)
-    assert states["ingest"] == states["clean"] == {"Cached"}
+    assert states["ingest"] == states["clean"] == states["quality"] == {"Cached"}
     assert states["dedup"] == {"Completed"}
+
+    # A quality filter setting reruns the quality stage, not clean before it.
+    states = stage_states(prepare_data(overrides=overrides + ["data.quality.languages=[en, zh]"],
+                                       return_state=True).state_details.flow_run_id)
+    assert states["clean"] == {"Cached"} and states["quality"] == {"Completed"}
 
     # Forcing one stage recomputes it even though nothing changed.
     fourth = prepare_data(overrides=overrides, refresh=["clean"], return_state=True)

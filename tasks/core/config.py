@@ -75,6 +75,48 @@ class CleanConfig(Section):
     normalize_form: Literal["NFC", "NFKC"] = Field("NFC", description="Unicode normal form applied to all text.")
 
 
+PiiAction = Literal["redact", "reject", "keep"]
+
+
+class PiiConfig(Section):
+    email: PiiAction = Field("redact", description="E-mail addresses: redact (replace by <EMAIL>), reject the row "
+                             "(reason pii_email) or keep.")
+    phone: PiiAction = Field("redact", description="Phone numbers valid in one of phone_regions or written with a "
+                             "+country code (<PHONE>, pii_phone).")
+    ip_address: PiiAction = Field("redact", description="Public IPv4/IPv6 addresses; private, loopback and "
+                                  "documentation ranges are not personal and stay (<IP_ADDRESS>, pii_ip_address).")
+    credit_card: PiiAction = Field("redact", description="Card numbers of a known network that pass the Luhn check "
+                                   "(<CREDIT_CARD>, pii_credit_card).")
+    iban: PiiAction = Field("redact", description="IBANs with a valid country format and checksum (<IBAN>, pii_iban).")
+    secret: PiiAction = Field("redact", description="API keys, tokens and private keys of well-known shapes (AWS, "
+                              "GitHub, GitLab, Slack, Stripe, OpenAI, Anthropic, Google, Hugging Face, npm, JWT, PEM "
+                              "private keys) (<SECRET>, pii_secret).")
+    phone_regions: list[str] = Field(["US", "GB", "CN"], description="Regions (ISO 3166 alpha-2) whose national "
+                                     "phone formats are recognised; numbers with a +country code are recognised "
+                                     "anywhere. Regions with short or free-length numbers (DE, FR) make dates and "
+                                     "decimals look like phone numbers.")
+
+
+class QualityConfig(Section):
+    languages: list[str] = Field(default_factory=list, description="Keep only rows whose detected language (ISO "
+                                 "639-1, e.g. en, zh) is one of these (reason language_not_allowed). Empty: any.")
+    min_language_confidence: float = Field(0.0, ge=0, le=1, description="Reject rows whose language is detected with "
+                                           "less confidence than this (language_not_allowed).")
+    language_chars: int = Field(1000, ge=50, description="Characters of each row's text the language detector reads "
+                                "(the start of the conversation).")
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+
+
+class DecontaminateConfig(Section):
+    against: list[str] = Field(default_factory=list, description="Benchmark files or folders (paths or URLs) in any "
+                               "input format, or JSONL of {\"text\": ...}; training rows that overlap one of their "
+                               "items are rejected before the split (reason benchmark_contamination). Empty: off.")
+    ngram: int = Field(8, ge=2, description="n-gram size in tokens (words; single characters for Chinese, Japanese, "
+                       "Korean, Thai).")
+    threshold: float = Field(0.5, gt=0, le=1, description="Share of a benchmark item's prompt or answer n-grams found "
+                             "in a row at or above which the row is contaminated.")
+
+
 class DedupConfig(Section):
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
     threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity of shingle sets at or above "
@@ -119,6 +161,8 @@ class SplitConfig(Section):
 class DataConfig(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
 

@@ -5,7 +5,7 @@ only the candidates' texts are read back, and the signatures' estimate errs both
 
 Which row is kept: the earliest-ingested member of a cluster (lowest row_seq). So a row already in the warehouse is
 never displaced by data that arrives later, and its split never changes.
-What is compared: the whole conversation for SFT rows, the prompt for preference rows (clean_rows.dedup_text);
+What is compared: the whole conversation for SFT rows, the prompt for preference rows (curated_rows.dedup_text, after the quality stage's redaction);
 SFT and preference rows are never clustered together.
 
 Signatures are computed in shards, each a Prefect task, so a Dask task runner spreads them over workers; they are
@@ -28,7 +28,7 @@ from tasks.core.config import DedupConfig, PipelineConfig
 from tasks.core.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
 from tasks.data import minhash
 
-ACCEPTED_SQL = "SELECT row_id, kind, row_seq, content_hash, dedup_text FROM clean_rows WHERE reason IS NULL"
+ACCEPTED_SQL = "SELECT row_id, kind, row_seq, content_hash, dedup_text FROM curated_rows WHERE reason IS NULL"
 
 
 def signature_params(d: DedupConfig) -> str:
@@ -173,11 +173,11 @@ def _texts(con, content_hashes: list[str]) -> list[str]:
     """dedup_text of each content hash, in the order given."""
     con.register("wanted_texts", pa.table({"content_hash": content_hashes,
                                            "pos": pa.array(range(len(content_hashes)), pa.int64())}))
-    rows = con.sql("SELECT any_value(c.dedup_text) FROM wanted_texts w JOIN clean_rows c USING (content_hash) "
+    rows = con.sql("SELECT any_value(c.dedup_text) FROM wanted_texts w JOIN curated_rows c USING (content_hash) "
                    "GROUP BY w.pos ORDER BY w.pos").fetchall()
     con.unregister("wanted_texts")
     if len(rows) != len(content_hashes):
-        raise RuntimeError("dedup: some candidate rows have no text in clean_rows")
+        raise RuntimeError("dedup: some candidate rows have no text in curated_rows")
     return [r[0] for r in rows]
 
 

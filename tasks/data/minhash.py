@@ -239,11 +239,19 @@ def signatures(texts: list[str], num_perm: int, seed: int, ngram: int) -> np.nda
     return out
 
 
+def shingle_hash_batches(texts: list[str], ngram: int):
+    """Yield (row indices, flat shingle hashes of those rows in order, shingles per row) covering every text, in
+    batches of bounded size: the bulk form of `shingle_sets` (hashes as `hash64` gives them, repeats kept)."""
+    for lo in range(0, len(texts), _DOCS_PER_BATCH):
+        for rows, token_hash, n_tokens in _token_hash_batches(list(texts[lo : lo + _DOCS_PER_BATCH])):
+            hashes, n_shingles = _shingle_hashes(token_hash, n_tokens.astype(np.int64), ngram)
+            yield lo + rows, hashes, n_shingles
+
+
 def shingle_sets(texts: list[str], ngram: int) -> list[np.ndarray]:
     """Each text's distinct shingle hashes, sorted: the sets whose Jaccard its signature estimates."""
     out: list[np.ndarray] = [np.empty(0, dtype=np.uint64)] * len(texts)
-    for rows, token_hash, n_tokens in _token_hash_batches(list(texts)):
-        hashes, n_shingles = _shingle_hashes(token_hash, n_tokens.astype(np.int64), ngram)
+    for rows, hashes, n_shingles in shingle_hash_batches(texts, ngram):
         for row, part in zip(rows, np.split(hashes, np.cumsum(n_shingles)[:-1])):
             out[row] = np.unique(part)
     return out

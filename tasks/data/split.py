@@ -229,7 +229,7 @@ def run_split(cfg: PipelineConfig, dedup: dict[str, Any], run_id: str = "local")
         rows = con.sql(
             "SELECT c.row_id, c.messages, a.split, "
             "c.dedup_text || chr(10) || coalesce(array_to_string(c.responses, chr(10)), '') AS text "
-            "FROM clean_rows c JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative' "
+            "FROM curated_rows c JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative' "
             "LEFT JOIN split_assignments a ON a.cluster_id = c.row_id ORDER BY c.row_seq").pl()
         keys = prompt_keys(rows, s)
         distinct = keys.select("key").unique(maintain_order=True).with_row_index("key_id")

