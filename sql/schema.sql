@@ -106,6 +106,16 @@ CREATE TABLE IF NOT EXISTS quality_rows (
     n_chars             BIGINT
 );
 
+-- Detected language by text, so a nightly run only detects text it has not seen. detector names the model and
+-- settings (package version, characters read).
+CREATE TABLE IF NOT EXISTS language_ids (
+    text_hash  VARCHAR NOT NULL,            -- xxh3-128 of the text the detector read
+    detector   VARCHAR NOT NULL,
+    language   VARCHAR NOT NULL,
+    confidence DOUBLE NOT NULL,
+    PRIMARY KEY (text_hash, detector)
+);
+
 -- Rebuilt by the quality stage: personal data found per row and kind, and what was done (redact | reject | keep).
 CREATE TABLE IF NOT EXISTS pii_matches (
     row_id  VARCHAR NOT NULL,

@@ -165,3 +165,17 @@ def test_quality_config_and_benchmark_files_are_part_of_the_cache_key(quality_ru
     with open(tmp_path / "bench" / "plain.jsonl", "a") as f:
         f.write(json.dumps({"text": "another item"}) + "\n")
     assert key(cfg) != before
+
+
+def test_a_rerun_detects_no_language_it_has_already_stored(quality_run, monkeypatch):
+    import tasks.data.quality as quality
+
+    cfg, results = quality_run
+    stored = query(cfg, "SELECT count(*) FROM language_ids")[0][0]
+    assert stored == len(ROWS)
+    asked: list[int] = []
+    detect = quality.detect_languages
+    monkeypatch.setattr(quality, "detect_languages", lambda texts: asked.append(len(texts)) or detect(texts))
+    again = quality.run_quality(cfg, results["clean"])
+    assert asked == [0] and again["fingerprint"] == results["quality"]["fingerprint"]
+    assert query(cfg, "SELECT count(*) FROM language_ids")[0][0] == stored

