@@ -179,3 +179,27 @@ def test_a_rerun_detects_no_language_it_has_already_stored(quality_run, monkeypa
     again = quality.run_quality(cfg, results["clean"])
     assert asked == [0] and again["fingerprint"] == results["quality"]["fingerprint"]
     assert query(cfg, "SELECT count(*) FROM language_ids")[0][0] == stored
+
+
+def test_reasoning_and_tool_call_arguments_are_redacted_too(make_cfg):
+    import polars as pl
+
+    from tasks.data.quality import redact_rows
+
+    def turn(role, content=None, reasoning=None, calls=None):
+        return {"role": role, "content": content, "reasoning": reasoning, "tool_calls": calls, "tool_call_id": None,
+                "name": None}
+
+    rows = pl.DataFrame({"row_id": ["r1", "r2"], "kind": ["sft", "sft"], "messages": [
+        [turn("user", "Mail my lawyer, she is at anna.schmidt@example.org"),
+         turn("assistant", reasoning="Her phone is +44 20 7946 0958 but mail was asked.",
+              calls=[{"id": "c1", "name": "send_mail", "arguments": '{"to": "anna.schmidt@example.org"}'}])],
+        [turn("user", "hello"), turn("assistant", "hi")]], "responses": [[], []]})
+    findings, redacted = redact_rows(rows, make_cfg())
+    assert sorted(findings.iter_rows()) == [("r1", "email", 2), ("r1", "phone", 1)]
+    assert redacted["row_id"].to_list() == ["r1"]
+    user, assistant = redacted["messages"][0].to_list()
+    assert user["content"] == "Mail my lawyer, she is at <EMAIL>"
+    assert assistant["reasoning"] == "Her phone is <PHONE> but mail was asked." and assistant["content"] is None
+    assert assistant["tool_calls"] == [{"id": "c1", "name": "send_mail", "arguments": '{"to": "<EMAIL>"}'}]
+    assert "anna" not in redacted["dedup_text"][0] and 'send_mail({"to": "<EMAIL>"})' in redacted["dedup_text"][0]

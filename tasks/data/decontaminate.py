@@ -44,11 +44,12 @@ def item_parts(record: object, fmt: str | None) -> list[tuple[str, str]]:
     if isinstance(record, dict) and fmt is None and isinstance(record.get("text"), str):
         return [("text", record["text"])]
     try:
-        _, messages, responses = formats.normalize(record, fmt)
+        parsed = formats.normalize(record, fmt)
     except formats.RecordError:
         return []
-    prompt = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
-    answer = "\n".join(m["content"] for m in messages if m["role"] == "assistant")
+    messages, responses = parsed.messages, parsed.responses
+    prompt = "\n".join(m.get("content") or "" for m in messages if m["role"] != "assistant")
+    answer = "\n".join(m.get("content") or "" for m in messages if m["role"] == "assistant")
     parts = [("prompt", prompt), ("answer", answer)] + [(f"response {i}", r) for i, r in enumerate(responses or [], 1)]
     return [(name, text) for name, text in parts if text and text.strip()]
 
@@ -61,7 +62,7 @@ def load_parts(against: list[str]) -> tuple[list[Part], int]:
         read = read_file(local, local.read_bytes())
         if read.reason:
             raise ValueError(f"benchmark file {url} cannot be read: {read.reason} ({read.detail})")
-        fmt = file_format(url, read.rows, {})
+        fmt = file_format(url, [r.record for r in read.rows if r.reason is None], {})
         for row in read.rows:
             found = item_parts(row.record, fmt) if row.reason is None else []
             unreadable += not found

@@ -30,6 +30,7 @@ from tasks.core.caching import current_run_id, stage_task
 from tasks.core.config import PipelineConfig
 from tasks.core.warehouse import insert_columns, open_warehouse, record_stage, table_fingerprint, utcnow
 from tasks.data import decontaminate, pii
+from tasks.data.clean import turn_text
 
 MACROLANGUAGE = {"wuu": "zh", "yue": "zh", "gan": "zh", "hak": "zh", "nan": "zh", "cdo": "zh", "arz": "ar"}
 UNDETERMINED = "und"
@@ -99,38 +100,53 @@ def _content_text(messages: pl.Expr, responses: pl.Expr) -> pl.Expr:
 
 
 def redact_rows(rows: pl.DataFrame, cfg: PipelineConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """PII in every turn and answer. Returns (findings: row_id, kind, matches; redacted rows: row_id, messages,
-    responses, dedup_text, n_chars, only for rows whose text changed)."""
-    p = cfg.data.quality.pii
-    turns = (rows.select("row_id", "messages").with_row_index("row").explode("messages").unnest("messages")
-             .with_row_index("pos"))
-    answers = rows.select("row_id", "responses").explode("responses").rename({"responses": "content"})
-    texts = turns["content"].fill_null("").to_list() + answers["content"].fill_null("").to_list()
-    redacted, counts = pii.scan(texts, p)
-    owners = turns["row_id"].to_list() + answers["row_id"].to_list()
+    """PII in every turn's content and reasoning, its tool calls' arguments and the answers. Returns (findings:
+    row_id, kind, matches; redacted rows: row_id, messages, responses, dedup_text, n_chars, only rows that changed)."""
+    turns = rows.select("row_id", "messages").explode("messages").unnest("messages").with_row_index("pos")
+    calls = (turns.select("pos", "row_id", "tool_calls").explode("tool_calls").with_row_index("call")
+             .filter(pl.col("tool_calls").is_not_null()).unnest("tool_calls"))
+    answers = rows.select("row_id", "responses").explode("responses").with_row_index("answer")
+    columns = [("turns", "content"), ("turns", "reasoning"), ("calls", "arguments"), ("answers", "responses")]
+    frames = {"turns": turns, "calls": calls, "answers": answers}
+    texts = [t for name, col in columns for t in frames[name][col].fill_null("").to_list()]
+    redacted, counts = pii.scan(texts, cfg.data.quality.pii)
+    owners = [r for name, _ in columns for r in frames[name]["row_id"].to_list()]
     findings = pl.DataFrame(
         [(row_id, kind, n) for row_id, found in zip(owners, counts) for kind, n in found.items()],
         schema={"row_id": pl.String, "kind": pl.String, "matches": pl.Int64}, orient="row",
     ).group_by("row_id", "kind").agg(pl.col("matches").sum())
-    turns = turns.with_columns(pl.Series("redacted", redacted[: len(turns)], pl.String))
-    answers = answers.with_columns(pl.Series("redacted", redacted[len(turns):], pl.String))
-    changed = pl.concat([turns.filter(pl.col("redacted") != pl.col("content")).select("row_id"),
-                         answers.filter(pl.col("redacted") != pl.col("content")).select("row_id")]).unique()
-    new_messages = (
-        turns.join(changed, on="row_id").sort("pos").group_by("row_id", maintain_order=True).agg(
-            pl.struct(pl.col("role"), pl.col("redacted").alias("content")).alias("messages"),
-            # the same text clean compares: "role: content" lines
-            pl.format("{}: {}", "role", "redacted").str.join("\n").alias("dedup_text"),
-            pl.col("redacted").str.len_chars().sum().alias("turn_chars"),
-        )
+
+    offset, changed = 0, []
+    for name, col in columns:  # each text column in place, the original kept where it was NULL
+        n = len(frames[name])
+        values = pl.Series(redacted[offset: offset + n], dtype=pl.String)
+        offset += n
+        frames[name] = frames[name].with_columns(
+            pl.when(pl.col(col).is_not_null()).then(values).alias(col), pl.col(col).alias(f"{col}_was"))
+        changed.append(frames[name].filter(pl.col(col).ne_missing(pl.col(f"{col}_was"))).select("row_id"))
+    changed = pl.concat(changed).unique()
+    return findings, _rebuilt(frames, changed)
+
+
+def _rebuilt(frames: dict[str, pl.DataFrame], changed: pl.DataFrame) -> pl.DataFrame:
+    """Messages, responses, dedup_text and n_chars of the changed rows from their redacted turns, calls and answers
+    (dedup_text and n_chars as clean computes them)."""
+    calls = (frames["calls"].join(changed, on="row_id").sort("call").group_by("pos", maintain_order=True)
+             .agg(pl.struct("id", "name", "arguments").alias("redacted_calls")))
+    turns = (frames["turns"].join(changed, on="row_id").join(calls, on="pos", how="left")
+             .with_columns(pl.coalesce("redacted_calls", "tool_calls").alias("tool_calls")).sort("pos")
+             .with_columns(turn_text().alias("text")))
+    messages = turns.group_by("row_id", maintain_order=True).agg(
+        pl.struct("role", "content", "reasoning", "tool_calls", "tool_call_id", "name").alias("messages"),
+        pl.format("{}: {}", "role", "text").str.join("\n").alias("dedup_text"),
+        pl.col("text").str.len_chars().sum().alias("turn_chars"),
     )
-    new_answers = answers.join(changed, on="row_id").group_by("row_id", maintain_order=True).agg(
-        pl.col("redacted").drop_nulls().alias("responses"), pl.col("redacted").str.len_chars().sum().alias("answer_chars"))
-    out = (new_messages.join(new_answers, on="row_id", how="left")
-           .with_columns((pl.col("turn_chars") + pl.col("answer_chars").fill_null(0)).alias("n_chars"),
-                         pl.col("responses").fill_null([]))
-           .select("row_id", "messages", "responses", "dedup_text", "n_chars"))
-    return findings, out
+    answers = (frames["answers"].join(changed, on="row_id").sort("answer").group_by("row_id", maintain_order=True)
+               .agg(pl.col("responses").drop_nulls(), pl.col("responses").str.len_chars().sum().alias("answer_chars")))
+    return (messages.join(answers, on="row_id", how="left")
+            .with_columns((pl.col("turn_chars") + pl.col("answer_chars").fill_null(0)).alias("n_chars"),
+                          pl.col("responses").fill_null([]))
+            .select("row_id", "messages", "responses", "dedup_text", "n_chars"))
 
 
 def judge(rows: pl.DataFrame, cfg: PipelineConfig, index: decontaminate.BenchmarkIndex | None,
