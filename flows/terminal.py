@@ -87,6 +87,10 @@ def headline(stage: str, result: dict | None) -> str:
     if stage == "clean":
         rejected = sum((s.get("rejected_by_reason") or {}).values())
         return f"{_num(s.get('passed'))} rows passed, {_num(rejected)} rejected"
+    if stage == "quality":
+        rejected = sum((s.get("rejected_by_reason") or {}).values())
+        return f"{_num(s.get('passed'))} rows passed, {_num(rejected)} rejected, {_num(s.get('redacted_rows'))} " \
+               f"with personal data redacted"
     if stage == "dedup":
         return f"{_num(s.get('kept'))} kept, {_num(s.get('exact_duplicates'))} exact and " \
                f"{_num(s.get('near_duplicates'))} near duplicates"
