@@ -71,7 +71,9 @@ LOOK_ALIKES: list[str] = [
     "Tracking number 1Z999AA10123456784.", "Invoice INV-2023-000123 is overdue.", "SKU 4006381333931 (EAN-13)",
     "Ref: 4539148803436467", "编号 13812345678 的包裹已签收",
     # numbers in maths and science
-    "pi is 3.14159265358979 and e is 2.71828182845904.", "The population is 1400000000 people.",
+    "pi is 3.14159265358979 and e is 2.71828182845904.", "the result after the decimal place: 275.43397884615385",
+    "What is the result of 9778474 / 743?", "1387 * i = 223905 - 1858", "= 5336352000 + 1482320 + 148232 = 5337834320",
+    "Thus, the result of 512088 × 137872 is 7105356608.", "The population is 1400000000 people.",
     "Coordinates: 39.9042, 116.4074", "x = [1, 2, 3, 4, 5, 6, 7, 8]", "1234 5678 9012 3456 is not a card.",
     # addresses that are not personal
     "Set the gateway to 192.168.1.1 and the DNS to 10.0.0.1.", "Bind to 127.0.0.1:8080 or 0.0.0.0.",

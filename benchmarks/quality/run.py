@@ -39,6 +39,16 @@ LOOK_ALIKES = ["Upgrade to version 1.2.{a}.{b}.", "Released on 2023-10-{a:02d}."
                "Your order #2023{n4}{n4} shipped.", "订单号：2023{n4}{n4}5678", "Python 3.11.{a}"]
 
 
+MESSAGES = pl.List(pl.Struct({
+    "role": pl.String, "content": pl.String, "reasoning": pl.String,
+    "tool_calls": pl.List(pl.Struct({"id": pl.String, "name": pl.String, "arguments": pl.String})),
+    "tool_call_id": pl.String, "name": pl.String}))
+
+
+def _turn(role: str, content: str) -> dict:
+    return {"role": role, "content": content, "reasoning": None, "tool_calls": None, "tool_call_id": None, "name": None}
+
+
 def _fill(template: str, rng: random.Random) -> str:
     return template.format(name=rng.choice(["anna", "li", "sam"]), n=rng.randrange(1000), n4=f"{rng.randrange(10000):04d}",
                            a=rng.randrange(1, 28), b=rng.randrange(1, 255))
@@ -72,12 +82,12 @@ def build(rows: int, items: int, seed: int = 0) -> tuple[Path, Path]:
             answer += " " + _fill(rng.choice(LOOK_ALIKES), rng)
         elif u < 0.08:
             user += "\n" + rng.choice(bench)
-        messages.append([{"role": "user", "content": user}, {"role": "assistant", "content": answer}])
+        messages.append([_turn("user", user), _turn("assistant", answer)])
         responses.append([])
     pl.DataFrame({
         "row_id": [f"r{i}" for i in range(rows)], "kind": ["sft"] * rows, "source": ["bench"] * rows,
-        "row_seq": list(range(rows)), "messages": messages, "responses": responses,
-    }, schema_overrides={"responses": pl.List(pl.String)}).write_parquet(rows_path)
+        "row_seq": list(range(rows)), "messages": messages, "responses": responses, "tools": [None] * rows,
+    }, schema_overrides={"responses": pl.List(pl.String), "tools": pl.String, "messages": MESSAGES}).write_parquet(rows_path)
     return rows_path, items_path
 
 

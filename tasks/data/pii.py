@@ -4,7 +4,8 @@ Each kind is found by a loose pattern and confirmed by a validator, because look
 data (versions, dates, ISBNs, order numbers):
   email        address pattern with a dotted domain and a letter TLD
   phone        libphonenumber's matcher (valid numbers only) in the configured regions or with a +country code;
-               a digit string right after an identifier word (order, invoice, ISBN, 订单, 编号, ...) is not a phone
+               a digit string right after an identifier word (order, invoice, ISBN, 订单, 编号, ...) or next to
+               arithmetic (digits joined by = + × * / ÷) is not a phone
   ip_address   IPv4 / IPv6 parsed by `ipaddress` and globally routable (private, loopback and documentation ranges
                are not personal); a dotted quad after "v" / "version" / "版本" is a version number
   credit_card  13-19 digits in one group or groups of 4 (Amex 4-6-5), a known network's prefix, and the Luhn check
@@ -47,12 +48,13 @@ _SECRET = re.compile("|".join([
 ]), re.ASCII)  # ASCII: a Chinese character next to a token is a boundary, not part of a word
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}(?![\w-])", re.ASCII)
 _IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])", re.ASCII)
-_CARD = re.compile(r"(?<![\w-])(?:\d{13,19}|\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,3})?|\d{4}[ -]\d{6}[ -]\d{5})(?![\w-])", re.ASCII)
+_CARD = re.compile(r"(?<![\w.,-])(?:\d{13,19}|\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,3})?|\d{4}[ -]\d{6}[ -]\d{5})(?![\w-])", re.ASCII)
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)", re.ASCII)
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:]|\.\d)", re.ASCII)
 _VERSION_BEFORE = re.compile(r"(?:\bv|\bversion\s*|\bver\.?\s*|版本\s*[:：]?\s*)$", re.IGNORECASE | re.ASCII)
 _ID_BEFORE = re.compile(r"(?:\border|\binvoice|\btracking|\bisbn|\bid|\bsku|\bref|#|no\.|订单|单号|编号|序列号|账号)"
                         r"[\s:：#号]*$", re.IGNORECASE | re.ASCII)
+_ARITHMETIC = re.compile(r"\d\s*\)?\s*[=+×*/÷]\s*\(?\s*\d|[A-Za-z)]\s*[=×*/÷]\s*\(?\s*\d")  # 1387 * i = 223905 - 1858: a sum, not a phone
 _GLUED_BEFORE = re.compile(r"(?:[A-Za-z0-9]|[A-Za-z0-9][-_/#])$")  # INV-2023-000123: part of an identifier
 # Card prefixes (IIN) of the networks people paste: Visa, Mastercard, Amex, Discover, JCB, UnionPay, Diners.
 _CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2(?:2[2-9]|[3-6]\d|7[01]|720)|3[47]|6011|64[4-9]|65|35(?:2[89]|[3-8]\d)|62|"
@@ -115,7 +117,8 @@ def _candidates(text: str, regions: list[str]) -> list[Finding]:
     seen: set[tuple[int, int]] = set()
     for region in regions:
         for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
-            if (m.start, m.end) not in seen and not _identifier_at(text, m.start):
+            if (m.start, m.end) not in seen and not _identifier_at(text, m.start) \
+                    and not _ARITHMETIC.search(text, max(0, m.start - 24), m.end + 24):
                 seen.add((m.start, m.end))
                 found.append(Finding("phone", m.start, m.end))
     return found
