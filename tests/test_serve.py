@@ -1,13 +1,20 @@
 """vLLM serving smoke test: real vLLM (from .venv-serve) on real models; process cleanup; parity catches breakage.
 
 The vLLM tests need the serving environment made by `.ci/setup-serve`; without it they are skipped with that
-reason (never passed silently). The process-cleanup and failure-recording tests need no vLLM.
+reason (never passed silently), except in CI (CI set), where a missing serving environment fails them. The
+process-cleanup and failure-recording tests need no vLLM.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from eval_fixtures import (
@@ -26,13 +33,75 @@ from tasks.evaluation.serve import (
     ParityError,
     ServeSmokeError,
     VLLMServer,
+    free_port,
+    has_cuda,
     live_group_members,
     run_serve_smoke,
+    server_command,
     serve_venv,
 )
 
-needs_vllm = pytest.mark.skipif(not (serve_venv(eval_config("runs")) / "bin" / "python").exists(),
-                                reason="no serving environment (.venv-serve): run .ci/setup-serve")
+ROOT = Path(__file__).resolve().parents[1]
+needs_vllm = pytest.mark.skipif(
+    not (serve_venv(eval_config("runs")) / "bin" / "python").exists() and not os.environ.get("CI"),
+    reason="no serving environment (.venv-serve): run .ci/setup-serve")
+SECRET = "s3cr3t-of-the-run"
+
+# A pipeline process in miniature: starts the server from a worker thread (as a Prefect task does), reports the
+# server's process group, then keeps serving until it is killed.
+PIPELINE = """
+import json, sys, threading, time
+from pathlib import Path
+from tasks.core.config import load_config
+from tasks.evaluation.serve import VLLMServer, server_env
+cmd, port, log, report = json.loads(sys.argv[1])
+server = VLLMServer(cmd, port, server_env(load_config(None, [])), Path(log))
+def serve():
+    server.start(timeout_s=600)
+    Path(report + ".healthy").write_text("")
+threading.Thread(target=serve, daemon=True).start()
+while server.proc is None:
+    time.sleep(0.05)
+Path(report).write_text(str(server.proc.pid))
+time.sleep(900)
+"""
+
+
+def _kill_pipeline_while_serving(tmp_path, cmd: list[str], port: int, healthy: bool) -> None:
+    """SIGKILL a pipeline's whole process group while its server runs: the server's group must be gone within
+    seconds, and it must never have seen the run's secrets."""
+    report = tmp_path / "server.pgid"
+    pipeline = subprocess.Popen([sys.executable, "-c", PIPELINE, json.dumps([cmd, port, str(tmp_path / "server.log"),
+                                                                              str(report)])],
+                                cwd=ROOT, env={**os.environ, "AWS_SECRET_ACCESS_KEY": SECRET, "PYTHONPATH": str(ROOT)},
+                                start_new_session=True)
+    try:
+        ready = report.with_name(report.name + ".healthy") if healthy else report
+        deadline = time.monotonic() + 600
+        while not ready.exists() or not report.exists():
+            assert pipeline.poll() is None, f"pipeline exited with {pipeline.returncode}"
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.5)
+        pgid = int(report.read_text())
+        time.sleep(1.0)  # let the server start its own workers
+        members = live_group_members(pgid)
+        assert len(members) >= 2  # the server's leader and the server itself (and its workers)
+        for pid in members:
+            assert SECRET.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+        os.killpg(pipeline.pid, signal.SIGKILL)
+        pipeline.wait()
+        deadline = time.monotonic() + 30
+        while live_group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert live_group_members(pgid) == [], "the server outlived the pipeline that started it"
+    finally:
+        if pipeline.poll() is None:
+            os.killpg(pipeline.pid, signal.SIGKILL)
+
+
+def test_server_dies_with_a_killed_pipeline_and_never_sees_its_secrets(tmp_path):
+    # A "server" that never becomes healthy and has workers of its own, like vLLM's engine core.
+    _kill_pipeline_while_serving(tmp_path, ["bash", "-c", "sleep 300 & sleep 300 & wait"], 1, healthy=False)
 
 
 def _no_vllm_left(model_dir) -> bool:
@@ -81,6 +150,39 @@ def test_server_that_cannot_start_fails_the_stage_and_is_recorded(world):
     rows = query(world["data"]["warehouse"], "SELECT target, passed, startup_s, reason FROM serve_smoke_runs "
                  "WHERE command LIKE 'false %'")
     assert rows and rows[-1][:3] == ("merged", False, None) and "exited with 1" in rows[-1][3]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_real_vllm_dies_with_a_killed_pipeline(world, tmp_path):
+    port = free_port()
+    _kill_pipeline_while_serving(tmp_path, server_command(world["cfg"], str(world["merged"]), port, "merged"), port,
+                                 healthy=True)
+    assert _no_vllm_left(world["merged"])
+
+
+@pytest.mark.skipif(has_cuda(), reason="the known-unsupported shapes are those of vLLM's CPU backend")
+def test_unsupported_model_shape_is_refused_before_the_server_starts(world, tmp_path):
+    cfg = eval_config(world["root"] / "runs", serve={"command": "false {model}"})
+    model = chat_model(tmp_path / "head_dim_8")  # the pretrained stories260K: 8-dim attention heads
+    merged = {"fingerprint": "h8", "path": str(model)}
+    # serve.command `false` would fail the start ("exited with 1"): this message says nothing was started.
+    with pytest.raises(ServeSmokeError, match=r"head_dim=8.*32, 64.*serve.preflight=false"):
+        run_serve_smoke(cfg, merged, data=world["data"])
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_serving_failure_names_the_root_cause_and_the_server_log(world, tmp_path):
+    cfg = eval_config(world["root"] / "runs", serve={"preflight": False, "parity_prompts": 1})
+    model = chat_model(tmp_path / "head_dim_8")
+    with pytest.raises(ServeSmokeError) as failure:
+        run_serve_smoke(cfg, {"fingerprint": "h8", "path": str(model)}, data=world["data"])
+    message = str(failure.value)
+    assert "head_dim=8" in message.split("root cause in the server log: ")[1].splitlines()[0]
+    log_path = message.split("server log: ")[-1].strip()
+    assert Path(log_path).name == "vllm-merged.log" and "head_dim=8" in Path(log_path).read_text(errors="replace")
+    assert _no_vllm_left(model)
 
 
 @needs_vllm

