@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SHARED_DATA, query, run_data_plane
+from conftest import ROOT, SHARED_DATA, query, run_data_plane
 
 from tasks.core.warehouse import compact_messages
 from tasks.data import formats
@@ -206,3 +209,101 @@ def test_an_input_folder_inside_the_storage_root_is_read(tmp_path, make_cfg):
     run_data_plane(cfg)
     assert run_ingest(cfg)["stats"]["files"] == 1  # the outputs now under runs/ are not inputs
     assert [p for (p,) in query(cfg, "SELECT path FROM source_files")] == [str(raw / "b.jsonl")]
+
+
+INGEST_AND_REPORT = """
+import json, sys
+from tasks.core.config import load_config
+from tasks.data.ingest import run_ingest
+print(json.dumps(run_ingest(load_config(None, sys.argv[1:]))["stats"]))
+"""
+
+
+def test_unreadable_looping_and_too_deep_files_are_quarantined_and_the_run_goes_on(tmp_path, make_cfg):
+    d = tmp_path / "in"
+    d.mkdir()
+    _write_jsonl(d / "good.jsonl", [{"instruction": "What is 1 plus 1?", "input": "", "output": "2"}])
+    _write_jsonl(d / "locked.jsonl", [{"instruction": "hidden", "input": "", "output": "x"}]).chmod(0)
+    (d / "loop.jsonl").symlink_to("loop.jsonl")
+    (d / "ping.json").symlink_to("pong.json")
+    (d / "pong.json").symlink_to("ping.json")
+    (d / "deep.json").write_text("[" * 1000 + '{"instruction": "x", "output": "y"}' + "]" * 1000)
+    cfg = make_cfg(f"data.ingest.inputs=[{d}]")
+    # Root reads any file whatever its mode: drop the capabilities that allow it, as an ordinary user has none.
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+    run = subprocess.run([*drop, sys.executable, "-c", INGEST_AND_REPORT, f"storage_root={cfg.root}",
+                          f"data.ingest.inputs=[{d}]"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    files = {p.rsplit("/", 1)[1]: (s, r, detail) for p, s, r, detail in
+             query(cfg, "SELECT path, status, reason, detail FROM source_files")}
+    assert {name: f[:2] for name, f in files.items()} == {
+        "good.jsonl": ("ingested", None), "locked.jsonl": ("quarantined", "unreadable_file"),
+        "loop.jsonl": ("quarantined", "symlink_loop"), "ping.json": ("quarantined", "symlink_loop"),
+        "pong.json": ("quarantined", "symlink_loop"), "deep.json": ("quarantined", "too_deep")}
+    assert "ermission denied" in files["locked.jsonl"][2]
+    assert query(cfg, "SELECT count(*) FROM quarantined_files")[0][0] == 5
+    assert json.loads(run.stdout.strip().splitlines()[-1])["new_rows"] == 1
+
+
+def test_glob_characters_in_file_names_read_exactly_that_file(tmp_path, make_cfg):
+    d = tmp_path / "in"
+    d.mkdir()
+    for name, word in (("a.csv", "plain"), ("ab.csv", "longer"), ("a*.csv", "star"), ("a?.csv", "question")):
+        (d / name).write_text(f'instruction,input,output\n"{word}","","ok"\n', encoding="utf-8")
+    for name, word in (("p1.parquet", "one"), ("p[1].parquet", "bracket")):
+        pq.write_table(pa.table({"instruction": [word], "output": ["ok"]}), d / name)
+    cfg = make_cfg(f"data.ingest.inputs=[{d}]")
+    run_ingest(cfg)
+    got = dict(query(cfg, "SELECT f.path.split('/')[-1], list(json_extract_string(r.raw, '$.instruction') "
+                          "ORDER BY r.row_number) FROM raw_rows r JOIN source_files f USING (file_id) GROUP BY 1"))
+    assert got == {"a.csv": ["plain"], "ab.csv": ["longer"], "a*.csv": ["star"], "a?.csv": ["question"],
+                   "p1.parquet": ["one"], "p[1].parquet": ["bracket"]}
+
+
+def test_bad_csv_rows_are_quarantined_row_by_row_with_their_line(tmp_path, make_cfg):
+    d = tmp_path / "in"
+    d.mkdir()
+    lines = [b"instruction,input,output", b'"q1","","a1"', b'"q2","","a2","extra"', b'"q\xff3","","a3"',
+             b'"q4","","a4"', b'"q5",""']
+    (d / "rows.csv").write_bytes(b"\n".join(lines) + b"\n")
+    cfg = make_cfg(f"data.ingest.inputs=[{d}]")
+    run_data_plane(cfg)
+    assert query(cfg, "SELECT status, n_rows FROM source_files") == [("ingested", 5)]
+    rows = query(cfg, "SELECT r.row_number, r.raw, r.raw_bytes, p.reason, p.detail FROM raw_rows r "
+                      "JOIN parsed_rows p USING (row_id) ORDER BY r.row_number")
+    assert [(r[0], r[3]) for r in rows] == [(1, None), (2, "malformed_csv"), (3, "invalid_utf8"), (4, None),
+                                           (5, "malformed_csv")]
+    assert rows[1][1] == lines[2].decode() and "line 3" in rows[1][4]
+    assert rows[2][1] is None and rows[2][2] == lines[3] and "line 4" in rows[2][4]  # kept byte for byte
+    assert "line 6" in rows[4][4]
+    assert json.loads(rows[3][1])["instruction"] == "q4"
+    assert query(cfg, "SELECT raw, accepted, rejected, balanced FROM row_conservation") == [(5, 2, 3, True)]
+
+
+def test_undecodable_parquet_binary_is_invalid_utf8_not_text(tmp_path, make_cfg):
+    d = tmp_path / "in"
+    d.mkdir()
+    pq.write_table(pa.table({"instruction": pa.array([b"fine question", b"bad \xff byte"], pa.binary()),
+                             "output": ["fine answer", "answer"]}), d / "bin.parquet")
+    cfg = make_cfg(f"data.ingest.inputs=[{d}]")
+    run_data_plane(cfg)
+    rows = query(cfg, "SELECT r.row_number, p.reason, p.messages FROM raw_rows r JOIN parsed_rows p USING (row_id) "
+                      "ORDER BY 1")
+    assert rows[0][1] is None and rows[0][2][0]["content"] == "fine question"
+    assert rows[1][:2] == (2, "invalid_utf8")
+    assert query(cfg, "SELECT count(*) FROM sft_examples WHERE messages[1].content LIKE '%xFF%'")[0][0] == 0
+
+
+def test_a_broken_json_array_is_one_malformed_row_not_its_lines(tmp_path, make_cfg):
+    d = tmp_path / "in"
+    d.mkdir()
+    _write_jsonl(d / "good.jsonl", [{"instruction": "What is 1 plus 1?", "input": "", "output": "2"}])
+    # The last element's line is valid JSON on its own; read line by line it would become a row of its own.
+    (d / "broken.json").write_text('[\n{"instruction": "a", "input": "", "output": "b"},,\n'
+                                   '{"instruction": "c", "input": "", "output": "d"}\n]\n', encoding="utf-8")
+    cfg = make_cfg(f"data.ingest.inputs=[{d}]")
+    run_ingest(cfg)
+    rows = query(cfg, "SELECT r.row_number, p.reason, p.detail FROM raw_rows r JOIN parsed_rows p USING (row_id) "
+                      "JOIN source_files f USING (file_id) WHERE f.path LIKE '%broken.json'")
+    assert len(rows) == 1 and rows[0][:2] == (1, "malformed_json") and "line 2" in rows[0][2]

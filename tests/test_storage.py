@@ -10,8 +10,10 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import fsspec
 import pytest
 from conftest import ROOT, SHARED_DATA, query, run_data_plane
 
@@ -114,8 +116,8 @@ def test_small_files_and_listing(root, tmp_path, monkeypatch):
         storage.fetch(storage.join(root, "inputs", "missing.jsonl"))
 
 
-def test_lease_is_exclusive_and_names_its_holder(root):
-    url = storage.join(root, "warehouse.duckdb")
+@contextmanager
+def _lease_held_by_another_thread(url):
     held, release = threading.Event(), threading.Event()
 
     def holder():
@@ -127,14 +129,20 @@ def test_lease_is_exclusive_and_names_its_holder(root):
     t.start()
     try:
         assert held.wait(30)
+        yield
+    finally:
+        release.set()
+        t.join()
+
+
+def test_lease_is_exclusive_and_names_its_holder(root):
+    url = storage.join(root, "warehouse.duckdb")
+    with _lease_held_by_another_thread(url):
         started = time.monotonic()
         with pytest.raises(storage.StorageBusy, match=f"pid {os.getpid()} on {socket.gethostname()}"):
             with storage.lease(url, wait_s=1.5):
                 pass
         assert time.monotonic() - started >= 1.5
-    finally:
-        release.set()
-        t.join()
     with storage.lease(url, wait_s=5):  # free again
         assert storage.exists(url + ".lock")
     assert not storage.exists(url + ".lock")
@@ -147,6 +155,37 @@ def test_lease_of_a_dead_process_is_broken(root):
                                                   "token": "x", "expires": time.time() + 3600}))
     with storage.lease(url, wait_s=3):
         assert json.loads(storage.read_text(url + ".lock"))["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("content", [b"", b"{\"host\": \"ma"])
+def test_an_unparseable_lease_is_broken_once_it_is_old(root, monkeypatch, content):
+    """An empty or half-written lease (a writer killed between creating and writing it) is stale after the
+    lease lifetime, like an unrefreshed one; before that it may still be being written, so it is waited for."""
+    url = storage.join(root, "warehouse.duckdb")
+    fs, path = fsspec.core.url_to_fs(url + ".lock")
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.pipe_file(path, content)
+    monkeypatch.setattr(storage, "LEASE_TTL_S", 3.0)
+    with pytest.raises(storage.StorageBusy):
+        with storage.lease(url, wait_s=0.5):
+            pass
+    time.sleep(3.5)
+    with storage.lease(url, wait_s=5):
+        assert json.loads(storage.read_text(url + ".lock"))["pid"] == os.getpid()
+    assert not storage.exists(url + ".lock")
+
+
+def test_a_waiting_writer_says_who_holds_the_lease_and_since_when(root, monkeypatch, caplog):
+    url = storage.join(root, "warehouse.duckdb")
+    monkeypatch.setattr(storage, "LEASE_NOTE_S", 0.5)
+    with _lease_held_by_another_thread(url), caplog.at_level("WARNING", logger="sftpipe.storage"):
+        with pytest.raises(storage.StorageBusy, match=r"since \d\d:\d\d:\d\d"):
+            with storage.lease(url, wait_s=2.5, what="the warehouse"):
+                pass
+    notes = [r.getMessage() for r in caplog.records if r.name == "sftpipe.storage"]
+    assert len(notes) >= 2
+    assert all(f"waiting for the warehouse: in use by pid {os.getpid()} on {socket.gethostname()} since" in n
+               for n in notes)
 
 
 WRITER = """

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -40,6 +41,9 @@ import fsspec
 WORK_DIR_ENV = "SFTPIPE_WORK_DIR"
 PUBLISHED = ".published"
 LEASE_TTL_S = 120.0  # a lease not refreshed for this long belongs to a holder that is gone
+LEASE_NOTE_S = 5.0  # a writer waiting for a lease says who holds it this often
+
+log = logging.getLogger("sftpipe.storage")
 
 
 class StorageBusy(RuntimeError):
@@ -58,7 +62,11 @@ def normalize(url: str | Path) -> str:
     """A canonical name: an absolute path for local places (file:// stripped), the URL without a trailing / else."""
     text = str(url)
     if is_local(text):
-        return str(Path(text.removeprefix("file://")).expanduser().resolve())
+        path = Path(text.removeprefix("file://")).expanduser()
+        try:
+            return str(path.resolve())
+        except RuntimeError:  # a symlink loop: name it as it is; opening it tells the caller what is wrong
+            return os.path.abspath(path)
     return text.rstrip("/")
 
 
@@ -297,16 +305,22 @@ def lease(url: str | Path, wait_s: float = 600.0, what: str = "",
           error: type[Exception] = StorageBusy) -> Iterator[None]:
     """Hold the exclusive lock object `<url>.lock` for the block; wait up to wait_s for another holder."""
     lock = normalize(url) + ".lock"
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
-    deadline = time.monotonic() + wait_s
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "since": time.time()}
+    started = time.monotonic()
+    deadline, next_note = started + wait_s, started + LEASE_NOTE_S
     while not _try_create(lock, me):
         holder = _read_lease(lock)
-        if holder is not None and _is_stale(holder):
+        if _is_stale(holder) if holder is not None else _unreadable_lease_is_stale(lock):
             _remove(lock)
             continue
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise error(f"{what or normalize(url)} is in use by {_describe(holder)} (lock {lock}); "
                               f"waited {wait_s:.0f} s. Another pipeline run? Retry when it has finished.")
+        if now >= next_note:
+            log.warning("waiting for %s: in use by %s (lock %s); waited %.0f s, giving up after %.0f s",
+                        what or normalize(url), _describe(holder), lock, now - started, wait_s)
+            next_note = now + LEASE_NOTE_S
         time.sleep(1.0)
     stop = threading.Event()
     refresher = threading.Thread(target=_refresh, args=(lock, me, stop), daemon=True)
@@ -326,7 +340,19 @@ def _lease_body(me: dict) -> bytes:
 
 def _try_create(lock: str, me: dict) -> bool:
     if is_local(lock):
-        Path(lock).parent.mkdir(parents=True, exist_ok=True)
+        # Whole or not at all: the lease is written under a private name and linked into place (the link fails if
+        # the name exists), so a kill can never leave an empty or half-written lease behind.
+        path = Path(lock)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{me['token']}.tmp")
+        tmp.write_bytes(_lease_body(me))
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
     fs, path = _fs(lock)
     try:
         with fs.open(path, "xb") as f:  # O_EXCL locally, If-None-Match: * on S3: exactly one creator wins
@@ -350,6 +376,20 @@ def _read_lease(lock: str) -> dict | None:
         return json.loads(read_text(lock))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None  # gone meanwhile, or caught half-written: look again
+
+
+def _unreadable_lease_is_stale(lock: str) -> bool:
+    """A lease that exists but cannot be parsed (left empty or half-written by an old writer killed mid-write) is
+    stale once it is older than a lease lives unrefreshed; a younger one may still be being written."""
+    fs, path = _fresh(lock)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return False  # gone meanwhile: try to create it again
+    modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if hasattr(modified, "timestamp"):
+        modified = modified.timestamp()
+    return modified is None or time.time() - float(modified) > LEASE_TTL_S
 
 
 def _is_stale(holder: dict) -> bool:
@@ -376,7 +416,9 @@ def _remove(lock: str) -> None:
 def _describe(holder: dict | None) -> str:
     if not holder:
         return "another process"
-    return f"pid {holder.get('pid')} on {holder.get('host')}"
+    since = holder.get("since")
+    held = f" since {time.strftime('%H:%M:%S', time.localtime(since))} ({time.time() - since:.0f} s)" if since else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}{held}"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -7,14 +7,18 @@ must be kept and quarantined with its line number.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import gzip
 import hashlib
 import json
+import os
+import tempfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import duckdb
 import orjson
@@ -44,6 +48,10 @@ class NothingToIngest(RuntimeError):
     pass
 
 
+class IngestError(RuntimeError):
+    """An unexpected failure while ingesting one file (the message names it)."""
+
+
 @dataclass
 class RawRow:
     row_number: int
@@ -60,6 +68,18 @@ class FileRead:
     rows: list[RawRow] = field(default_factory=list)
     reason: str | None = None  # set when the file as a whole could not be read
     detail: str | None = None
+
+
+def unreadable(url: str, err: OSError) -> tuple[str, str]:
+    """(reason, detail) for an input that cannot be opened: symlink_loop or unreadable_file."""
+    if storage.is_local(url):
+        try:
+            os.stat(url)
+        except OSError as stat_err:
+            err = stat_err if stat_err.errno == errno.ELOOP else err
+    if err.errno == errno.ELOOP:
+        return "symlink_loop", f"{url}: its symbolic links form a loop"
+    return "unreadable_file", f"{url}: {err.strerror or err}"
 
 
 def file_type_of(path: Path) -> tuple[str | None, bool]:
@@ -133,14 +153,15 @@ def read_json_lines(data: bytes) -> list[RawRow]:
 
 
 def read_json_document(data: bytes) -> FileRead:
-    """A JSON array (one row per element) or object; falls back to JSON Lines, which many .json files are."""
+    """A JSON array (one row per element) or object; falls back to JSON Lines, which many .json files are. A
+    broken array stays one malformed_json row with the parser's position: its lines are not records."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as err:
         lines = read_json_lines(data)
-        if len(lines) > 1 and any(r.reason is None for r in lines):
+        if not data.lstrip().startswith(b"[") and len(lines) > 1 and any(r.reason is None for r in lines):
             return FileRead("jsonl", lines)
         if b"\xff" in data or _decode(data)[1]:
             # Not UTF-8 throughout: parse with the offending bytes escaped so the other records survive.
@@ -148,13 +169,19 @@ def read_json_document(data: bytes) -> FileRead:
                 doc = json.loads(data.decode("utf-8", "surrogateescape"))
             except json.JSONDecodeError:
                 return FileRead("json", [RawRow(1, raw_bytes=data, reason="invalid_utf8", detail=_decode(data)[1])])
+            except RecursionError:
+                return FileRead("json", reason="too_deep", detail="nested deeper than the JSON parser allows")
         else:
             text = data.decode("utf-8")
             return FileRead("json", [RawRow(1, raw=text, reason="malformed_json", detail=f"whole file: {err}")])
     elements = doc if isinstance(doc, list) else [doc]
     rows = []
     for i, element in enumerate(elements, start=1):
-        raw = json.dumps(element, ensure_ascii=False)
+        try:
+            raw = json.dumps(element, ensure_ascii=False)
+        except RecursionError:
+            return FileRead("json", reason="too_deep",
+                            detail=f"element {i} is nested deeper than Python's JSON encoder allows (~1000 levels)")
         try:
             raw.encode("utf-8")
             rows.append(RawRow(i, raw=raw, record=element))
@@ -164,22 +191,84 @@ def read_json_document(data: bytes) -> FileRead:
     return FileRead("json", rows)
 
 
-def read_with_duckdb(path: Path, file_type: str, csv_delimiter: str) -> FileRead:
-    """CSV / Parquet through DuckDB's readers; each row re-emitted as a JSON object."""
-    if file_type == "csv":
-        source = "read_csv(?, all_varchar = true, header = true, delim = ?)"
-        params = [str(path), csv_delimiter]
-    else:
-        source = "read_parquet(?)"
-        params = [str(path)]
+@contextmanager
+def _exact_path(path: Path) -> Iterator[str]:
+    """A name for path that DuckDB reads as exactly that file: its readers expand *, ? and [ in a path as a glob,
+    so a file named a*.csv would read a.csv and ab.csv. A link with a plain name in a private folder points at it."""
+    with tempfile.TemporaryDirectory(prefix="sftpipe-ingest-") as folder:
+        link = Path(folder) / ("input" + "".join(s.lower() for s in path.suffixes[-2:]))
+        link.symlink_to(path.resolve())
+        yield str(link)
+
+
+def _csv_rejects(con: duckdb.DuckDBPyConnection, data: bytes, n_accepted: int) -> list[tuple[int, RawRow]]:
+    """(record ordinal, row) for each line DuckDB rejected, kept verbatim with its line number and the error."""
+    rejects = con.execute("SELECT line, any_value(error_type), string_agg(error_message, '; ') FROM csv_rejects "
+                          "GROUP BY line ORDER BY line").fetchall()
+    lines = data.split(b"\n")
+    out = []
+    for line, error_type, message in rejects:
+        raw = lines[line - 1].rstrip(b"\r") if 0 < line <= len(lines) else b""
+        text, bad = _decode(raw)
+        reason = "invalid_utf8" if error_type == "INVALID ENCODING" or bad else "malformed_csv"
+        row = RawRow(0, raw=text, raw_bytes=None if text is not None else raw, reason=reason,
+                     detail=f"line {line}: {error_type.lower()}: {message}")
+        out.append((line - 1, row))  # the header is line 1, so (without multi-line cells) record = line - 1
+    total = n_accepted + len(out)
+    ordinals = [o for o, _ in out]
+    if len(set(ordinals)) != len(ordinals) or any(not 0 < o <= total for o in ordinals):
+        # Multi-line cells shift lines against records: number the rejects after the accepted rows instead.
+        ordinals = list(range(n_accepted + 1, total + 1))
+    return [(o, row) for o, (_, row) in zip(ordinals, out)]
+
+
+def read_csv(path: Path, data: bytes, delimiter: str) -> FileRead:
+    """Good rows as JSON objects; a ragged or undecodable line is kept, numbered, with DuckDB's error for it."""
     con = duckdb.connect()
     try:
-        rows = con.execute(f"SELECT to_json(t)::VARCHAR FROM {source} t", params).fetchall()
+        with _exact_path(path) as exact:
+            rows = con.execute(
+                "SELECT to_json(t)::VARCHAR FROM read_csv(?, all_varchar = true, header = true, delim = ?, "
+                "store_rejects = true, rejects_table = 'csv_rejects', rejects_scan = 'csv_scans') t",
+                [exact, delimiter]).fetchall()
+        rejected = _csv_rejects(con, data, len(rows))
     except duckdb.Error as err:
-        return FileRead(file_type, reason=f"malformed_{file_type}", detail=str(err).splitlines()[0])
+        return FileRead("csv", reason="malformed_csv", detail=str(err).splitlines()[0])
     finally:
         con.close()
-    return FileRead(file_type, [_json_row(i, r[0]) for i, r in enumerate(rows, start=1)])
+    taken = {o for o, _ in rejected}
+    numbers = (n for n in range(1, len(rows) + len(rejected) + 1) if n not in taken)
+    numbered = [(next(numbers), _json_row(0, r[0])) for r in rows] + rejected
+    for n, row in numbered:
+        row.row_number = n
+    return FileRead("csv", [row for _, row in sorted(numbered, key=lambda x: x[0])])
+
+
+def read_parquet(path: Path) -> FileRead:
+    """Rows as JSON objects. Binary columns are decoded as UTF-8 strictly, as JSON Lines are: a value that is not
+    UTF-8 makes its row invalid_utf8 instead of training text with escaped bytes in it."""
+    con = duckdb.connect()
+    try:
+        with _exact_path(path) as exact:
+            con.execute(f"CREATE VIEW source AS SELECT * FROM read_parquet('{exact}')")  # a view takes no parameters
+            blobs = [name for name, type_, *_ in con.execute("DESCRIBE source").fetchall() if type_ == "BLOB"]
+            blobs = ['"' + b.replace('"', '""') + '"' for b in blobs]
+            decoded = ", ".join(f"try(decode({b})) AS {b}" for b in blobs)
+            undecodable = " OR ".join(f"({b} IS NOT NULL AND try(decode({b})) IS NULL)" for b in blobs)
+            raw = [r[0] for r in con.execute("SELECT to_json(t)::VARCHAR FROM source t").fetchall()]
+            if blobs:  # scans keep the file's row order (preserve_insertion_order), so the three lists line up
+                text = [r[0] for r in con.execute(
+                    f"SELECT to_json(t)::VARCHAR FROM (SELECT * REPLACE ({decoded}) FROM source) t").fetchall()]
+                bad = [r[0] for r in con.execute(f"SELECT {undecodable} FROM source").fetchall()]
+            else:
+                text, bad = raw, [False] * len(raw)
+    except duckdb.Error as err:
+        return FileRead("parquet", reason="malformed_parquet", detail=str(err).splitlines()[0])
+    finally:
+        con.close()
+    return FileRead("parquet", [
+        RawRow(i, raw=raw[i - 1], reason="invalid_utf8", detail="a binary column holds bytes that are not UTF-8")
+        if bad[i - 1] else _json_row(i, text[i - 1]) for i in range(1, len(raw) + 1)])
 
 
 def read_file(path: Path, data: bytes, csv_delimiter: str = ",") -> FileRead:
@@ -193,8 +282,10 @@ def read_file(path: Path, data: bytes, csv_delimiter: str = ",") -> FileRead:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as err:
             return FileRead(file_type, reason="corrupt_gzip", detail=str(err))
-    if file_type in ("csv", "parquet"):
-        return read_with_duckdb(path, file_type, csv_delimiter)
+    if file_type == "csv":
+        return read_csv(path, data, csv_delimiter)
+    if file_type == "parquet":
+        return read_parquet(path)
     if file_type == "jsonl":
         return FileRead("jsonl", read_json_lines(data))
     return read_json_document(data)
@@ -245,17 +336,26 @@ def parse_row(row: RawRow, record: Any, fmt: str | None) -> ParsedRow:
 # ------------------------------------------------------------------ the stage
 def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
     """Ingest one file version in one transaction. Returns what happened (skipped when already ingested)."""
-    local = storage.fetch(url)
     path = PurePosixPath(url)  # names and patterns come from where the file lives, not from its local copy
-    data = local.read_bytes()
-    content_sha = hashlib.sha256(data).hexdigest()
-    # Named by file name and content, not by folder: the same data gives the same row ids (and so the same splits)
-    # wherever a checkout or mount puts it. A copy of an ingested file under another folder adds nothing.
-    file_id = sha256_text(path.name, content_sha)[:16]
+    try:
+        local = storage.fetch(url)
+        data = local.read_bytes()
+    except OSError as err:
+        # Kept as a quarantined file under its path (it has no content to name it by); once readable it is a new
+        # version like any changed file.
+        reason, detail = unreadable(url, err)
+        data, content_sha, file_id = b"", "", sha256_text(url, reason)[:16]
+        read = FileRead(file_type_of(Path(path.name))[0] or "unknown", reason=reason, detail=detail)
+    else:
+        content_sha = hashlib.sha256(data).hexdigest()
+        # Named by file name and content, not by folder: the same data gives the same row ids (and so the same
+        # splits) wherever a checkout or mount puts it. A copy of an ingested file under another folder adds nothing.
+        file_id = sha256_text(path.name, content_sha)[:16]
+        read = None
     if con.execute("SELECT 1 FROM source_files WHERE file_id = ?", [file_id]).fetchone():
         return {"path": url, "file_id": file_id, "skipped": True, "rows": 0}
 
-    read = read_file(local, data, cfg.data.ingest.csv_delimiter)
+    read = read or read_file(local, data, cfg.data.ingest.csv_delimiter)
     mapping = file_mapping(url, cfg)
     records = [mapped_record(r, mapping) for r in read.rows]
     fmt = file_format(url, [rec for r, rec in zip(read.rows, records) if r.reason is None],
@@ -315,7 +415,12 @@ def run_ingest(cfg: PipelineConfig, run_id: str = "local") -> dict[str, Any]:
     paths = input_paths(cfg)
     started = utcnow()
     with open_warehouse(cfg.warehouse_url) as con:
-        files = [ingest_file(con, p, run_id, cfg) for p in paths]
+        files = []
+        for p in paths:
+            try:
+                files.append(ingest_file(con, p, run_id, cfg))
+            except Exception as err:
+                raise IngestError(f"ingest of {p} failed: {type(err).__name__}: {err}") from err
         usable = con.execute(
             "SELECT count(*) FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f USING (file_id) "
             "WHERE p.reason IS NULL AND f.path IN (SELECT unnest(?))", [paths]
@@ -340,9 +445,12 @@ def input_fingerprint(cfg: PipelineConfig) -> str:
     h = hashlib.sha256()
     for url in input_paths(cfg):
         h.update(url.encode())
-        with open(storage.fetch(url), "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        try:
+            with open(storage.fetch(url), "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as err:  # ingest quarantines it; the key changes when it becomes readable
+            h.update(unreadable(url, err)[0].encode())
     return h.hexdigest()[:16]
 
 
