@@ -187,13 +187,18 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     elif args.command == "sql":
+        import duckdb
+
         from tasks.core import storage
-        from tasks.core.warehouse import open_warehouse
+        from tasks.core.warehouse import query_connection
 
         if not storage.exists(cfg.warehouse_url):
             sys.exit(f"sftpipe: no warehouse at {cfg.warehouse_url}; run `sftpipe run` first")
-        with open_warehouse(cfg.warehouse_url, read_only=True) as con:
-            con.sql(args.query).show(max_width=200)
+        with query_connection(cfg.warehouse_url, note=lambda m: print(f"sftpipe: {m}", file=sys.stderr)) as con:
+            try:
+                con.sql(args.query).show(max_width=200)
+            except duckdb.PermissionException as err:
+                sys.exit(f"sftpipe: {err}\n`sftpipe sql` reads the warehouse only; use duckdb itself to write files")
     return 0
 
 

@@ -307,3 +307,46 @@ def test_a_broken_json_array_is_one_malformed_row_not_its_lines(tmp_path, make_c
     rows = query(cfg, "SELECT r.row_number, p.reason, p.detail FROM raw_rows r JOIN parsed_rows p USING (row_id) "
                       "JOIN source_files f USING (file_id) WHERE f.path LIKE '%broken.json'")
     assert len(rows) == 1 and rows[0][:2] == (1, "malformed_json") and "line 2" in rows[0][2]
+
+
+SIGKILLED_MID_FILE = """
+import os, signal, sys
+from tasks.core.config import load_config
+from tasks.core import warehouse
+from tasks.data import ingest
+
+calls = {"n": 0}
+real_insert = ingest.insert_columns
+
+
+def insert_then_die(con, table, columns):
+    real_insert(con, table, columns)
+    calls["n"] += 1
+    if calls["n"] == 5:  # the third file's raw rows are in, its parsed rows not, its transaction still open
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+ingest.insert_columns = insert_then_die
+ingest.run_ingest(load_config(None, sys.argv[1:]))
+"""
+
+
+def test_a_sigkill_mid_file_leaves_whole_files_and_the_rerun_completes(tmp_path, make_cfg):
+    d = tmp_path / "in"
+    d.mkdir()
+    for f in range(4):
+        _write_jsonl(d / f"part{f}.jsonl", [{"instruction": f"q{f}-{i}", "input": "", "output": f"a{i}"}
+                                            for i in range(200)])
+    cfg = make_cfg(f"data.ingest.inputs=[{d}]")
+    killed = subprocess.run([sys.executable, "-c", SIGKILLED_MID_FILE, f"storage_root={cfg.root}",
+                             f"data.ingest.inputs=[{d}]"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    # Only the two committed files, each whole; the lease of the dead process is broken by the next writer.
+    files = query(cfg, "SELECT f.path, f.n_rows, count(r.row_id) FROM source_files f LEFT JOIN raw_rows r "
+                       "USING (file_id) GROUP BY ALL ORDER BY 1")
+    assert [(p.rsplit("/", 1)[1], n, c) for p, n, c in files] == [("part0.jsonl", 200, 200), ("part1.jsonl", 200, 200)]
+    assert query(cfg, "SELECT count(*) FROM parsed_rows")[0][0] == 400
+    assert run_ingest(cfg)["stats"]["new_rows"] == 400
+    assert query(cfg, "SELECT count(*), count(DISTINCT file_id) FROM raw_rows")[0] == (800, 4)
+    assert query(cfg, "SELECT count(*) FROM parsed_rows")[0][0] == 800

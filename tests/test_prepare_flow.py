@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import ROOT, query
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
 from flows.prepare_data import prepare_data
 
@@ -55,9 +56,10 @@ def test_rerun_is_served_from_cache_and_a_config_change_reruns_only_downstream(m
     states = stage_states(fourth.state_details.flow_run_id)
     assert states["ingest"] == {"Cached"} and states["clean"] == {"Completed"}
 
-    # The data-quality report is an artifact of the run, readable through the API.
+    # The data-quality report is an artifact of this run (not the latest on the shared server), read through the API.
     with get_client(sync_client=True) as client:
-        art = client.read_latest_artifacts()
+        art = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[first.state_details.flow_run_id])))
     keys = {a.key: a for a in art}
     assert "data-quality-report" in keys and "raw rows" in keys["data-quality-report"].data
     assert "data-quality-by-source" in keys
@@ -93,3 +95,52 @@ def test_cli_runs_the_data_stages(tmp_path):
     out = subprocess.run([exe, "sql", "select source, raw from quality_summary order by source", f"storage_root={root}"],
                          capture_output=True, text=True, check=True)
     assert "instructions_alpaca" in out.stdout
+
+
+HOLD_THE_WAREHOUSE = """
+import os, sys, time, duckdb
+con = duckdb.connect(sys.argv[1])
+open(sys.argv[2], "w").close()
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.1)
+"""
+
+
+def test_cli_sql_reads_only_the_warehouse_and_says_who_holds_it(tmp_path):
+    from tasks.core.config import load_config
+    from tasks.core.warehouse import open_warehouse
+
+    root = tmp_path / "runs"
+    cfg = load_config(None, [f"storage_root={root}"])
+    with open_warehouse(cfg.warehouse_url):
+        pass  # schema and views, no rows
+
+    def sql(query: str):
+        return subprocess.run([sys.executable, "-m", "flows.cli", "sql", query, f"storage_root={root}"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    out = sql("select count(*) AS n from quality_summary")
+    assert out.returncode == 0 and "0" in out.stdout, out.stderr
+    target = tmp_path / "leak.csv"
+    for query in (f"COPY (SELECT * FROM source_files) TO '{target}'", "SELECT * FROM read_csv('/etc/hostname')"):
+        out = sql(query)
+        assert out.returncode != 0 and "reads the warehouse only" in out.stderr, (query, out.stderr)
+    assert not target.exists()
+
+    # A writer holds the file: the query waits and says who holds it; it runs once the writer is done.
+    held, release = tmp_path / "held", tmp_path / "release"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_WAREHOUSE, cfg.warehouse_url, str(held), str(release)])
+    try:
+        while not held.exists():
+            assert holder.poll() is None
+            time.sleep(0.1)
+        query = subprocess.Popen([sys.executable, "-m", "flows.cli", "sql", "select count(*) AS n from raw_rows",
+                                  f"storage_root={root}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        note = query.stderr.readline()
+        assert f"(PID {holder.pid}) holds its lock" in note, note
+    finally:
+        release.touch()
+        holder.wait(timeout=60)
+    stdout, _ = query.communicate(timeout=120)
+    assert query.returncode == 0 and "0" in stdout

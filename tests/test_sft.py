@@ -66,9 +66,12 @@ def test_qlora_sft_on_stories260k_lowers_validation_loss(tmp_path, data):
     assert [step for step, _ in curve] == [0, 10, 20, 30] and curve[-1][1] < curve[0][1]
     assert summary == (curve[0][1], curve[-1][1])
 
-    # Same inputs again: the finished run is reused, nothing is trained.
-    started = time.time()
-    assert run_sft(cfg, STORIES_BASE, data) == result and time.time() - started < 2
+    # Same inputs again: the finished run is reused, nothing is trained or rewritten.
+    before = {str(p): p.stat().st_mtime_ns for p in Path(result["out_dir"]).rglob("*") if p.is_file()}
+    assert run_sft(cfg, STORIES_BASE, data) == result
+    assert before == {str(p): p.stat().st_mtime_ns for p in Path(result["out_dir"]).rglob("*") if p.is_file()}
+    with open_warehouse(data["warehouse"], read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM training_runs WHERE stage = 'sft'").fetchone()[0] == 1
 
 
 def test_loss_mask_on_a_real_batch(tmp_path):
@@ -160,6 +163,24 @@ def test_killed_sft_resumes_from_its_last_checkpoint(tmp_path, data):
     for r in rows:
         if r["metric"] == "loss":  # steps up to the checkpoint come from the killed attempt, later ones from the retry
             assert (r["time"] < killed_at) == (r["step"] <= checkpoints[-1]), r
+    with open_warehouse(data["warehouse"], read_only=True) as con:
+        points = con.execute("SELECT count(*), count(DISTINCT (step, metric)) FROM training_curves").fetchone()
+    assert points[0] == points[1] > 0  # one point per (step, metric)
+
+
+def test_curves_keep_one_point_per_step_and_metric_the_last_logged(tmp_path, data):
+    from tasks.training.tracking import record_training_run
+
+    curves = tmp_path / "metrics.jsonl"
+    logged = [(10, "eval_loss", 2.0), (10, "eval_num_tokens", 512.0), (15, "loss", 1.5),
+              (10, "eval_loss", 1.9), (10, "eval_num_tokens", 0.0), (15, "loss", 1.4)]  # a resume redid 10 and 15
+    curves.write_text("".join(json.dumps({"step": s, "epoch": 0.0, "metric": m, "value": v, "time": 1.0 + i}) + "\n"
+                              for i, (s, m, v) in enumerate(logged)))
+    record_training_run(data["warehouse"], run_id="sft-x", stage="sft", fingerprint="f", base="b", data_fingerprint="d",
+                        output_dir=str(tmp_path), stats={}, config={}, curves_path=curves)
+    with open_warehouse(data["warehouse"], read_only=True) as con:
+        got = con.execute("SELECT step, metric, value FROM training_curves ORDER BY ALL").fetchall()
+    assert got == [(10, "eval_loss", 1.9), (10, "eval_num_tokens", 0.0), (15, "loss", 1.4)]
 
 
 def test_two_process_sft(tmp_path, data):

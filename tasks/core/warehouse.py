@@ -6,13 +6,15 @@ The schema and views live in sql/ (the single home of both); this module only ap
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 import time
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import duckdb
 
@@ -24,6 +26,9 @@ SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 # the file, the DuckDB CLI that setup installs (duckdb-cli, .venv/bin/duckdb) included. Fixed when the file is
 # created: an existing file keeps the format it has.
 STORAGE_COMPATIBILITY = "v1.0.0"
+LOCK_NOTE_S = 5.0  # a connection waiting for DuckDB's file lock says who holds it this often
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.+? \(PID \d+\))")
+log = logging.getLogger("sftpipe.warehouse")
 
 
 def _sql(name: str) -> str:
@@ -32,6 +37,30 @@ def _sql(name: str) -> str:
 
 class WarehouseBusy(storage.StorageBusy):
     """Another process holds the warehouse's write lock for longer than we are willing to wait."""
+
+
+def _wait_for_file_lock(open_: Callable[[], Any], path: Path, wait_s: float, note=None):
+    """open_() until DuckDB's lock on path is free (one writing process per file), saying who holds it every
+    LOCK_NOTE_S seconds; WarehouseBusy after wait_s."""
+    started = time.monotonic()
+    next_note = started + LOCK_NOTE_S
+    while True:
+        try:
+            return open_()
+        except duckdb.IOException as err:
+            if "lock" not in str(err).lower():
+                raise
+            now = time.monotonic()
+            holder = _LOCK_HOLDER.search(str(err))
+            holder = f"process {holder.group(1)}" if holder else "another process"
+            if now - started > wait_s:
+                raise WarehouseBusy(f"warehouse {path} is locked by {holder} (another pipeline run?); "
+                                    f"waited {wait_s:.0f} s: {err}") from None
+            if now >= next_note:
+                (note or log.warning)(f"waiting for warehouse {path}: {holder} holds its lock "
+                                      f"({now - started:.0f} s so far, giving up after {wait_s:.0f} s)")
+                next_note = now + LOCK_NOTE_S
+            time.sleep(1.0)
 
 
 def connect(path: str | Path, read_only: bool = False, wait_s: float = 600.0) -> duckdb.DuckDBPyConnection:
@@ -43,19 +72,9 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = 600.0) ->
     path = Path(path)
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            con = duckdb.connect(str(path), read_only=read_only,
-                                 config={"storage_compatibility_version": STORAGE_COMPATIBILITY})
-            break
-        except duckdb.IOException as err:
-            if "lock" not in str(err).lower():
-                raise
-            if time.monotonic() > deadline:
-                raise WarehouseBusy(f"warehouse {path} is locked by another process (another pipeline run?); "
-                                    f"waited {wait_s:.0f} s: {err}") from None
-            time.sleep(1.0)
+    con = _wait_for_file_lock(lambda: duckdb.connect(str(path), read_only=read_only,
+                                                     config={"storage_compatibility_version": STORAGE_COMPATIBILITY}),
+                              path, wait_s)
     if not read_only:
         con.execute(_sql("schema.sql"))
         _widen_messages(con)
@@ -104,6 +123,28 @@ def open_warehouse(url: str | Path, read_only: bool = False,
                 except duckdb.Error:
                     pass  # e.g. a failed transaction still open: closing rolls it back and checkpoints
             con.close()
+
+
+@contextmanager
+def query_connection(url: str | Path, wait_s: float = 600.0, note=None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """For ad-hoc SQL (`sftpipe sql`): the latest copy of the warehouse attached read-only, with DuckDB's external
+    access switched off once it is attached, so a query reads the warehouse and nothing else (no COPY ... TO a
+    file, no read_csv of a local file, no httpfs). DuckDB lets no process read a file while another writes it, so
+    this waits for a writer to finish, saying every few seconds who holds the lock (through note, default the log)."""
+    local = storage.fetch(url)
+    con = duckdb.connect()
+    try:
+        _wait_for_file_lock(lambda: con.execute(f"ATTACH '{_quoted(local)}' AS warehouse (READ_ONLY)"), local, wait_s,
+                            note)
+        con.execute("USE warehouse")
+        con.execute("SET enable_external_access = false")
+        yield con
+    finally:
+        con.close()
+
+
+def _quoted(path: Path) -> str:
+    return str(path).replace("'", "''")
 
 
 # (warehouse url, thread) -> the writable copy while its lease is held. Per thread: another thread of this process

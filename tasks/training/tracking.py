@@ -142,7 +142,9 @@ def record_training_run(warehouse: str | Path | None, *, run_id: str, stage: str
         return
     from tasks.core.warehouse import open_warehouse, utcnow
 
-    rows = read_curves(curves_path)
+    # One point per (step, metric): the last one logged, so a resumed run's values replace what it redid and the
+    # trainer's closing log does not repeat its last step's counters.
+    rows = list({(r["step"], r["metric"]): r for r in read_curves(curves_path)}.values())
     with open_warehouse(warehouse) as con:
         con.execute("BEGIN TRANSACTION")
         con.execute("DELETE FROM training_curves WHERE run_id = ?", [run_id])
