@@ -23,6 +23,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
+EPHEMERAL_STARTUP_S = 300
+
+
 def _setdefault_env(cfg) -> None:
     # Before Prefect is imported: keep a local run's Prefect state under the storage root (its local copy, for a
     # remote root), so a demo leaves nothing behind elsewhere and deleting the root starts afresh. Stage results and
@@ -32,6 +35,9 @@ def _setdefault_env(cfg) -> None:
 
         os.environ.setdefault("PREFECT_HOME", str(storage.local_path(cfg.url("prefect-home"))))
         Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+        # The temporary server of a new home migrates its database before it answers: longer than Prefect's 20 s
+        # default on a busy small machine.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_S))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if cfg.model.base == "embedded":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing to download: no hub lookups at all
@@ -72,6 +78,22 @@ def where_lines(cfg) -> list[tuple[str, str]]:
     return lines + [("query", query_command(cfg))]
 
 
+def _pipeline_run(sft_pipeline, args, until, refresh, terminal):
+    """The flow run; once more when Prefect's temporary server did not come up in time (a new home migrates its
+    database first), saying so."""
+    for attempt in (1, 2):
+        try:
+            return sft_pipeline(config_path=args.config, overrides=args.overrides, until=until, refresh=list(refresh),
+                                return_state=True)
+        except RuntimeError as err:
+            if attempt == 2 or "ephemeral Prefect API server" not in str(err):
+                raise
+            terminal.print(f"sftpipe: the temporary Prefect server did not start within "
+                           f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')} s; trying once "
+                           f"more (set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS to wait longer, or "
+                           f"PREFECT_API_URL to use a running server)", markup=False)
+
+
 def _run(cfg, args, until=None, refresh=()) -> int:
     from flows.terminal import Terminal, output_to_log
     from tasks.core import progress, storage
@@ -88,8 +110,7 @@ def _run(cfg, args, until=None, refresh=()) -> int:
             from flows.pipeline import sft_pipeline
 
             with progress.listening(terminal):
-                state = sft_pipeline(config_path=args.config, overrides=args.overrides, until=until,
-                                     refresh=list(refresh), return_state=True)
+                state = _pipeline_run(sft_pipeline, args, until, refresh, terminal)
         except Exception as err:  # e.g. Prefect's temporary server did not start; the traceback is in the log
             import traceback
 

@@ -56,6 +56,12 @@ def test_rerun_is_served_from_cache_and_a_config_change_reruns_only_downstream(m
     states = stage_states(fourth.state_details.flow_run_id)
     assert states["ingest"] == {"Cached"} and states["clean"] == {"Completed"}
 
+    # A change to clean's output (more rows too short) reruns it and every stage downstream of it.
+    fifth = prepare_data(overrides=overrides + ["data.clean.min_turn_chars=20"], return_state=True)
+    states = stage_states(fifth.state_details.flow_run_id)
+    assert states["ingest"] == {"Cached"}
+    assert states["clean"] == states["dedup"] == states["split"] == {"Completed"}, states
+
     # The data-quality report is an artifact of this run (not the latest on the shared server), read through the API.
     with get_client(sync_client=True) as client:
         art = client.read_artifacts(artifact_filter=ArtifactFilter(
@@ -144,3 +150,14 @@ def test_cli_sql_reads_only_the_warehouse_and_says_who_holds_it(tmp_path):
         holder.wait(timeout=60)
     stdout, _ = query.communicate(timeout=120)
     assert query.returncode == 0 and "0" in stdout
+
+
+def test_cli_gives_a_new_temporary_prefect_server_time_to_migrate(tmp_path):
+    """Without PREFECT_API_URL a run starts a temporary server whose new database migrates first: Prefect's 20 s
+    default wait is too short for that on a busy 2-core machine."""
+    probe = ("from flows.cli import _setdefault_env; from tasks.core.config import load_config; "
+             f"_setdefault_env(load_config(None, ['storage_root={tmp_path}'])); "
+             "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as t; print(t.value())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip().splitlines()[-1]) >= 120
