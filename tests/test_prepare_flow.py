@@ -60,7 +60,7 @@ def test_rerun_is_served_from_cache_and_a_config_change_reruns_only_downstream(m
     fifth = prepare_data(overrides=overrides + ["data.clean.min_turn_chars=20"], return_state=True)
     states = stage_states(fifth.state_details.flow_run_id)
     assert states["ingest"] == {"Cached"}
-    assert states["clean"] == states["dedup"] == states["split"] == {"Completed"}, states
+    assert states["clean"] == states["quality"] == states["dedup"] == states["split"] == {"Completed"}, states
 
     # The data-quality report is an artifact of this run (not the latest on the shared server), read through the API.
     with get_client(sync_client=True) as client:
