@@ -1,8 +1,10 @@
 """Shared test setup: offline, one torch thread, and ONE real Prefect server for the whole session.
 
 Every flow a test runs talks to that server (a plain flow call without one would start its own temporary
-server each time, 10-20 s apiece). The server gets its own PREFECT_HOME and SQLite database under a temp dir and
-a free port on 127.0.0.1; it is stopped, with its whole process group, when the session ends.
+server each time, 10-20 s apiece). The server gets its own PREFECT_HOME under a temp dir, a free port on 127.0.0.1
+and, as in production, a PostgreSQL database of its own (created for the session, dropped after it; see
+tests/backends.py). Where PostgreSQL is not reachable it falls back to SQLite and the session header says so; on CI
+that fails instead. The server is stopped, with its whole process group, when the session ends.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import backends
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +35,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 _server: subprocess.Popen | None = None
 _server_dir: tempfile.TemporaryDirectory | None = None
+_database: str | None = None  # the session's PostgreSQL database for Prefect's server
+_backend = "an outer harness's Prefect server (PREFECT_API_URL)"
 
 
 def free_port() -> int:
@@ -57,7 +62,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> Non
 
 def pytest_configure(config):
     """Start the session's Prefect server before test modules import Prefect, so its settings see the URL."""
-    global _server, _server_dir
+    global _server, _server_dir, _database, _backend
     if os.environ.get("PREFECT_API_URL"):
         return  # an outer harness (the end-to-end service test, CI) provides one
     _server_dir = tempfile.TemporaryDirectory(prefix="sftpipe-prefect-")
@@ -65,6 +70,15 @@ def pytest_configure(config):
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_API_HOST": "127.0.0.1",
            "PREFECT_SERVER_API_PORT": str(port)}
+    try:
+        _database = backends.create_database("sftpipe_prefect")
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = backends.database_url(_database, "asyncpg")
+        _backend = f"PostgreSQL (database {_database} at {backends.POSTGRES})"
+    except Exception as err:  # noqa: BLE001 - unreachable, refused, no such role: all mean "not here"
+        try:
+            _backend = "SQLite: " + backends.unavailable(f"PostgreSQL at {backends.POSTGRES}", err)
+        except backends.BackendMissing as missing:
+            pytest.exit(str(missing), returncode=3)
     log = open(home / "server.log", "wb")
     _server = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -93,6 +107,16 @@ def pytest_unconfigure(config):
             os.killpg(_server.pid, signal.SIGKILL)
     if _server_dir is not None:
         _server_dir.cleanup()
+    if _database is not None:
+        backends.drop_database(_database)
+
+
+def pytest_report_header(config):
+    return f"prefect server: {_backend}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"prefect server: {_backend}")
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,9 @@ def service(tmp_path_factory, s3_server):
         workers.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", pool, "--limit", str(limit)],
                                         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True))
+    import conftest
+
+    print(f"\nservice test against the Prefect server on {conftest._backend}")
     try:
         yield {"root": root, "logs": logs, "s3_root": f"s3://{s3_server['bucket']}/service"}
     finally:
