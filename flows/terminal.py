@@ -154,12 +154,10 @@ class Terminal:
             return
         if event == "stage_started" and stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=None)
-        elif event == "train_started":
-            task = self.tasks.get(stage) or self.progress.add_task(stage)
-            self.tasks[stage] = task
-            self.progress.update(task, total=fields.get("total_steps"), completed=fields.get("step", 0))
-        elif event == "train_step" and stage in self.tasks:
-            self.progress.update(self.tasks[stage], completed=fields["step"])
+        elif event == "advance":
+            if stage not in self.tasks:
+                self.tasks[stage] = self.progress.add_task(stage, total=None)
+            self.progress.update(self.tasks[stage], total=fields.get("total"), completed=fields.get("done", 0))
         elif event == "stage_finished":
             if (task := self.tasks.pop(stage, None)) is not None:
                 self.progress.remove_task(task)

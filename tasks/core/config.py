@@ -170,6 +170,9 @@ class DataConfig(Section):
 class ModelConfig(Section):
     base: str = Field("embedded", description="Hugging Face model id or local path of the base model; 'embedded' "
                       "builds a tiny Llama from the training split (no download).")
+    revision: str | None = Field(None, description="Hub model: branch, tag or commit. The base stage resolves it to "
+                                 "a commit and records it; None: the default branch's head at run time (a new "
+                                 "upstream commit retrains, an unchanged one stays cached).")
     trust_remote_code: bool = Field(False, description="Passed to the Auto classes.")
     chat_template: str | None = Field(None, description="Jinja chat template to use instead of the tokenizer's own "
                                       "(or the ChatML-style default where it has none).")

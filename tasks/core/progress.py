@@ -33,8 +33,8 @@ def listening(listener: Listener) -> Iterator[None]:
 
 
 def emit(event: str, **fields: Any) -> None:
-    """Events: stage_started(stage), stage_finished(stage, state, seconds, result | error),
-    train_started(stage, total_steps), train_step(stage, step, total_steps), train_finished(stage)."""
+    """Events: stage_started(stage), stage_finished(stage, state, seconds, result | error), and
+    advance(stage, done, total): how far a stage is (training steps, files downloaded)."""
     with _lock:
         listeners = list(_listeners)
     for listener in listeners:

@@ -19,6 +19,7 @@ from tasks.core import storage
 from tasks.core.caching import stage_task
 from tasks.core.config import PipelineConfig
 from tasks.core.hashing import files_fingerprint, json_fingerprint
+from tasks.training import hub
 from tasks.training.loading import (
     configure_threads,
     ensure_chat_template,
@@ -147,8 +148,35 @@ def pretrained_fingerprint(base: str) -> str:
                              if (path / "config.json").exists() else ""})
 
 
+def hub_base(cfg: PipelineConfig) -> dict:
+    """A hub model at the commit model.revision resolves to: downloaded into the Hugging Face cache and checked.
+
+    For a remote storage root the snapshot is published under <root>/models/base, so GPU workers on other machines
+    fetch it from there like any other stage output."""
+    started = time.time()
+    repo_id = cfg.model.base
+    commit = hub.resolve_revision(repo_id, cfg.model.revision)
+    snapshot = hub.download(repo_id, commit, cfg.model.trust_remote_code)
+    stats = {"kind": "hub", "hub_id": repo_id, "revision": commit, "requested_revision": cfg.model.revision or "main",
+             **hub.check_loads(snapshot, cfg)}
+    fingerprint = json_fingerprint({"hub_id": repo_id, "commit": commit})
+    result = {"stage": "base", "fingerprint": fingerprint, "path": str(snapshot), "stats": stats}
+    if not storage.is_local(cfg.root):
+        out = StageOutput(cfg, "base", fingerprint)
+        if (done := out.finished()) is not None:
+            return done
+        shutil.copytree(snapshot, out.dir, dirs_exist_ok=True)
+        result["path"] = out.url
+        result["stats"]["wall_s"] = round(time.time() - started, 2)
+        return out.finish(result)
+    result["stats"]["wall_s"] = round(time.time() - started, 2)
+    return result
+
+
 def resolve_base(cfg: PipelineConfig, data: dict | None = None) -> dict:
     """The base model to train: cfg.model.base, or the embedded tiny Llama built from data's training split."""
+    if hub.is_hub_id(cfg.model.base):
+        return hub_base(cfg)
     if cfg.model.base != "embedded":
         return {"stage": "base", "fingerprint": pretrained_fingerprint(cfg.model.base), "path": cfg.model.base,
                 "stats": {"kind": "pretrained"}}
@@ -173,7 +201,8 @@ def resolve_base(cfg: PipelineConfig, data: dict | None = None) -> dict:
 
 
 def _base_config(cfg: PipelineConfig) -> dict:
-    return {"model": cfg.model.model_dump(), "storage_root": cfg.storage_root, "code": training_code_hash()}
+    return {"model": cfg.model.model_dump(), "storage_root": cfg.storage_root, "code": training_code_hash(),
+            "hub_commit": hub.cache_key(cfg)}
 
 
 base_task = stage_task("base", _base_config, retries=1)(resolve_base)

@@ -57,7 +57,7 @@ class TrainingReporter(TrainerCallback):
         self._train_started = time.time()
         self._last = (time.time(), None)
         if _is_main_process():
-            progress.emit("train_started", stage=self.stage, step=int(state.global_step), total_steps=self.total_steps)
+            progress.emit("advance", stage=self.stage, done=int(state.global_step), total=self.total_steps)
         if _is_main_process() and in_prefect_run():
             try:
                 from prefect.artifacts import create_progress_artifact
@@ -102,11 +102,9 @@ class TrainingReporter(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if _is_main_process():
-            progress.emit("train_step", stage=self.stage, step=int(state.global_step), total_steps=self.total_steps)
+            progress.emit("advance", stage=self.stage, done=int(state.global_step), total=self.total_steps)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if _is_main_process():
-            progress.emit("train_finished", stage=self.stage)
         if self._train_started and self._train_tokens:
             self.tokens_per_s = round(self._train_tokens / max(time.time() - self._train_started, 1e-9), 1)
 
