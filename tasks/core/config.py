@@ -357,6 +357,15 @@ class OrchestrationConfig(Section):
     stage_timeout_s: int = Field(6 * 3600, ge=60, description="How long the pipeline waits for a dispatched stage.")
 
 
+class TrackingConfig(Section):
+    tensorboard: bool = Field(True, description="Write every training stage's curves (base warm-up, sft, dpo, ...) as "
+                              "TensorBoard event files under <storage_root>/tensorboard/<stage>/<run>; view them with "
+                              "`tensorboard --logdir <storage_root>/tensorboard`.")
+    report_to: list[str] = Field(default_factory=list, description="More trackers for the training stages, by "
+                                 "transformers' integration name (wandb, trackio, comet_ml, ...; each must be "
+                                 "installed and configured through its own environment variables).")
+
+
 class PipelineConfig(Section):
     storage_root: str = Field("runs", description="Where the warehouse, sample data, models, reports and Prefect "
                               "results live: a local folder or any fsspec URL (s3://bucket/prefix, gs://..., ...); "
@@ -372,6 +381,7 @@ class PipelineConfig(Section):
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @property
     def root(self) -> str:

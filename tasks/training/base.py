@@ -27,7 +27,13 @@ from tasks.training.loading import (
     use_cuda,
 )
 from tasks.training.outputs import StageOutput
-from tasks.training.tracking import TrainingReporter, record_training_run
+from tasks.training.tracking import (
+    TrainingReporter,
+    publish_tensorboard,
+    record_training_run,
+    report_to,
+    tensorboard_dir,
+)
 
 log = logging.getLogger("sftpipe.train")
 
@@ -96,12 +102,13 @@ def build_embedded_base(cfg: PipelineConfig, train_examples: list[dict], out_dir
     work = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(work, ignore_errors=True)
     curves = work / "metrics.jsonl"
-    reporter = TrainingReporter("base", curves, total_steps=m.embedded_warmup_steps)
+    reporter = TrainingReporter("base", curves, total_steps=m.embedded_warmup_steps,
+                                tensorboard_dir=tensorboard_dir(cfg, "base", out_dir.name))
     args = TrainingArguments(
         output_dir=str(work / "trainer"), max_steps=max(m.embedded_warmup_steps, 1), per_device_train_batch_size=16,
         learning_rate=m.embedded_warmup_lr, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.01,
         logging_steps=max(1, m.embedded_warmup_steps // 10), save_strategy="no", eval_strategy="no",
-        report_to=[], disable_tqdm=True, seed=m.embedded_seed, dataloader_num_workers=0, use_cpu=not use_cuda(cfg),
+        report_to=report_to(cfg), disable_tqdm=True, seed=m.embedded_seed, dataloader_num_workers=0, use_cpu=not use_cuda(cfg),
         include_num_input_tokens_seen="non_padding",
     )
     warmup_loss: dict[str, float] = {}
@@ -196,6 +203,7 @@ def resolve_base(cfg: PipelineConfig, data: dict | None = None) -> dict:
     record_training_run(data["warehouse"], run_id=f"base-{key}", stage="base", fingerprint=result["fingerprint"],
                         base=out.url, data_fingerprint=data["fingerprint"], output_dir=out.url,
                         stats=result["stats"], config=cfg.model.model_dump(), curves_path=curves)
+    publish_tensorboard(cfg, "base", key)
     return out.finish(result)
 
 

@@ -37,9 +37,13 @@ from tasks.training.tracking import (
     TrainingReporter,
     distributed_backend,
     metric_series,
+    publish_tensorboard,
     read_curves,
     record_training_run,
+    report_to,
     summary_markdown,
+    tensorboard_dir,
+    tracker_hint,
 )
 
 log = logging.getLogger("sftpipe.train")
@@ -91,7 +95,7 @@ def trainer_arguments(trl_config_class, cfg: PipelineConfig, settings: TrainerSe
         eval_strategy="steps" if has_eval else "no", eval_steps=s.eval_steps, eval_on_start=has_eval,
         save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
         max_length=cfg.model.max_length, seed=s.seed, data_seed=s.seed,
-        report_to=[], disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        report_to=report_to(cfg), disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
         log_level="warning", **trainer_precision(cfg), **method_arguments,
     )
 
@@ -116,7 +120,8 @@ def train_adapter(method: AdapterMethod, cfg: PipelineConfig, job: TrainingJob, 
     settings, out_dir = method.settings(cfg), Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    reporter = TrainingReporter(method.name, out_dir / "metrics.jsonl")
+    reporter = TrainingReporter(method.name, out_dir / "metrics.jsonl",
+                                tensorboard_dir=tensorboard_dir(cfg, method.name, out_dir.name))
     trainer = method.build(cfg, job, [reporter, *callbacks])
     checkpoint, resumed_from = last_checkpoint(out_dir / "checkpoints")
     if checkpoint:
@@ -203,7 +208,9 @@ def run_adapter_stage(method: AdapterMethod, cfg: PipelineConfig, upstream: dict
                         output_dir=out.url, stats=stats,
                         config={"model": cfg.model.model_dump(), method.name: settings.model_dump()},
                         curves_path=out.dir / "metrics.jsonl")
-    publish_markdown(f"{method.name}-summary", summary_markdown(method.title, result), f"{method.title} run summary")
+    publish_tensorboard(cfg, method.name, out.dir.name)
+    publish_markdown(f"{method.name}-summary", summary_markdown(method.title, result, read_curves(out.dir / "metrics.jsonl"),
+                                                                tracker_hint(cfg)), f"{method.title} run summary")
     return out.finish(result)
 
 
