@@ -233,16 +233,41 @@ CREATE TABLE IF NOT EXISTS eval_runs (
 );
 
 -- Every metric of every variant: per source dataset and overall (source 'all'). n: scored tokens for
--- perplexity, examples for ROUGE.
+-- perplexity, examples (or preference pairs) otherwise; examples: the examples the figure is computed over (the
+-- bootstrap's resampling unit); ci_low / ci_high: its bootstrap confidence interval (eval.confidence, stored in
+-- eval_runs.settings; NULL below 2 examples).
 CREATE TABLE IF NOT EXISTS eval_results (
     run_id   VARCHAR NOT NULL,
     variant  VARCHAR NOT NULL,              -- base | sft | dpo | merged
     split    VARCHAR NOT NULL,              -- validation | test
     source   VARCHAR NOT NULL,
-    metric   VARCHAR NOT NULL,              -- perplexity | rouge1 | rouge2 | rougeL | rougeLsum
+    metric   VARCHAR NOT NULL,              -- perplexity | rouge1 | rouge2 | rougeL | rougeLsum | preference_accuracy | preference_margin
     value    DOUBLE,
     n        BIGINT NOT NULL,
+    examples BIGINT,
+    ci_low   DOUBLE,
+    ci_high  DOUBLE,
     PRIMARY KEY (run_id, variant, split, source, metric)
+);
+-- Warehouses made before intervals were recorded.
+ALTER TABLE eval_results ADD COLUMN IF NOT EXISTS examples BIGINT;
+ALTER TABLE eval_results ADD COLUMN IF NOT EXISTS ci_low DOUBLE;
+ALTER TABLE eval_results ADD COLUMN IF NOT EXISTS ci_high DOUBLE;
+
+-- The per-example scores every figure above is computed from (and the paired bootstrap of deltas between variants
+-- and runs resamples): perplexity: value = summed token NLL, weight = scored tokens; ROUGE: value = F-measure;
+-- preference_accuracy: 1 when the variant's mean log-probability per answer token is higher for the chosen answer
+-- than for the rejected one, else 0; preference_margin: that difference (chosen - rejected).
+CREATE TABLE IF NOT EXISTS eval_example_scores (
+    run_id     VARCHAR NOT NULL,
+    variant    VARCHAR NOT NULL,
+    split      VARCHAR NOT NULL,
+    example_id VARCHAR NOT NULL,
+    source     VARCHAR NOT NULL,
+    metric     VARCHAR NOT NULL,
+    value      DOUBLE NOT NULL,
+    weight     DOUBLE NOT NULL,
+    PRIMARY KEY (run_id, variant, split, example_id, metric)
 );
 
 -- The greedy answers behind the ROUGE numbers (and the sample table artifact).

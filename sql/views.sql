@@ -300,17 +300,30 @@ GROUP BY c.stage, c.step
 ORDER BY c.stage, c.step;
 
 -- ============================================================== evaluation plane (issue 4)
--- "How did the variants of each run compare": one row per (run, variant), overall metrics side by side.
+-- "How did the variants of each run compare": one row per (run, variant), overall metrics side by side, each
+-- with its bootstrap confidence interval (_low, _high) and the examples it was computed over.
 CREATE OR REPLACE VIEW eval_summary AS
 SELECT
     e.run_id, r.finished_at, e.variant,
     max(e.value) FILTER (WHERE e.split = 'validation' AND e.metric = 'perplexity') AS ppl_validation,
+    max(e.ci_low) FILTER (WHERE e.split = 'validation' AND e.metric = 'perplexity') AS ppl_validation_low,
+    max(e.ci_high) FILTER (WHERE e.split = 'validation' AND e.metric = 'perplexity') AS ppl_validation_high,
     max(e.value) FILTER (WHERE e.split = 'test' AND e.metric = 'perplexity') AS ppl_test,
+    max(e.ci_low) FILTER (WHERE e.split = 'test' AND e.metric = 'perplexity') AS ppl_test_low,
+    max(e.ci_high) FILTER (WHERE e.split = 'test' AND e.metric = 'perplexity') AS ppl_test_high,
+    max(e.examples) FILTER (WHERE e.split = 'test' AND e.metric = 'perplexity') AS ppl_test_examples,
     max(e.value) FILTER (WHERE e.split = 'test' AND e.metric = 'rouge1') AS rouge1,
     max(e.value) FILTER (WHERE e.split = 'test' AND e.metric = 'rouge2') AS rouge2,
     max(e.value) FILTER (WHERE e.split = 'test' AND e.metric = 'rougeL') AS rougeL,
+    max(e.ci_low) FILTER (WHERE e.split = 'test' AND e.metric = 'rougeL') AS rougeL_low,
+    max(e.ci_high) FILTER (WHERE e.split = 'test' AND e.metric = 'rougeL') AS rougeL_high,
     max(e.value) FILTER (WHERE e.split = 'test' AND e.metric = 'rougeLsum') AS rougeLsum,
     max(e.n) FILTER (WHERE e.split = 'test' AND e.metric = 'rougeL') AS generated_examples,
+    max(e.value) FILTER (WHERE e.split = 'test' AND e.metric = 'preference_accuracy') AS preference_accuracy,
+    max(e.ci_low) FILTER (WHERE e.split = 'test' AND e.metric = 'preference_accuracy') AS preference_accuracy_low,
+    max(e.ci_high) FILTER (WHERE e.split = 'test' AND e.metric = 'preference_accuracy') AS preference_accuracy_high,
+    max(e.value) FILTER (WHERE e.split = 'test' AND e.metric = 'preference_margin') AS preference_margin,
+    max(e.n) FILTER (WHERE e.split = 'test' AND e.metric = 'preference_accuracy') AS preference_pairs,
     p.decision AS promotion
 FROM eval_results e
 LEFT JOIN eval_runs r USING (run_id)

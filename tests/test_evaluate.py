@@ -113,6 +113,14 @@ def test_run_eval_records_every_variant_on_the_same_examples(setup):
     assert sorted(by_variant["base"]) == sorted(by_variant["sft"]) == sorted(by_variant["merged"])
     assert {g[2] for g in gens if g[0] == "merged"} == {g[2] for g in gens if g[0] == "sft"}  # greedy, identical
 
+    # Every figure over 2+ examples carries its bootstrap interval; the per-example scores behind it are kept.
+    inside, with_ci = query(wh, "SELECT count(*) FILTER (WHERE ci_low <= value AND value <= ci_high), count(*) "
+                                "FILTER (WHERE examples >= 2) FROM eval_results WHERE run_id = ?", [run])[0]
+    assert inside == with_ci > 0
+    counts = query(wh, "SELECT variant, count(*) FROM eval_example_scores WHERE run_id = ? AND metric = 'rougeL' "
+                       "GROUP BY ALL", [run])
+    assert dict(counts) == dict.fromkeys(("base", "sft", "merged"), cfg.eval.max_generate_examples)
+
     report = open(result["report_path"], encoding="utf-8").read()
     assert "| merged |" in report and "Δ against the base" in report and "No run has been promoted yet" in report
     excluded = dict(query(wh, "SELECT split, rows FROM eval_exclusions WHERE kind = 'sft'"))

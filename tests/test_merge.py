@@ -142,7 +142,7 @@ def test_adapter_for_another_base_is_rejected(tmp_path):
     train = alpaca_examples(120)
     cfg = small_config(tmp_path, **{"model.base": "embedded", "model.embedded_warmup_steps": 5,
                                     "model.quantization": "none", "sft.max_steps": 2, "sft.save_steps": 2})
-    base = build_embedded_base(cfg, train, tmp_path / "base")
+    base = build_embedded_base(cfg, [m["content"] for ex in train for m in ex["messages"]], tmp_path / "base")
     sft = run_sft(cfg, base, make_warehouse(tmp_path / "wh.duckdb", sft={"train": train}))
     with pytest.raises(AdapterError, match="does not fit this base model"):
         merge_adapter(cfg, STORIES, sft["adapter"], VALID, tmp_path / "out")

@@ -11,6 +11,7 @@ from training_fixtures import STORIES, alpaca_examples, make_warehouse, small_co
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
+from tasks.data.sample_data import CORPUS_FILE, pretraining_corpus
 from tasks.training.base import build_embedded_base, resolve_base
 from tasks.training.loading import (
     DEFAULT_CHAT_TEMPLATE,
@@ -69,12 +70,25 @@ def test_template_precedence_config_then_tokenizer_then_default(tmp_path):
     assert load_tokenizer(tmp_path / "tok", override).apply_chat_template(CONVERSATION, tokenize=False) == "XBe brief."
 
 
+def plain_text(examples: list[dict]) -> list[str]:
+    """The examples' turns as plain-text documents (no chat template)."""
+    return [m["content"] for ex in examples for m in ex["messages"]]
+
+
+def test_pretraining_corpus_is_plain_text_without_questions_or_chat():
+    corpus = pretraining_corpus()
+    assert len(corpus) == 4000 and corpus == pretraining_corpus()  # deterministic
+    assert not any("?" in doc or "？" in doc or "<|im_" in doc or "assistant" in doc for doc in corpus)
+    # The facts behind the sample tasks are stated in both phrasings.
+    assert "The capital of France is Paris." in corpus and "Paris is the capital of France." in corpus
+
+
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     root = tmp_path_factory.mktemp("embedded")
     cfg = small_config(root, **{"model.base": "embedded", "model.embedded_warmup_steps": 40})
     train = alpaca_examples(300)
-    return cfg, train, build_embedded_base(cfg, train, root / "base")
+    return cfg, train, build_embedded_base(cfg, plain_text(train), root / "base")
 
 
 def _file_versions(folder) -> dict[str, int]:
@@ -109,7 +123,7 @@ def test_embedded_base_builds_and_learns(embedded):
 def test_embedded_base_reuses_a_finished_build(embedded):
     cfg, train, result = embedded
     before = _file_versions(result["path"])
-    again = build_embedded_base(cfg, train, result["path"])
+    again = build_embedded_base(cfg, plain_text(train), result["path"])
     assert again == result and _file_versions(result["path"]) == before and before  # nothing rebuilt or rewritten
 
 
@@ -121,7 +135,9 @@ def test_resolve_base(tmp_path):
     data = make_warehouse(tmp_path / "wh.duckdb", sft={"train": alpaca_examples(120)})
     ecfg = small_config(tmp_path, **{"model.base": "embedded", "model.embedded_warmup_steps": 10})
     base = resolve_base(ecfg, data)
-    assert base["stats"]["kind"] == "embedded" and base["stats"]["train_examples"] == 120
+    # Pretrained on the sample data's plain-text corpus, not on the fine-tuning conversations.
+    corpus = (tmp_path / "sample_data" / CORPUS_FILE).read_text().splitlines()
+    assert base["stats"]["kind"] == "embedded" and base["stats"]["corpus_documents"] == len(corpus)
     assert str(tmp_path / "models" / "base") in base["path"]
     from tasks.core.warehouse import open_warehouse
 

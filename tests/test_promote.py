@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from eval_fixtures import eval_config, flow_run_artifacts, query
 
@@ -21,8 +22,8 @@ def _evaluation(warehouse, run_id: str, metrics: dict[str, tuple[float, float]])
         for variant, (ppl, rouge_l) in metrics.items():
             for split, metric, value in (("test", "perplexity", ppl), ("validation", "perplexity", ppl * 1.1),
                                          ("test", "rougeL", rouge_l), ("test", "rouge1", rouge_l + 0.05)):
-                con.execute("INSERT INTO eval_results VALUES (?, ?, ?, 'all', ?, ?, 10)",
-                            [run_id, variant, split, metric, value])
+                con.execute("INSERT INTO eval_results (run_id, variant, split, source, metric, value, n) "
+                            "VALUES (?, ?, ?, 'all', ?, ?, 10)", [run_id, variant, split, metric, value])
     variants = {v: {"fingerprint": v, "model": f"/models/{run_id}/{v}", "model_dir": f"/models/{run_id}/{v}"}
                 for v in metrics}
     return {"stage": "evaluate", "run_id": run_id, "warehouse": str(warehouse), "variants": variants}
@@ -41,6 +42,52 @@ def test_gate_thresholds():
     strict = eval_config("runs")  # defaults: perplexity must not rise at all
     assert gate({("test", "perplexity"): 10.0, ("test", "rougeL"): 0.3}, base, strict)[1] == []  # equal is fine
     assert gate({("test", "perplexity"): 10.001, ("test", "rougeL"): 0.3}, base, strict)[1]
+
+
+def _scores(variant: str, metric: str, values, split: str = "test") -> list[dict]:
+    return [dict(variant=variant, split=split, example_id=f"ex{i}", source="s", metric=metric, value=float(v),
+                 weight=1.0) for i, v in enumerate(values)]
+
+
+def test_interval_rule_rejects_only_drops_beyond_tolerance_with_confidence():
+    rng = np.random.default_rng(0)
+    base_values = rng.uniform(0.2, 0.8, 40)
+    noise = rng.normal(0, 0.15, 40)
+    noisy = base_values - 0.04 + noise - noise.mean()  # a drop of 0.04 on average, beyond 0.02 but within the noise
+    broken = base_values - 0.3 + rng.normal(0, 0.05, 40)  # a real one
+    base = {("test", "perplexity"): 10.0, ("test", "rougeL"): base_values.mean()}
+    base_scores = _scores("base", "rougeL", base_values)
+    interval = eval_config("runs")
+    point = eval_config("runs", promote={"rule": "point"})
+    for values, rule_cfg, rejected in ((noisy, interval, False), (noisy, point, True), (broken, interval, True)):
+        cand = {("test", "perplexity"): 10.0, ("test", "rougeL"): values.mean()}
+        checks, reasons = gate(cand, base, rule_cfg, _scores("merged", "rougeL", values), base_scores)
+        assert bool(reasons) == rejected, (rule_cfg.promote.rule, reasons)
+    rouge = next(c for c in checks if c["metric"] == "rougeL")
+    assert rouge["rule"] == "interval" and rouge["n"] == 40 and rouge["delta_high"] < -0.02
+    # The reason names the metric, its interval and the threshold.
+    assert "ROUGE-L (test) fell from" in reasons[0] and "95% interval [" in reasons[0] and "n=40" in reasons[0]
+    assert "allowed a drop of 0.0200" in reasons[0]
+    assert next(c for c in checks if c["metric"] == "perplexity")["rule"].startswith("point")  # no scores: point
+
+
+def test_preference_accuracy_minimum_and_drop():
+    cfg = eval_config("runs")
+    base = {("test", "perplexity"): 10.0, ("test", "rougeL"): 0.3, ("test", "preference_accuracy"): 0.9}
+    good = dict(base)
+    checks, reasons = gate(good, base, cfg, _scores("m", "preference_accuracy", [1] * 27 + [0] * 3),
+                           _scores("b", "preference_accuracy", [1] * 27 + [0] * 3))
+    assert reasons == [] and {c["check"] for c in checks} >= {"preference accuracy (test)",
+                                                             "preference accuracy (test) minimum"}
+    worse = {**base, ("test", "preference_accuracy"): 0.2}
+    _, reasons = gate(worse, base, cfg, _scores("m", "preference_accuracy", [1] * 6 + [0] * 24),
+                      _scores("b", "preference_accuracy", [1] * 27 + [0] * 3))
+    assert any(r.startswith("preference accuracy (test) fell from 0.9000 to 0.2000") for r in reasons)
+    assert any("below the minimum 0.5000" in r for r in reasons)
+    # No preference pairs in the data: no preference checks.
+    assert all("preference" not in c["check"] for c in gate({("test", "perplexity"): 9.0, ("test", "rougeL"): 0.3},
+                                                           {("test", "perplexity"): 9.0, ("test", "rougeL"): 0.3},
+                                                           cfg)[0])
 
 
 def test_promotions_against_base_then_last_promoted(tmp_path):

@@ -121,7 +121,7 @@ def test_sft_on_embedded_base_lowers_validation_loss(tmp_path):
     train, valid = alpaca_examples(400), alpaca_examples(32, offset=400)
     cfg = small_config(tmp_path, **{"model.base": "embedded", "model.embedded_warmup_steps": 30,
                                     "sft.learning_rate": 1e-2})
-    base = build_embedded_base(cfg, train, tmp_path / "base")
+    base = build_embedded_base(cfg, [m["content"] for ex in train for m in ex["messages"]], tmp_path / "base")
     data = make_warehouse(tmp_path / "wh.duckdb", sft={"train": train, "validation": valid})
     s = run_sft(cfg, base, data)["stats"]
     assert s["quantization"] == "4bit" and s["steps"] == 30

@@ -195,10 +195,15 @@ class ModelConfig(Section):
     embedded_hidden_size: int = Field(128, ge=16, description="Embedded base: hidden size of the tiny Llama.")
     embedded_layers: int = Field(2, ge=1, description="Embedded base: transformer layers.")
     embedded_heads: int = Field(4, ge=1, description="Embedded base: attention heads.")
-    embedded_warmup_steps: int = Field(150, ge=0, description="Embedded base: causal-LM warm-up steps on the "
-                                       "training split, so the base is not random noise.")
-    embedded_warmup_lr: float = Field(3e-3, gt=0, description="Embedded base: warm-up learning rate.")
-    embedded_warmup_max_length: int = Field(128, ge=16, description="Embedded base: tokens per warm-up example.")
+    embedded_corpus: list[str] = Field(default_factory=list, description="Embedded base: plain-text files (paths "
+                                       "or URLs, one document per line) its tokenizer and pretraining read. Empty: "
+                                       "the sample data's pretraining_corpus.txt (facts and sentences in the sample "
+                                       "tasks' vocabulary, no chat turns).")
+    embedded_warmup_steps: int = Field(150, ge=0, description="Embedded base: causal-LM pretraining steps (batch "
+                                       "16) on the corpus, so the base knows the language but not the chat format.")
+    embedded_warmup_lr: float = Field(3e-3, gt=0, description="Embedded base: pretraining learning rate.")
+    embedded_warmup_max_length: int = Field(128, ge=16, description="Embedded base: tokens per pretraining block "
+                                            "(documents are packed).")
     embedded_seed: int = Field(0, description="Embedded base: seed of initialisation and warm-up.")
 
 
@@ -245,6 +250,10 @@ class TrainerSettings(Section):
 
 
 class SFTConfig(TrainerSettings):
+    # The embedded demo base is a tiny model learning the chat format in 100 steps; billion-parameter bases usually
+    # want about 2e-4.
+    defaults: ClassVar[dict[str, Any]] = {"learning_rate": 2e-3}
+
     assistant_only_loss: bool = Field(True, description="Loss only on assistant tokens (needs a chat template with "
                                       "generation markers; the default template has them). False: whole sequence.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
@@ -271,6 +280,8 @@ class PreferenceSettings(TrainerSettings):
 
 
 class DPOConfig(PreferenceSettings):
+    defaults: ClassVar[dict[str, Any]] = {**PreferenceSettings.defaults, "learning_rate": 1e-4}
+
     loss_type: str = Field("sigmoid", description="trl DPO loss type (sigmoid, ipo, hinge, robust, ...).")
     precompute_ref_log_probs: bool = Field(True, description="Compute the reference log-probs once and cache them on "
                                            "disk (keyed by SFT result + pairs), so a rerun with a new beta reuses "
@@ -290,8 +301,10 @@ class MergeConfig(Section):
 class EvalConfig(Section):
     max_examples: int = Field(64, ge=1, description="Examples per split (validation, test) scored for perplexity, "
                               "taken round-robin over sources so every dataset is represented.")
-    max_generate_examples: int = Field(16, ge=1, description="Test examples each variant generates answers for "
+    max_generate_examples: int = Field(32, ge=1, description="Test examples each variant generates answers for "
                                        "(ROUGE and the sample table); a subset of the scored ones.")
+    max_preference_pairs: int = Field(64, ge=1, description="Test preference pairs each variant is scored on "
+                                      "(preference accuracy and margin), taken round-robin over sources.")
     max_new_tokens: int = Field(48, ge=1, description="Greedy generation length cap.")
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass (scoring and generation).")
     seed: int = Field(0, description="Seed set before generating (greedy decoding needs none; sampling-free "
@@ -304,14 +317,29 @@ class EvalConfig(Section):
     stop_strings: list[str] = Field(["<|im_end|>"], description="A generated answer is cut at the first of these "
                                     "(end-of-turn markers that are plain text in the vocabulary).")
     sample_rows: int = Field(8, ge=0, description="Rows of the eval-samples table artifact.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Level of the bootstrap confidence intervals in the "
+                              "report and eval_results (percentile bootstrap over examples, paired for deltas).")
+    bootstrap_resamples: int = Field(2000, ge=100, description="Bootstrap resamples per interval (seeded by "
+                                     "eval.seed, so intervals are reproducible).")
 
 
 class PromoteConfig(Section):
     candidate: str = Field("merged", description="Variant promoted (falls back to dpo, then sft, when absent).")
     split: Literal["validation", "test"] = Field("test", description="Split whose overall metrics the gate reads.")
+    rule: Literal["interval", "point"] = Field(
+        "interval", description="interval: a change counts as a regression only when the whole paired-bootstrap "
+        "interval (promote.confidence) of the candidate-minus-baseline delta lies beyond the tolerance, i.e. it is "
+        "beyond it with that confidence; point: when the point estimate is (no allowance for noise).")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Level of the paired-bootstrap intervals the interval "
+                              "rule reads.")
     max_perplexity_rise: float = Field(0.0, ge=0, description="Allowed relative perplexity rise against the "
                                        "baseline (0.0: must not rise).")
     max_rouge_l_drop: float = Field(0.02, ge=0, description="Allowed absolute ROUGE-L drop against the baseline.")
+    min_preference_accuracy: float | None = Field(0.5, ge=0, le=1, description="Preference accuracy (test pairs) "
+                                                  "the candidate must reach; None: no minimum. Checked only when "
+                                                  "the data has test preference pairs.")
+    max_preference_accuracy_drop: float = Field(0.05, ge=0, description="Allowed absolute preference-accuracy drop "
+                                                "against the baseline.")
     first_run_baseline: Literal["base", "none"] = Field(
         "base", description="Baseline when nothing was promoted yet: this run's base variant, or none (promote).")
 

@@ -247,13 +247,23 @@ def preference_pairs(con: duckdb.DuckDBPyConnection, split: str, limit: int | No
 
 
 def last_promoted(con, exclude_run: str | None = None) -> dict | None:
-    """{"run_id", "variant", "model_path", "rows"} of the most recently promoted run (other than exclude_run)."""
+    """{"run_id", "variant", "model_path", "rows", "scores"} of the most recently promoted run (other than
+    exclude_run): its eval_results rows and the promoted variant's per-example scores."""
     row = con.execute(
         "SELECT run_id, variant, model_path FROM promotions WHERE decision = 'promoted' AND run_id IS DISTINCT FROM ? "
         "ORDER BY decided_at DESC LIMIT 1", [exclude_run]).fetchone()
     if row is None:
         return None
-    cols = ["variant", "split", "source", "metric", "value", "n"]
+    cols = ["variant", "split", "source", "metric", "value", "n", "examples", "ci_low", "ci_high"]
     rows = [dict(zip(cols, r)) for r in con.execute(
         f"SELECT {', '.join(cols)} FROM eval_results WHERE run_id = ?", [row[0]]).fetchall()]
-    return {"run_id": row[0], "variant": row[1], "model_path": row[2], "rows": rows}
+    return {"run_id": row[0], "variant": row[1], "model_path": row[2], "rows": rows,
+            "scores": example_scores(con, row[0], row[1])}
+
+
+def example_scores(con, run_id: str, variant: str) -> list[dict]:
+    """The per-example scores of one variant of an eval run (eval_example_scores rows)."""
+    cols = ["variant", "split", "example_id", "source", "metric", "value", "weight"]
+    return [dict(zip(cols, r)) for r in con.execute(
+        f"SELECT {', '.join(cols)} FROM eval_example_scores WHERE run_id = ? AND variant = ?",
+        [run_id, variant]).fetchall()]

@@ -4,6 +4,15 @@ Written by the pipeline itself (deterministic, seeded), one file per supported f
 has: exact and near-duplicate rows, Chinese rows, a malformed line, an empty answer, a KTO-negative row, a
 chosen == rejected pair. The tasks are small and regular (arithmetic, opposites, capitals, spelling) so that a tiny
 model trained on a CPU in a minute measurably learns them.
+
+Beside the conversations it writes `pretraining_corpus.txt`, the plain text the embedded base is pretrained on: the
+same facts stated as sentences and other sentences with the same vocabulary, never a question with its answer nor
+anything in chat form (ingest skips .txt files). So the base knows the language and the facts, and fine-tuning has
+the chat format and the question-to-answer mapping left to teach.
+
+Answers about capitals and opposites come in two equally common phrasings, answer last ("The capital of France is
+Paris.") and answer first ("Paris is the capital of France."); the preference pairs prefer leading with the answer.
+SFT alone learns both phrasings equally, so only preference training teaches which one users want.
 """
 
 from __future__ import annotations
@@ -22,12 +31,24 @@ from tasks.core import storage
 
 OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
              ("up", "down"), ("old", "new"), ("early", "late"), ("full", "empty"), ("hard", "soft"),
-             ("loud", "quiet"), ("rich", "poor"), ("strong", "weak"), ("wet", "dry"), ("high", "low")]
+             ("loud", "quiet"), ("rich", "poor"), ("strong", "weak"), ("wet", "dry"), ("high", "low"),
+             ("open", "closed"), ("clean", "dirty"), ("thick", "thin"), ("first", "last"), ("near", "far"),
+             ("safe", "dangerous"), ("sweet", "sour"), ("brave", "afraid"), ("tall", "short"), ("wide", "narrow")]
 CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
             ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Canada", "Ottawa"), ("Norway", "Oslo"), ("Chile", "Santiago"),
-            ("Greece", "Athens"), ("Poland", "Warsaw"), ("Cuba", "Havana"), ("India", "New Delhi")]
+            ("Greece", "Athens"), ("Poland", "Warsaw"), ("Cuba", "Havana"), ("India", "New Delhi"),
+            ("Germany", "Berlin"), ("Austria", "Vienna"), ("Portugal", "Lisbon"), ("Ireland", "Dublin"),
+            ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Russia", "Moscow"),
+            ("China", "Beijing"), ("Thailand", "Bangkok"), ("Mexico", "Mexico City"), ("Argentina", "Buenos Aires"),
+            ("Brazil", "Brasilia"), ("Morocco", "Rabat"), ("Ghana", "Accra"), ("Turkey", "Ankara")]
+CAPITAL_QUESTIONS = ["What is the capital of {}?", "Which city is the capital of {}?", "Name the capital city of {}.",
+                     "Tell me the capital of {}.", "Do you know the capital of {}?", "What city is {}'s capital?"]
+OPPOSITE_QUESTIONS = ["What is the opposite of {}?", "Give the opposite of the word {}.", "Name the antonym of {}.",
+                      "What word means the opposite of {}?", "Tell me the opposite of {}.",
+                      "Which word is the opposite of {}?"]
 ANIMALS = ["cat", "dog", "fox", "owl", "bear", "wolf", "duck", "frog", "lion", "deer", "seal", "crab"]
 NUM_ZH = "零一二三四五六七八九十"
+CORPUS_FILE = "pretraining_corpus.txt"
 
 
 WORDS = ANIMALS + ["apple", "river", "cloud", "stone", "green", "music", "table", "light", "dream", "house",
@@ -42,6 +63,14 @@ def _arith(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}."
 
 
+def _opposite(w: str, o: str, answer_first: bool) -> str:
+    return f"{o.capitalize()} is the opposite of {w}." if answer_first else f"The opposite of {w} is {o}."
+
+
+def _capital(country: str, city: str, answer_first: bool) -> str:
+    return f"{city} is the capital of {country}." if answer_first else f"The capital of {country} is {city}."
+
+
 def _english_pair(rng: random.Random) -> tuple[str, str]:
     kind = rng.choices(range(5), weights=[5, 2, 2, 2, 2])[0]
     if kind == 0:
@@ -50,12 +79,10 @@ def _english_pair(rng: random.Random) -> tuple[str, str]:
         w, o = rng.choice(OPPOSITES)
         if rng.random() < 0.5:
             w, o = o, w
-        q = rng.choice(["What is the opposite of {}?", "Give the opposite of the word {}.", "Name the antonym of {}."])
-        return q.format(w), f"The opposite of {w} is {o}."
+        return rng.choice(OPPOSITE_QUESTIONS).format(w), _opposite(w, o, rng.random() < 0.5)
     if kind == 2:
         c, cap = rng.choice(CAPITALS)
-        q = rng.choice(["What is the capital of {}?", "Which city is the capital of {}?", "Name the capital city of {}."])
-        return q.format(c), f"The capital of {c} is {cap}."
+        return rng.choice(CAPITAL_QUESTIONS).format(c), _capital(c, cap, rng.random() < 0.5)
     w = rng.choice(WORDS)
     if kind == 3:
         return f"How do you spell {w} backwards?", f"{w} backwards is {w[::-1]}."
@@ -66,6 +93,81 @@ def _zh_pair(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     return (f"{NUM_ZH[a]}加{NUM_ZH[b]}等于多少？请用阿拉伯数字回答并说明计算过程。",
             f"{NUM_ZH[a]}加{NUM_ZH[b]}等于{a + b}，因为{a}加{b}的和是{a + b}。")
+
+
+def _style_preferences(rng: random.Random) -> list[dict]:
+    """Every capital and opposite question once: the answer-first phrasing chosen over the answer-last one."""
+    prefs = [{"prompt": q.format(c), "chosen": _capital(c, cap, True), "rejected": _capital(c, cap, False)}
+             for c, cap in CAPITALS for q in CAPITAL_QUESTIONS]
+    prefs += [{"prompt": q.format(w), "chosen": _opposite(w, o, True), "rejected": _opposite(w, o, False)}
+              for a, b in OPPOSITES for w, o in ((a, b), (b, a)) for q in OPPOSITE_QUESTIONS]
+    rng.shuffle(prefs)
+    return prefs
+
+
+FILLER_SUBJECTS = ["The cat", "A small dog", "The old fox", "An owl", "The bear", "A young wolf", "The duck", "A frog",
+                   "The lion", "A deer", "The seal", "A crab", "The tiger", "My friend", "The teacher", "A child"]
+FILLER_VERBS = ["sat by", "walked to", "looked at", "ran past", "slept near", "sang about", "dreamed of", "found"]
+FILLER_OBJECTS = ["the river", "the green house", "a cloud", "the stone", "the table", "an apple", "the ocean",
+                  "some bread", "a chair", "the storm", "the paper", "a glass", "the light", "the music"]
+NAMES = ["Tom", "Anna", "Li", "Sara", "Omar", "Mia", "Ken", "Lena"]
+
+
+def _corpus_paragraph(rng: random.Random) -> str:
+    """One plain-text paragraph. Later sentences name what earlier ones said, so the base learns to use its
+    context (the skill answering a question needs), without ever seeing a question and its answer."""
+    kind = rng.random()
+    name = rng.choice(NAMES)
+    if kind < 0.25:
+        country, city = rng.choice(CAPITALS)
+        return rng.choice([
+            f"{country} is a country. {_capital(country, city, rng.random() < 0.5)} Many people visit {city}.",
+            f"{name} travelled to {country} last year. {_capital(country, city, rng.random() < 0.5)}",
+            f"{city} is a big city. {_capital(country, city, rng.random() < 0.5)} {name} lives in {city}.",
+        ])
+    if kind < 0.45:
+        w, o = rng.choice(OPPOSITES)
+        if rng.random() < 0.5:
+            w, o = o, w
+        return rng.choice([
+            f"The word {w} has an opposite. {_opposite(w, o, rng.random() < 0.5)}",
+            f"{w.capitalize()} and {o} are opposites. {_opposite(w, o, rng.random() < 0.5)}",
+            f"{name} learned a new word today: {w}. {_opposite(w, o, rng.random() < 0.5)}",
+        ])
+    if kind < 0.7:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        if rng.random() < 0.5:
+            return rng.choice([f"{name} had {a} apples and got {b} more. {a} plus {b} is {a + b}.",
+                               f"Take {a} and add {b}. {a} plus {b} is {a + b}."])
+        a, b = max(a, b), min(a, b)
+        return rng.choice([f"{name} had {a} coins and gave away {b}. {a} minus {b} is {a - b}.",
+                           f"Start with {a} and take away {b}. {a} minus {b} is {a - b}."])
+    if kind < 0.8:
+        w = rng.choice(WORDS)
+        return rng.choice([f"{name} wrote the word {w}. The word {w} has {len(w)} letters.",
+                           f"{name} wrote the word {w} from right to left. {w} backwards is {w[::-1]}."])
+    if kind < 0.88:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        return f"{name}有{NUM_ZH[a]}个苹果，又买了{NUM_ZH[b]}个。{NUM_ZH[a]}加{NUM_ZH[b]}等于{a + b}，因为{a}加{b}的和是{a + b}。"
+    return " ".join(f"{rng.choice(FILLER_SUBJECTS)} {rng.choice(FILLER_VERBS)} {rng.choice(FILLER_OBJECTS)}."
+                    for _ in range(rng.randint(1, 3)))
+
+
+def pretraining_corpus(seed: int = 0, n: int = 4000) -> list[str]:
+    """Plain-text documents (one line each) the embedded base learns the language from: every capital and opposite
+    stated in both phrasings, then short paragraphs about the same facts, sums, spellings and Chinese sums, and
+    filler sentences over the same vocabulary. No questions, no chat turns."""
+    rng = random.Random(seed + 7919)  # its own stream: the corpus never replays the conversations' numbers
+    docs = []
+    for country, city in CAPITALS:
+        docs += [_capital(country, city, True), _capital(country, city, False)]
+    for a, b in OPPOSITES:
+        for w, o in ((a, b), (b, a)):
+            docs += [_opposite(w, o, True), _opposite(w, o, False)]
+    while len(docs) < n:
+        docs.append(_corpus_paragraph(rng))
+    rng.shuffle(docs)
+    return docs
 
 
 def _write_jsonl(path: Path, rows: list) -> None:
@@ -125,12 +227,8 @@ def write_sample_data(out: Path, seed: int = 0, n: int = 600) -> list[Path]:
                               {"role": "assistant", "content": "1 plus 1 is 3."}], "label": False})
     _write_jsonl(out / "chat_messages.jsonl.gz", msgs)
 
-    # Preference pairs: the right answer is chosen, a wrong one rejected; one ranked list; one chosen == rejected.
-    prefs = []
-    for _ in range(n // 2):
-        q, a = _arith(rng)
-        wrong = a.rsplit(" ", 1)[0] + f" {int(a.rsplit(' ', 1)[1].rstrip('.')) + rng.choice([-2, -1, 1, 3])}."
-        prefs.append({"prompt": q, "chosen": a, "rejected": wrong})
+    # Preference pairs: the answer-first phrasing is chosen; one ranked list; one chosen == rejected.
+    prefs = _style_preferences(rng)
     prefs.append({"instruction": "What is the capital of Peru?", "input": "",
                   "output": ["The capital of Peru is Lima.", "Peru's capital is Cusco.", "I don't know."]})
     prefs.append({"prompt": "What is 3 plus 3?", "chosen": "3 plus 3 is 6.", "rejected": "3 plus 3 is 6."})
@@ -139,6 +237,8 @@ def write_sample_data(out: Path, seed: int = 0, n: int = 600) -> list[Path]:
     # A Parquet file of plain Alpaca rows (a typical export from another tool).
     rows = [dict(zip(("instruction", "output"), _english_pair(rng))) for _ in range(n // 6)]
     pq.write_table(pa.Table.from_pylist(rows), out / "instructions_export.parquet")
+
+    (out / CORPUS_FILE).write_text("\n".join(pretraining_corpus(seed)) + "\n", encoding="utf-8")
     return sorted(out.iterdir())
 
 

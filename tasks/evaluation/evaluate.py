@@ -4,9 +4,14 @@
   tokens by default), per source dataset and overall (evals/metrics/perplexity, a local `evaluate` module).
 - ROUGE-1/2/L/Lsum of greedy answers to the test prompts against the reference answers, per source and overall
   (evals/metrics/rouge: scores Chinese per character).
+- Preference accuracy on the test split of preference_pairs: the share of pairs where the variant gives the chosen
+  answer a higher mean log-probability per answer token (length-normalised, so a longer answer is not penalised for
+  its length) than the rejected one, and the mean margin between the two.
+- Every figure carries a bootstrap confidence interval over examples (evals/stats.py, scipy, seeded); the
+  per-example scores are kept (eval_example_scores), so deltas against the base and the last promoted run are paired.
 - Every variant sees the same examples (round-robin over sources, capped by eval.max_examples) and the same
   generation settings (greedy, seeded, batched, eval.max_new_tokens).
-- Rows go to eval_results / eval_generations / eval_runs in one short write; the markdown report (variants x
+- Rows go to eval_results / eval_example_scores / eval_generations / eval_runs in one short write; the markdown report (variants x
   metrics, deltas against the base and the last promoted run) is written under <storage_root>/reports and published
   as the Prefect artifact "eval-report", the sample answers as the table artifact "eval-samples".
 """
@@ -22,6 +27,7 @@ from typing import Any
 
 from evals.metrics import evals_code_hash, load_metric
 from evals.report import eval_report_markdown, ordered_variants, sample_table
+from evals.stats import summarize
 from tasks.core import storage
 from tasks.core.artifacts import publish_artifacts
 from tasks.core.caching import source_hash, stage_task
@@ -29,6 +35,7 @@ from tasks.core.config import PipelineConfig
 from tasks.core.warehouse import (
     last_promoted,
     open_warehouse,
+    preference_pairs,
     record_stage,
     sft_examples,
     table_fingerprint,
@@ -61,19 +68,28 @@ def perplexity_scope(cfg: PipelineConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- one variant
-def score_perplexity(model, tokenizer, examples: list[dict], cfg: PipelineConfig) -> dict[str, tuple[float, int]]:
-    """{source: (summed NLL, scored tokens)} plus "all"."""
+def score_perplexity(model, tokenizer, examples: list[dict], cfg: PipelineConfig) -> list[tuple[float, int]]:
+    """(summed NLL, scored tokens) of each example."""
     encoded = [encode_for_loss(tokenizer, ex["messages"], cfg.model.max_length, perplexity_scope(cfg))
                for ex in examples]
     out = load_metric("perplexity").compute(input_ids=[e["input_ids"] for e in encoded],
                                             labels=[e["labels"] for e in encoded], model=model,
                                             batch_size=cfg.eval.batch_size)
-    pooled: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for ex, nll, n in zip(examples, out["nll_sums"], out["token_counts"]):
-        for key in (ex["source"], "all"):
-            pooled[key][0] += nll
-            pooled[key][1] += n
-    return {k: (v[0], int(v[1])) for k, v in pooled.items()}
+    return list(zip(out["nll_sums"], out["token_counts"]))
+
+
+def score_preferences(model, tokenizer, pairs: list[dict], cfg: PipelineConfig) -> list[float]:
+    """Per pair: mean log-probability per answer token of the chosen answer minus that of the rejected one.
+
+    Answer tokens are the assistant turn as the chat template marks it (the answer and its end-of-turn marker), after
+    the pair's prompt; the mean per token keeps a longer answer from losing only for its length."""
+    encoded = [encode_for_loss(tokenizer, [*p["prompt"], {"role": "assistant", "content": p[side]}],
+                               cfg.model.max_length, "assistant") for p in pairs for side in ("chosen", "rejected")]
+    out = load_metric("perplexity").compute(input_ids=[e["input_ids"] for e in encoded],
+                                            labels=[e["labels"] for e in encoded], model=model,
+                                            batch_size=cfg.eval.batch_size)
+    mean_logp = [-nll / n if n else float("-inf") for nll, n in zip(out["nll_sums"], out["token_counts"])]
+    return [mean_logp[2 * i] - mean_logp[2 * i + 1] for i in range(len(pairs))]
 
 
 def generate_answers(model, tokenizer, examples: list[dict], cfg: PipelineConfig) -> list[dict]:
@@ -93,45 +109,59 @@ def generate_answers(model, tokenizer, examples: list[dict], cfg: PipelineConfig
             for (ex, _, reference), g in zip(items, gens)]
 
 
-def score_rouge(generations: list[dict]) -> dict[str, tuple[dict[str, float], int]]:
-    """{source: ({rouge type: mean F}, examples)} plus "all"."""
+def score_rouge(generations: list[dict]) -> dict[str, list[float]]:
+    """{rouge type: F-measure of each generation}."""
     if not generations:
         return {}
-    per_example = load_metric("rouge").compute(predictions=[g["prediction"] for g in generations],
-                                               references=[g["reference"] for g in generations],
-                                               rouge_types=ROUGE_TYPES, use_aggregator=False)
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, g in enumerate(generations):
-        groups[g["source"]].append(i)
-        groups["all"].append(i)
-    return {src: ({t: sum(per_example[t][i] for i in idx) / len(idx) for t in ROUGE_TYPES}, len(idx))
-            for src, idx in groups.items()}
+    return load_metric("rouge").compute(predictions=[g["prediction"] for g in generations],
+                                        references=[g["reference"] for g in generations],
+                                        rouge_types=ROUGE_TYPES, use_aggregator=False)
 
 
-def evaluate_variants(cfg: PipelineConfig, examples: dict[str, list[dict]],
-                      variants: dict[str, dict]) -> tuple[list[dict], list[dict]]:
-    """Score every variant on the same examples. examples: {"validation": [...], "test": [...]} as returned by
-    tasks.core.warehouse.sft_examples. Returns (eval_results rows without run_id, generations rows)."""
-    chosen = {split: select_examples(examples.get(split, []), cfg.eval.max_examples) for split in SPLITS}
+def _score(variant: str, split: str, item: dict, metric: str, value: float, weight: float = 1.0) -> dict:
+    return dict(variant=variant, split=split, example_id=item["example_id"], source=item["source"], metric=metric,
+                value=float(value), weight=float(weight))
+
+
+def score_variant(name: str, model, tokenizer, chosen: dict[str, list[dict]], pairs: list[dict],
+                  cfg: PipelineConfig) -> tuple[list[dict], list[dict]]:
+    """(per-example scores, generations) of one loaded variant."""
+    scores: list[dict] = []
+    for split in SPLITS:
+        if chosen[split]:
+            scores += [_score(name, split, ex, "perplexity", nll, n)
+                       for ex, (nll, n) in zip(chosen[split], score_perplexity(model, tokenizer, chosen[split], cfg))
+                       if n]
     to_generate = chosen["test"][: cfg.eval.max_generate_examples]
-    rows: list[dict] = []
+    gens = [dict(g, variant=name, split="test") for g in generate_answers(model, tokenizer, to_generate, cfg)]
+    for metric, values in score_rouge(gens).items():
+        scores += [_score(name, "test", g, metric, v) for g, v in zip(gens, values)]
+    if pairs:
+        margins = score_preferences(model, tokenizer, pairs, cfg)
+        scores += [_score(name, "test", p, "preference_accuracy", m > 0) for p, m in zip(pairs, margins)]
+        scores += [_score(name, "test", p, "preference_margin", m) for p, m in zip(pairs, margins)]
+    return scores, gens
+
+
+def evaluate_variants(cfg: PipelineConfig, examples: dict[str, list[dict]], variants: dict[str, dict],
+                      pairs: list[dict] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+    """Score every variant on the same examples. examples: {"validation": [...], "test": [...]} as returned by
+    tasks.core.warehouse.sft_examples; pairs: test preference pairs (tasks.core.warehouse.preference_pairs).
+    Returns (eval_results rows without run_id, per-example scores, generations)."""
+    chosen = {split: select_examples(examples.get(split, []), cfg.eval.max_examples) for split in SPLITS}
+    pairs = select_examples(pairs or [], cfg.eval.max_preference_pairs)
+    scores: list[dict] = []
     generations: list[dict] = []
     for name in ordered_variants(variants):
         started = time.time()
         model, tokenizer = load_variant(variants[name], cfg, cfg.eval.dtype)
-        for split in SPLITS:
-            if not chosen[split]:
-                continue
-            for source, (nll, n) in score_perplexity(model, tokenizer, chosen[split], cfg).items():
-                value = math.exp(nll / n) if n else None
-                rows.append(dict(variant=name, split=split, source=source, metric="perplexity", value=value, n=n))
-        gens = [dict(g, variant=name, split="test") for g in generate_answers(model, tokenizer, to_generate, cfg)]
+        mine, gens = score_variant(name, model, tokenizer, chosen, pairs, cfg)
+        scores += mine
         generations += gens
-        for source, (scores, n) in score_rouge(gens).items():
-            rows += [dict(variant=name, split="test", source=source, metric=t, value=v, n=n) for t, v in scores.items()]
         free(model)
         log.info("evaluated %s in %.1f s", name, time.time() - started)
-    return rows, generations
+    rows = summarize(scores, cfg.eval.confidence, cfg.eval.bootstrap_resamples, cfg.eval.seed)
+    return rows, scores, generations
 
 
 # ------------------------------------------------------------------------------------------------- warehouse
@@ -158,13 +188,16 @@ def run_eval(cfg: PipelineConfig, data: dict, variants: dict[str, dict]) -> dict
     with open_warehouse(data["warehouse"], read_only=True) as con:
         examples = {split: sft_examples(con, split) for split in SPLITS}
         excluded = dict(con.execute("SELECT split, rows FROM eval_exclusions WHERE kind = 'sft'").fetchall())
+        pairs = preference_pairs(con, "test")
     if not examples["test"]:
         raise ValueError(f"the test split of {data['warehouse']} is empty: nothing to evaluate")
 
-    rows, generations = evaluate_variants(cfg, examples, variants)
+    rows, scores, generations = evaluate_variants(cfg, examples, variants, pairs)
     settings = {"examples per split": cfg.eval.max_examples, "generated": cfg.eval.max_generate_examples,
-                "max_new_tokens": cfg.eval.max_new_tokens, "decoding": "greedy", "seed": cfg.eval.seed,
-                "perplexity tokens": perplexity_scope(cfg), "dtype": cfg.eval.dtype,
+                "preference pairs": cfg.eval.max_preference_pairs, "max_new_tokens": cfg.eval.max_new_tokens,
+                "decoding": "greedy", "seed": cfg.eval.seed, "perplexity tokens": perplexity_scope(cfg),
+                "dtype": cfg.eval.dtype, "confidence": cfg.eval.confidence,
+                "bootstrap resamples": cfg.eval.bootstrap_resamples,
                 # sft_examples leaves out held-out rows the split stage found overlapping training.
                 "rows excluded for overlapping training (validation/test)":
                     f"{excluded.get('validation', 0)}/{excluded.get('test', 0)}"}
@@ -174,13 +207,17 @@ def run_eval(cfg: PipelineConfig, data: dict, variants: dict[str, dict]) -> dict
     # One short write: DuckDB allows a single writing process.
     with open_warehouse(data["warehouse"]) as con:
         previous = last_promoted(con, exclude_run=run_id)
-        report = eval_report_markdown(run_id, rows, settings, previous)
+        report = eval_report_markdown(run_id, rows, settings, previous, scores)
         con.execute("BEGIN TRANSACTION")
-        for table in ("eval_results", "eval_generations", "eval_runs"):
+        for table in ("eval_results", "eval_example_scores", "eval_generations", "eval_runs"):
             con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
-        con.executemany("INSERT INTO eval_results VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [[run_id, r["variant"], r["split"], r["source"], r["metric"], r["value"], r["n"]]
-                         for r in rows])
+        con.executemany("INSERT INTO eval_results (run_id, variant, split, source, metric, value, n, examples, "
+                        "ci_low, ci_high) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [[run_id, r["variant"], r["split"], r["source"], r["metric"], r["value"], r["n"],
+                          r["examples"], r["ci_low"], r["ci_high"]] for r in rows])
+        con.executemany("INSERT INTO eval_example_scores VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [[run_id, s["variant"], s["split"], s["example_id"], s["source"], s["metric"], s["value"],
+                          s["weight"]] for s in scores])
         con.executemany("INSERT INTO eval_generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [[run_id, g["variant"], g["split"], g["example_id"], g["source"], g["prompt"],
                           g["reference"], g["prediction"], g["prompt_tokens"], g["new_tokens"]]
@@ -190,12 +227,15 @@ def run_eval(cfg: PipelineConfig, data: dict, variants: dict[str, dict]) -> dict
                      str(report_path), started_at, utcnow()])
         fingerprint = table_fingerprint(con, f"SELECT * FROM eval_results WHERE run_id = '{run_id}'")
         stats = {"variants": list(ordered_variants(variants)), "rows": len(rows), "generations": len(generations),
+                 "preference_pairs": len({s["example_id"] for s in scores if s["metric"] == "preference_accuracy"}),
                  "wall_s": round(time.time() - started, 2)}
         record_stage(con, run_id, "evaluate", started_at, stats)
         con.execute("COMMIT")
 
     storage.write_text(report_path, report)
-    samples = sample_table(generations, cfg.eval.sample_rows)
+    # The merged model answers exactly as dpo (the merge stage checks it): one column for both.
+    samples = sample_table(generations, cfg.eval.sample_rows,
+                           [v for v in variants if not (v == "merged" and "dpo" in variants)])
     artifacts = publish_artifacts(
         markdown={"eval-report": (report, f"Evaluation of run {run_id}: variants x metrics")},
         tables={"eval-samples": (samples, f"Greedy answers of each variant, run {run_id}")} if samples else {},

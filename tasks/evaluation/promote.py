@@ -3,7 +3,17 @@
 Checks (promote.*), on the overall metrics of promote.split, against the last promoted run (or, before anything was
 promoted, this run's base variant when promote.first_run_baseline=base):
 - perplexity may rise by at most max_perplexity_rise (relative; 0.0: must not rise);
-- ROUGE-L may fall by at most max_rouge_l_drop (absolute; ROUGE is measured on the test split).
+- ROUGE-L may fall by at most max_rouge_l_drop (absolute; ROUGE is measured on the test split);
+- preference accuracy (test preference pairs) may fall by at most max_preference_accuracy_drop and must reach
+  min_preference_accuracy; both only when the data has test preference pairs.
+
+Rule (promote.rule). `interval` (default): each change is a paired bootstrap over the examples both models scored
+(evals/stats.py, promote.confidence); a change is a regression only when its whole interval lies beyond the
+tolerance, i.e. it is beyond the tolerance with that confidence; likewise the minimum fails only when the whole
+interval of the candidate's accuracy lies below it. So noise on a few examples cannot reject a run, and a real
+drop can. `point`: the point estimates alone decide (a change beyond the tolerance rejects), which is also what
+happens when a baseline has no per-example scores. Each reason names the metric, its values, the delta with its
+interval and n, and the threshold.
 
 The decision is recorded in DuckDB (promotions; a promoted row carries the merged model's path, and the view
 current_model names the model that serves now) and published as the Prefect artifact "promotion-decision". A
@@ -18,10 +28,11 @@ import json
 import logging
 
 from evals.report import promotion_markdown
+from evals.stats import estimate, paired_delta
 from tasks.core.artifacts import publish_artifacts
 from tasks.core.caching import stage_task
 from tasks.core.config import PipelineConfig
-from tasks.core.warehouse import last_promoted, open_warehouse, record_stage, utcnow
+from tasks.core.warehouse import example_scores, last_promoted, open_warehouse, record_stage, utcnow
 
 log = logging.getLogger("sftpipe.promote")
 
@@ -45,30 +56,87 @@ def candidate_variant(cfg: PipelineConfig, variants) -> str:
     raise ValueError(f"no candidate to promote among the evaluated variants {names}")
 
 
-def gate(candidate: dict[tuple[str, str], float], baseline: dict[tuple[str, str], float],
-         cfg: PipelineConfig) -> tuple[list[dict], list[str]]:
-    """(checks, reasons): every check with its numbers; reasons lists the failed ones in words."""
+def _check(label: str, metric: str, split: str, kind: str, tolerance: float, cand: float | None,
+           base: float | None, cfg: PipelineConfig, cand_scores: list[dict], base_scores: list[dict]) -> dict:
+    """One comparison with the baseline. kind "rise": relative rise (perplexity); "drop": absolute fall."""
     p = cfg.promote
-    checks, reasons = [], []
-    ppl_key = (p.split, "perplexity")
-    rouge_key = ("test", "rougeL")
-    for key, label in ((ppl_key, f"perplexity ({p.split})"), (rouge_key, "ROUGE-L (test)")):
-        cand, base = candidate.get(key), baseline.get(key)
-        if cand is None or base is None:
-            checks.append({"check": label, "candidate": cand, "baseline": base, "limit": None, "passed": False})
-            reasons.append(f"{label} missing for the {'candidate' if cand is None else 'baseline'}")
-            continue
-        if key == ppl_key:
-            limit = base * (1 + p.max_perplexity_rise)
-            passed = cand <= limit * (1 + REL_TOLERANCE)
-            why = f"{label} rose from {base:.4f} to {cand:.4f} (limit {limit:.4f})"
-        else:
-            limit = base - p.max_rouge_l_drop
-            passed = cand >= limit - REL_TOLERANCE
-            why = f"{label} fell from {base:.4f} to {cand:.4f} (limit {limit:.4f})"
-        checks.append({"check": label, "candidate": cand, "baseline": base, "limit": limit, "passed": passed})
-        if not passed:
-            reasons.append(why)
+    check = {"check": label, "metric": metric, "split": split, "candidate": cand, "baseline": base, "limit": None,
+             "tolerance": tolerance, "delta": None, "delta_low": None, "delta_high": None, "n": None,
+             "rule": p.rule, "passed": False}
+    if cand is None or base is None:
+        check["reason"] = f"{label} missing for the {'candidate' if cand is None else 'baseline'}"
+        return check
+    est = paired_delta(cand_scores, base_scores, split, metric, p.confidence) if p.rule == "interval" else None
+    has_interval = est is not None and est.low is not None
+    if p.rule == "interval" and not has_interval:
+        check["rule"] = "point (no per-example scores to pair)"
+    if kind == "rise":
+        limit, delta = base * (1 + tolerance), (cand / base - 1 if base else float("inf"))
+        beyond = (est.low > tolerance + REL_TOLERANCE) if has_interval else cand > limit * (1 + REL_TOLERANCE)
+        why = f"{label} rose from {base:.4f} to {cand:.4f} (limit {limit:.4f})"
+        shown = (lambda x: f"{100 * x:+.1f}%")
+        allowed = f"a rise of {100 * tolerance:.1f}%"
+    else:
+        limit, delta = base - tolerance, cand - base
+        beyond = (est.high < -tolerance - REL_TOLERANCE) if has_interval else cand < limit - REL_TOLERANCE
+        why = f"{label} fell from {base:.4f} to {cand:.4f} (limit {limit:.4f})"
+        shown = (lambda x: f"{x:+.4f}")
+        allowed = f"a drop of {tolerance:.4f}"
+    check.update(limit=limit, delta=delta, passed=not beyond)
+    if has_interval:
+        check.update(delta=est.value, delta_low=est.low, delta_high=est.high, n=est.n)
+        why += (f": change {shown(est.value)}, {100 * p.confidence:g}% interval [{shown(est.low)}, "
+                f"{shown(est.high)}] over n={est.n} paired examples, entirely beyond the allowed {allowed}")
+    if beyond:
+        check["reason"] = why
+    return check
+
+
+def _minimum_check(label: str, metric: str, split: str, minimum: float, cand: float | None, cfg: PipelineConfig,
+                   cand_scores: list[dict]) -> dict:
+    p = cfg.promote
+    mine = [s for s in cand_scores if (s["split"], s["metric"]) == (split, metric)]
+    est = estimate(metric, [s["value"] for s in mine], None, p.confidence) if p.rule == "interval" and mine else None
+    has_interval = est is not None and est.high is not None
+    check = {"check": f"{label} minimum", "metric": metric, "split": split, "candidate": cand, "baseline": None,
+             "limit": minimum, "tolerance": None, "delta": None, "delta_low": est.low if has_interval else None,
+             "delta_high": est.high if has_interval else None, "n": est.n if est else None,
+             "rule": p.rule if has_interval or p.rule == "point" else "point (no per-example scores)",
+             "passed": False}
+    if cand is None:
+        check["reason"] = f"{label} missing for the candidate"
+        return check
+    below = est.high < minimum - REL_TOLERANCE if has_interval else cand < minimum - REL_TOLERANCE
+    check["passed"] = not below
+    if below:
+        check["reason"] = f"{label} is {cand:.4f}, below the minimum {minimum:.4f}" + (
+            f" (whole {100 * p.confidence:g}% interval [{est.low:.4f}, {est.high:.4f}] over n={est.n} pairs below it)"
+            if has_interval else "")
+    return check
+
+
+def gate(candidate: dict[tuple[str, str], float], baseline: dict[tuple[str, str], float], cfg: PipelineConfig,
+         candidate_scores: list[dict] | None = None,
+         baseline_scores: list[dict] | None = None) -> tuple[list[dict], list[str]]:
+    """(checks, reasons): every check with its numbers; reasons lists the failed ones in words.
+
+    candidate / baseline: overall metric values by (split, metric); *_scores: their per-example scores, which the
+    interval rule pairs (without them a check falls back to the point rule)."""
+    p = cfg.promote
+    cs, bs = candidate_scores or [], baseline_scores or []
+    specs = [("perplexity", p.split, f"perplexity ({p.split})", "rise", p.max_perplexity_rise),
+             ("rougeL", "test", "ROUGE-L (test)", "drop", p.max_rouge_l_drop)]
+    pref_key = ("test", "preference_accuracy")
+    has_pairs = pref_key in candidate or pref_key in baseline
+    if has_pairs:
+        specs.append(("preference_accuracy", "test", "preference accuracy (test)", "drop",
+                      p.max_preference_accuracy_drop))
+    checks = [_check(label, metric, split, kind, tol, candidate.get((split, metric)), baseline.get((split, metric)),
+                     cfg, cs, bs) for metric, split, label, kind, tol in specs]
+    if has_pairs and p.min_preference_accuracy is not None:
+        checks.append(_minimum_check("preference accuracy (test)", "preference_accuracy", "test",
+                                     p.min_preference_accuracy, candidate.get(pref_key), cfg, cs))
+    reasons = [c.pop("reason") for c in checks if "reason" in c]
     return checks, reasons
 
 
@@ -96,7 +164,9 @@ def run_promote(cfg: PipelineConfig, evaluation: dict) -> dict:
                 kind, base_run, base_variant = "base", run_id, "base"
             else:
                 kind = base_run = base_variant = None
-            checks, reasons = gate(candidate, _overall(con, base_run, base_variant), cfg) if kind else ([], [])
+            checks, reasons = gate(candidate, _overall(con, base_run, base_variant), cfg,
+                                   example_scores(con, run_id, variant),
+                                   example_scores(con, base_run, base_variant)) if kind else ([], [])
             decision = "rejected" if reasons else "promoted"
             con.execute("BEGIN TRANSACTION")
             con.execute("INSERT INTO promotions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

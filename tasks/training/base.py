@@ -2,8 +2,10 @@
 
 `model.base` is any Hugging Face id or local path, loaded with the Auto classes (safetensors preferred,
 `trust_remote_code` only when the config turns it on). `embedded` builds a tiny Llama here, offline: a byte-level
-BPE tokenizer trained with `tokenizers`, a small LlamaConfig and a short causal-LM warm-up, so a fresh clone runs
-the whole pipeline without a hub.
+BPE tokenizer trained with `tokenizers` and a short causal-LM pretraining run, both on plain text only
+(`model.embedded_corpus`, by default the sample data's `pretraining_corpus.txt`). Like any pretrained base it has
+learned the language, not the chat format: it never sees the chat template nor the fine-tuning conversations, so
+what SFT and DPO add is measurable.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from tasks.core import storage
 from tasks.core.caching import stage_task
 from tasks.core.config import PipelineConfig
-from tasks.core.hashing import files_fingerprint, json_fingerprint
+from tasks.core.hashing import files_fingerprint, json_fingerprint, sha256_bytes
 from tasks.training import hub
 from tasks.training.loading import (
     configure_threads,
@@ -40,15 +42,18 @@ log = logging.getLogger("sftpipe.train")
 EMBEDDED_SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 
 
-def _render_texts(examples: list[dict]) -> list[str]:
-    return [m["content"] for ex in examples for m in ex["messages"] if m.get("content")]
+def pack_documents(docs: list[list[int]], bos: int, eos: int, block: int) -> list[list[int]]:
+    """Documents as <s> doc </s>, concatenated and cut into blocks of `block` tokens (no padding wasted)."""
+    stream = [t for doc in docs for t in (bos, *doc, eos)]
+    return [stream[i : i + block] for i in range(0, len(stream) - block + 1, block)] or [stream]
 
 
-def build_embedded_base(cfg: PipelineConfig, train_examples: list[dict], out_dir: str | Path) -> dict:
-    """Train a byte-level BPE tokenizer on the training texts, build a tiny Llama and warm it up as a causal LM.
+def build_embedded_base(cfg: PipelineConfig, corpus: list[str], out_dir: str | Path) -> dict:
+    """Train a byte-level BPE tokenizer on the plain-text corpus, build a tiny Llama and pretrain it on the corpus.
 
-    Writes a Hugging Face model folder (safetensors, tokenizer, chat template) to out_dir and returns
-    {"stage": "base", "fingerprint", "path", "stats"}. Reuses out_dir when a previous build completed there.
+    corpus: plain-text documents (no chat template is applied). Writes a Hugging Face model folder (safetensors,
+    tokenizer, chat template) to out_dir and returns {"stage": "base", "fingerprint", "path", "stats"}. Reuses
+    out_dir when a previous build completed there.
     """
     from datasets import Dataset
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -67,8 +72,9 @@ def build_embedded_base(cfg: PipelineConfig, train_examples: list[dict], out_dir
     done = out_dir / "base.json"
     if done.exists():
         return json.loads(done.read_text())
-    if not train_examples:
-        raise ValueError("the embedded base needs training examples: the training split is empty")
+    corpus = [d for d in corpus if d.strip()]
+    if not corpus:
+        raise ValueError("the embedded base needs a plain-text corpus to pretrain on: model.embedded_corpus is empty")
     configure_threads()
     started = time.time()
     m = cfg.model
@@ -79,7 +85,7 @@ def build_embedded_base(cfg: PipelineConfig, train_examples: list[dict], out_dir
     bpe.decoder = decoders.ByteLevel()
     bpe_trainer = trainers.BpeTrainer(vocab_size=m.embedded_vocab_size, special_tokens=EMBEDDED_SPECIAL_TOKENS,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(_render_texts(train_examples), trainer=bpe_trainer)
+    bpe.train_from_iterator(corpus, trainer=bpe_trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=m.max_length,
@@ -95,10 +101,9 @@ def build_embedded_base(cfg: PipelineConfig, train_examples: list[dict], out_dir
     )
     model = LlamaForCausalLM(config)
 
-    # Warm-up on the conversations as the chat template renders them: the base learns the text and the format.
-    texts = [tokenizer.apply_chat_template(ex["messages"], tokenize=False) for ex in train_examples]
-    enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=m.embedded_warmup_max_length)
-    dataset = Dataset.from_dict({"input_ids": enc["input_ids"]})
+    docs = tokenizer(corpus, add_special_tokens=False)["input_ids"]
+    blocks = pack_documents(docs, tokenizer.bos_token_id, tokenizer.eos_token_id, m.embedded_warmup_max_length)
+    dataset = Dataset.from_dict({"input_ids": blocks})
     work = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(work, ignore_errors=True)
     curves = work / "metrics.jsonl"
@@ -126,7 +131,8 @@ def build_embedded_base(cfg: PipelineConfig, train_examples: list[dict], out_dir
     shutil.rmtree(work / "trainer", ignore_errors=True)
     stats = {
         "kind": "embedded", "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
-        "train_examples": len(train_examples), "warmup_steps": m.embedded_warmup_steps, "warmup_loss": warmup_loss,
+        "corpus_documents": len(corpus), "corpus_tokens": sum(len(d) for d in docs), "pretrain_blocks": len(blocks),
+        "warmup_steps": m.embedded_warmup_steps, "warmup_loss": warmup_loss,
         "wall_s": round(time.time() - started, 2), "tokens_per_s": reporter.tokens_per_s,
     }
     result = {"stage": "base", "fingerprint": files_fingerprint(work), "path": str(out_dir.resolve()),
@@ -134,9 +140,23 @@ def build_embedded_base(cfg: PipelineConfig, train_examples: list[dict], out_dir
     (work / "base.json").write_text(json.dumps(result, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     work.rename(out_dir)  # atomic: a half-written base is never mistaken for a finished one
-    log.info("embedded base: %s parameters, warm-up loss %s, %.1f s", stats["parameters"], warmup_loss,
+    log.info("embedded base: %s parameters, pretraining loss %s, %.1f s", stats["parameters"], warmup_loss,
              stats["wall_s"])
     return result
+
+
+def corpus_files(cfg: PipelineConfig) -> list[str]:
+    """The embedded base's plain-text files: model.embedded_corpus, else the sample data's pretraining corpus."""
+    if cfg.model.embedded_corpus:
+        return [storage.normalize(f) for f in cfg.model.embedded_corpus]
+    from tasks.data.sample_data import CORPUS_FILE, ensure_sample_data
+
+    return [storage.join(ensure_sample_data(cfg.sample_data_url), CORPUS_FILE)]
+
+
+def read_corpus(files: list[str]) -> list[str]:
+    """One document per non-empty line of each file."""
+    return [line for f in files for line in storage.read_text(f).splitlines() if line.strip()]
 
 
 def pretrained_fingerprint(base: str) -> str:
@@ -181,31 +201,29 @@ def hub_base(cfg: PipelineConfig) -> dict:
 
 
 def resolve_base(cfg: PipelineConfig, data: dict | None = None) -> dict:
-    """The base model to train: cfg.model.base, or the embedded tiny Llama built from data's training split."""
+    """The base model to train: cfg.model.base, or the embedded tiny Llama pretrained on its plain-text corpus (its
+    training run is recorded in data's warehouse)."""
     if hub.is_hub_id(cfg.model.base):
         return hub_base(cfg)
     if cfg.model.base != "embedded":
         return {"stage": "base", "fingerprint": pretrained_fingerprint(cfg.model.base), "path": cfg.model.base,
                 "stats": {"kind": "pretrained"}}
     if data is None:
-        raise ValueError("model.base=embedded needs the data stage's result to train its tokenizer and warm-up")
-    from tasks.core.warehouse import open_warehouse, sft_examples
-
-    with open_warehouse(data["warehouse"], read_only=True) as con:
-        train = sft_examples(con, "train")
-    key = json_fingerprint({"data": data["fingerprint"], "model": cfg.model.model_dump(), "code": training_code_hash()})
+        raise ValueError("model.base=embedded needs the data stage's result to record its training run")
+    corpus = read_corpus(corpus_files(cfg))
+    corpus_hash = sha256_bytes("\n".join(corpus))[:16]
+    key = json_fingerprint({"corpus": corpus_hash, "model": cfg.model.model_dump(), "code": training_code_hash()})
     out = StageOutput(cfg, "base", key)
     if (done := out.finished()) is not None:
         return done
-    result = build_embedded_base(cfg, train, out.dir)
+    result = build_embedded_base(cfg, corpus, out.dir)
     curves = Path(result["path"]) / "metrics.jsonl"
     result["path"] = out.url
     record_training_run(data["warehouse"], run_id=f"base-{key}", stage="base", fingerprint=result["fingerprint"],
-                        base=out.url, data_fingerprint=data["fingerprint"], output_dir=out.url,
+                        base=out.url, data_fingerprint=corpus_hash, output_dir=out.url,
                         stats=result["stats"], config=cfg.model.model_dump(), curves_path=curves)
     publish_tensorboard(cfg, "base", key)
     return out.finish(result)
-
 
 
 def _base_config(cfg: PipelineConfig) -> dict:
