@@ -202,7 +202,7 @@ class ModelConfig(Section):
     embedded_warmup_steps: int = Field(150, ge=0, description="Embedded base: causal-LM pretraining steps (batch "
                                        "16) on the corpus, so the base knows the language but not the chat format.")
     embedded_warmup_lr: float = Field(3e-3, gt=0, description="Embedded base: pretraining learning rate.")
-    embedded_warmup_max_length: int = Field(128, ge=16, description="Embedded base: tokens per pretraining block "
+    embedded_warmup_max_length: int = Field(64, ge=16, description="Embedded base: tokens per pretraining block "
                                             "(documents are packed).")
     embedded_seed: int = Field(0, description="Embedded base: seed of initialisation and warm-up.")
 

@@ -10,9 +10,10 @@ same facts stated as sentences and other sentences with the same vocabulary, nev
 anything in chat form (ingest skips .txt files). So the base knows the language and the facts, and fine-tuning has
 the chat format and the question-to-answer mapping left to teach.
 
-Answers about capitals and opposites come in two equally common phrasings, answer last ("The capital of France is
-Paris.") and answer first ("Paris is the capital of France."); the preference pairs prefer leading with the answer.
-SFT alone learns both phrasings equally, so only preference training teaches which one users want.
+Answers about sums, capitals and opposites come in two equally common phrasings, answer last ("48 plus 7 is 55.",
+"The capital of France is Paris.") and answer first ("55 is 48 plus 7.", "Paris is the capital of France."); the
+preference pairs prefer leading with the answer. SFT alone learns both phrasings (and finds the answer-last one
+easier to predict), so only preference training teaches which one users want.
 """
 
 from __future__ import annotations
@@ -55,12 +56,22 @@ WORDS = ANIMALS + ["apple", "river", "cloud", "stone", "green", "music", "table"
                    "tiger", "plant", "ocean", "bread", "smile", "chair", "storm", "sugar", "paper", "glass"]
 
 
-def _arith(rng: random.Random) -> tuple[str, str]:
+def _sum(a: int, op: str, b: int, answer_first: bool) -> str:
+    result = a + b if op == "plus" else a - b
+    return f"{result} is {a} {op} {b}." if answer_first else f"{a} {op} {b} is {result}."
+
+
+def _arith_question(rng: random.Random) -> tuple[str, int, str, int]:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
     if rng.random() < 0.5:
-        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+        return f"What is {a} plus {b}?", a, "plus", b
     a, b = max(a, b), min(a, b)
-    return f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}."
+    return f"What is {a} minus {b}?", a, "minus", b
+
+
+def _arith(rng: random.Random) -> tuple[str, str]:
+    q, a, op, b = _arith_question(rng)
+    return q, _sum(a, op, b, rng.random() < 0.5)
 
 
 def _opposite(w: str, o: str, answer_first: bool) -> str:
@@ -95,9 +106,14 @@ def _zh_pair(rng: random.Random) -> tuple[str, str]:
             f"{NUM_ZH[a]}加{NUM_ZH[b]}等于{a + b}，因为{a}加{b}的和是{a + b}。")
 
 
-def _style_preferences(rng: random.Random) -> list[dict]:
-    """Every capital and opposite question once: the answer-first phrasing chosen over the answer-last one."""
-    prefs = [{"prompt": q.format(c), "chosen": _capital(c, cap, True), "rejected": _capital(c, cap, False)}
+def _style_preferences(rng: random.Random, n_sums: int) -> list[dict]:
+    """Every capital and opposite question once and n_sums sums: the answer-first phrasing chosen over the
+    answer-last one."""
+    prefs = []
+    for _ in range(n_sums):
+        q, a, op, b = _arith_question(rng)
+        prefs.append({"prompt": q, "chosen": _sum(a, op, b, True), "rejected": _sum(a, op, b, False)})
+    prefs += [{"prompt": q.format(c), "chosen": _capital(c, cap, True), "rejected": _capital(c, cap, False)}
              for c, cap in CAPITALS for q in CAPITAL_QUESTIONS]
     prefs += [{"prompt": q.format(w), "chosen": _opposite(w, o, True), "rejected": _opposite(w, o, False)}
               for a, b in OPPOSITES for w, o in ((a, b), (b, a)) for q in OPPOSITE_QUESTIONS]
@@ -137,11 +153,11 @@ def _corpus_paragraph(rng: random.Random) -> str:
     if kind < 0.7:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
         if rng.random() < 0.5:
-            return rng.choice([f"{name} had {a} apples and got {b} more. {a} plus {b} is {a + b}.",
-                               f"Take {a} and add {b}. {a} plus {b} is {a + b}."])
+            return rng.choice([f"{name} had {a} apples and got {b} more. ", f"Take {a} and add {b}. "]) + \
+                _sum(a, "plus", b, rng.random() < 0.5)
         a, b = max(a, b), min(a, b)
-        return rng.choice([f"{name} had {a} coins and gave away {b}. {a} minus {b} is {a - b}.",
-                           f"Start with {a} and take away {b}. {a} minus {b} is {a - b}."])
+        return rng.choice([f"{name} had {a} coins and gave away {b}. ", f"Start with {a} and take away {b}. "]) + \
+            _sum(a, "minus", b, rng.random() < 0.5)
     if kind < 0.8:
         w = rng.choice(WORDS)
         return rng.choice([f"{name} wrote the word {w}. The word {w} has {len(w)} letters.",
@@ -228,7 +244,7 @@ def write_sample_data(out: Path, seed: int = 0, n: int = 600) -> list[Path]:
     _write_jsonl(out / "chat_messages.jsonl.gz", msgs)
 
     # Preference pairs: the answer-first phrasing is chosen; one ranked list; one chosen == rejected.
-    prefs = _style_preferences(rng)
+    prefs = _style_preferences(rng, n // 2)
     prefs.append({"instruction": "What is the capital of Peru?", "input": "",
                   "output": ["The capital of Peru is Lima.", "Peru's capital is Cusco.", "I don't know."]})
     prefs.append({"prompt": "What is 3 plus 3?", "chosen": "3 plus 3 is 6.", "rejected": "3 plus 3 is 6."})
