@@ -193,7 +193,7 @@ class Terminal:
 
 def eval_table(metrics: dict[str, dict[str, float]]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold", title=None)
-    for col in ("variant", "test perplexity", "vs base", "test ROUGE-L", "vs base"):
+    for col in ("variant", "test perplexity", "vs base", "test ROUGE-L", "vs base", "preference acc."):
         table.add_column(col, justify="left" if col == "variant" else "right")
     base = metrics.get("base") or {}
     for variant in [v for v in SUMMARY_VARIANTS if v in metrics] + [v for v in metrics if v not in SUMMARY_VARIANTS]:
@@ -203,7 +203,8 @@ def eval_table(metrics: dict[str, dict[str, float]]) -> Table:
             base.get("perplexity/test") else ""
         rouge_delta = f"{rouge - base['rougeL/test']:+.3f}" if variant != "base" and rouge is not None and \
             base.get("rougeL/test") is not None else ""
-        table.add_row(variant, _num(ppl, 4), ppl_delta, _num(rouge, 3), rouge_delta)
+        table.add_row(variant, _num(ppl, 4), ppl_delta, _num(rouge, 3), rouge_delta,
+                      _num(m.get("preference_accuracy/test"), 3))
     return table
 
 
