@@ -122,3 +122,26 @@ def test_run_prints_a_line_per_stage_and_logs_the_rest(tmp_path):
     again = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stdout + again.stderr
     assert all(re.search(rf"\s{stage}\s+cached\s", again.stdout) for stage in ("ingest", "clean", "dedup", "split"))
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_output_goes_to_the_full_log_and_verbose_shows_it(tmp_path, verbose):
+    """What Python, C code and child processes print lands in the log; the terminal gets ours (and, verbose, theirs)."""
+    log = tmp_path / "full.log"
+    script = (
+        "import subprocess, sys, warnings\n"
+        "from pathlib import Path\n"
+        "from flows.terminal import output_to_log\n"
+        f"with output_to_log(Path({str(log)!r}), verbose={verbose}) as terminal:\n"
+        "    print('a library progress bar', flush=True)\n"
+        "    warnings.warn('is_gradient_checkpointing is deprecated', FutureWarning)\n"
+        "    subprocess.run(['sh', '-c', 'echo from a child process >&2'])\n"
+        "    terminal.write('ingest ran\\n')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    library = ("a library progress bar", "is_gradient_checkpointing is deprecated", "from a child process")
+    assert all(text in log.read_text() for text in library)
+    shown = out.stdout + out.stderr
+    assert "ingest ran" in out.stdout
+    assert all((text in shown) == verbose for text in library), shown
