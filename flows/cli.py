@@ -130,8 +130,11 @@ def _run(cfg, args, until=None, refresh=()) -> int:
 def _stop_temporary_server() -> None:
     """Prefect stops its temporary server at exit; stopping it now sends its farewell to the log, not the terminal."""
     try:
+        from prefect.logging.handlers import APILogWorker
         from prefect.server.api.server import SubprocessASGIServer
 
+        if SubprocessASGIServer._instances:
+            APILogWorker.drain_all(timeout=5)  # buffered run logs first, or they fail to send to a stopped server
         for server in list(SubprocessASGIServer._instances.values()):
             server.stop()
     except Exception:  # noqa: BLE001 - at worst the farewell line reaches the terminal
