@@ -239,6 +239,25 @@ class TrainerSettings(Section):
     num_processes: int = Field(1, ge=1, description="Data-parallel processes; > 1 launches the stage with "
                                "`launcher` (one per GPU; gloo processes on CPU).")
     launcher: Literal["accelerate", "torchrun"] = Field("accelerate", description="Multi-process launcher.")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="How the processes share the model: ddp "
+                                                "(each holds all of it) or fsdp (FSDP2 shards the base, the adapter "
+                                                "and the optimizer state over them, QLoRA's 4-bit weights included; "
+                                                "for models that do not fit on one GPU). fsdp always runs under the "
+                                                "launcher, also with one process.")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp on GPUs: keep the parameter shards in host memory and "
+                                   "copy each layer in for its computation (slower; for models that do not fit even "
+                                   "sharded).")
+    accelerate_config: str | None = Field(None, description="An accelerate config file (`accelerate config "
+                                          "--config_file`) for `accelerate launch`, e.g. DeepSpeed ZeRO-3: its "
+                                          "settings apply, num_processes still sets the process count. Needs "
+                                          "distributed=ddp.")
+
+    @model_validator(mode="after")
+    def _one_way_to_distribute(self):
+        if self.accelerate_config and (self.launcher != "accelerate" or self.distributed != "ddp"):
+            raise ValueError("accelerate_config is passed to `accelerate launch`, which then decides how the "
+                             "processes share the model: it needs launcher=accelerate and distributed=ddp")
+        return self
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tasks.core.config import PipelineConfig
 from tasks.core.hashing import json_fingerprint
+from tasks.training.distributed import fsdp_enabled
 from tasks.training.loading import (
     compute_dtype,
     configure_threads,
@@ -115,8 +116,12 @@ def build_trainer(cfg: PipelineConfig, job: TrainingJob, callbacks=()):
     if not job.train:
         raise ValueError("DPO needs preference pairs: the training split of preference_pairs is empty")
     tokenizer = load_tokenizer(job.adapter_path, cfg)  # the SFT adapter's tokenizer: same pad token and chat template
-    model = PeftModel.from_pretrained(load_model(job.base_path, cfg, quantize=True), job.adapter_path,
-                                      is_trainable=True)
+    if fsdp_enabled(d) and d.precompute_ref_log_probs and use_cuda(cfg):
+        raise ValueError("dpo.precompute_ref_log_probs computes the reference log-probs before FSDP has sharded the "
+                         "model onto the GPUs (it is still in host memory then); with distributed=fsdp on GPUs set "
+                         "dpo.precompute_ref_log_probs=false (the reference adapter is then applied on the fly)")
+    base = load_model(job.base_path, cfg, quantize=True, sharded=fsdp_enabled(d))
+    model = PeftModel.from_pretrained(base, job.adapter_path, is_trainable=True)
     exact = snapshot_trainable_params(model)
     evals = {}
     if job.validation:

@@ -16,14 +16,20 @@ from tasks.core.storage import write_jsonl
 log = logging.getLogger("sftpipe.train")
 
 
-def launch_command(launcher: str, num_processes: int, module: str, job: Path) -> list[str]:
-    """`accelerate launch --multi_gpu` or `torchrun` over N processes (gloo on CPU, nccl on GPUs)."""
+def launch_command(launcher: str, num_processes: int, module: str, job: Path,
+                   accelerate_config: str | None = None) -> list[str]:
+    """`accelerate launch --multi_gpu` (or with the user's accelerate config file) or `torchrun` over N processes
+    (gloo on CPU, nccl on GPUs). Whether they replicate or shard the model is the trainer's setting, not the
+    launcher's."""
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                 str(num_processes), "-m", module, "--job", str(job)]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-            str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", module, "--job", str(job)]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config:
+        return [*accelerate, "--config_file", accelerate_config, "--num_processes", str(num_processes),
+                "-m", module, "--job", str(job)]
+    return [*accelerate, "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, "--job", str(job)]
 
 
 def run_launched(cmd: list[str], log_path: Path) -> None:
@@ -49,8 +55,8 @@ def train_in_processes(cfg: PipelineConfig, stage_cfg, module: str, out_dir: Pat
     job = {"config": cfg.model_dump(mode="json"), "out_dir": str(out_dir), "train": str(out_dir / "train.jsonl"),
            "validation": str(out_dir / "validation.jsonl"), **job}
     (out_dir / "job.json").write_text(json.dumps(job, indent=2))
-    run_launched(launch_command(stage_cfg.launcher, stage_cfg.num_processes, module, out_dir / "job.json"),
-                 out_dir / "launch.log")
+    run_launched(launch_command(stage_cfg.launcher, stage_cfg.num_processes, module, out_dir / "job.json",
+                                stage_cfg.accelerate_config), out_dir / "launch.log")
     return json.loads((out_dir / "train.json").read_text())
 
 
@@ -62,8 +68,24 @@ def launched_job(argv: list[str] | None, description: str) -> tuple[dict, Pipeli
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--job", required=True, help="job.json written by the stage")
     job = json.loads(Path(parser.parse_args(argv).job).read_text())
+    die_with_launcher()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     return job, PipelineConfig.model_validate(job["config"])
+
+
+def die_with_launcher() -> None:
+    """torchrun starts each rank in its own session, so killing the stage (a lost worker, a Prefect cancel) would
+    leave the ranks training on and writing checkpoints under the retry's feet. On Linux, have the kernel kill this
+    rank when its launcher goes."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # the launcher died before the request was in place
+        os._exit(1)
 
 
 def last_checkpoint(folder: Path) -> tuple[str | None, int | None]:

@@ -39,7 +39,8 @@ def library_versions() -> dict[str, str]:
 
 
 # Modules every training stage runs through: their code is part of every training stage's cache key.
-SHARED_TRAINING_MODULES = ("loading.py", "launch.py", "tracking.py", "outputs.py", "trainer.py")
+SHARED_TRAINING_MODULES = ("loading.py", "launch.py", "tracking.py", "outputs.py", "trainer.py",
+                           "distributed.py")
 
 
 def training_code_hash() -> str:
@@ -109,7 +110,9 @@ def load_tokenizer(path: str | Path, cfg: PipelineConfig):
     return tokenizer
 
 
-def quantization_config(cfg: PipelineConfig):
+def quantization_config(cfg: PipelineConfig, shardable: bool = False):
+    """bitsandbytes 4-bit settings; `shardable` stores the packed 4-bit values in the compute dtype instead of uint8,
+    so FSDP can shard them (the values and the quantisation are the same either way)."""
     if cfg.model.quantization != "4bit":
         return None
     from transformers import BitsAndBytesConfig
@@ -119,21 +122,26 @@ def quantization_config(cfg: PipelineConfig):
         bnb_4bit_quant_type=cfg.model.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.model.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype(cfg),
+        bnb_4bit_quant_storage=compute_dtype(cfg) if shardable else torch.uint8,
     )
 
 
-def load_model(path: str | Path, cfg: PipelineConfig, quantize: bool = True, dtype: torch.dtype | None = None):
-    """The base causal LM: 4-bit when quantize and model.quantization=4bit (QLoRA), else in `dtype`."""
+def load_model(path: str | Path, cfg: PipelineConfig, quantize: bool = True, dtype: torch.dtype | None = None,
+               sharded: bool = False):
+    """The base causal LM: 4-bit when quantize and model.quantization=4bit (QLoRA), else in `dtype`.
+
+    `sharded` (FSDP training): 4-bit weights in a shardable storage dtype, and loaded into host memory rather than
+    onto this process's GPU; FSDP moves only this process's shard of each layer there."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code,
                               "dtype": dtype or compute_dtype(cfg)}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
-    qcfg = quantization_config(cfg) if quantize else None
+    qcfg = quantization_config(cfg, shardable=sharded) if quantize else None
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
-        if use_cuda(cfg):
+        if use_cuda(cfg) and not sharded:
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if qcfg is not None and not use_cuda(cfg):

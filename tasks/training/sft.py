@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from tasks.core.config import PipelineConfig
+from tasks.training.distributed import fsdp_enabled
 from tasks.training.loading import (
     attention_keeps_packed_examples_apart,
     compute_dtype,
@@ -108,7 +109,7 @@ def build_trainer(cfg: PipelineConfig, base_path: str | Path, train_examples: li
     if not train_examples:
         raise ValueError("SFT needs training examples: the training split is empty")
     tokenizer = load_tokenizer(base_path, cfg)
-    model = load_model(base_path, cfg, quantize=True)
+    model = load_model(base_path, cfg, quantize=True, sharded=fsdp_enabled(cfg.sft))
     packing = cfg.sft.packing
     if packing and not attention_keeps_packed_examples_apart(model):
         log.warning("sft.packing requested, but attention implementation %r would let packed examples attend to "

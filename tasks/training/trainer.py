@@ -30,6 +30,14 @@ from tasks.core.caching import retry_unless_deterministic, source_hash, stage_ta
 from tasks.core.config import PipelineConfig, TrainerSettings
 from tasks.core.hashing import files_fingerprint, json_fingerprint
 from tasks.core.storage import read_jsonl
+from tasks.training.distributed import (
+    ParameterShareReport,
+    allow_fsdp_on_cpu,
+    distributed_arguments,
+    distributed_mode,
+    needs_launcher,
+    save_adapter_weights,
+)
 from tasks.training.launch import last_checkpoint, launched_job, train_in_processes
 from tasks.training.loading import library_versions, trainer_precision, training_code_hash
 from tasks.training.outputs import StageOutput
@@ -70,7 +78,7 @@ class AdapterMethod:
 
     name: str  # stage name, config section and models/<name>/ folder
     title: str
-    module: str  # launched in every process for num_processes > 1
+    module: str  # launched in every process when the settings need a launcher (num_processes > 1, fsdp)
     read_rows: Callable[[str, str], list[dict]]  # (warehouse, split) -> rows
     build: Callable[..., Any]
     stats: Callable[..., dict[str, Any]]
@@ -83,9 +91,10 @@ class AdapterMethod:
 
 def trainer_arguments(trl_config_class, cfg: PipelineConfig, settings: TrainerSettings, out_dir: str | Path,
                       has_eval: bool, **method_arguments: Any):
-    """trl's config for a method: the shared settings, the device's precision, and the method's own arguments."""
+    """trl's config for a method: the shared settings, the device's precision, how several processes share the
+    model, and the method's own arguments."""
     s = settings
-    return trl_config_class(
+    arguments = dict(
         output_dir=str(Path(out_dir) / "checkpoints"),
         max_steps=s.max_steps, num_train_epochs=s.num_train_epochs,
         per_device_train_batch_size=s.per_device_batch_size, per_device_eval_batch_size=s.per_device_batch_size,
@@ -98,6 +107,7 @@ def trainer_arguments(trl_config_class, cfg: PipelineConfig, settings: TrainerSe
         report_to=report_to(cfg), disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
         log_level="warning", **trainer_precision(cfg), **method_arguments,
     )
+    return trl_config_class(**{**arguments, **distributed_arguments(cfg, s)})
 
 
 def first_and_last(rows: list[dict], metric: str) -> tuple[float | None, float | None]:
@@ -108,8 +118,7 @@ def first_and_last(rows: list[dict], metric: str) -> tuple[float | None, float |
 def save_adapter(trainer, adapter_dir: Path) -> None:
     """Only the trained adapter ("default"; not a frozen reference copy trl may keep next to it), with the tokenizer
     and chat template training used, so serving formats prompts exactly as training did."""
-    trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"],
-                                  is_main_process=trainer.is_world_process_zero())
+    save_adapter_weights(trainer, adapter_dir, ["default"])
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(str(adapter_dir))
 
@@ -122,7 +131,9 @@ def train_adapter(method: AdapterMethod, cfg: PipelineConfig, job: TrainingJob, 
     started = time.time()
     reporter = TrainingReporter(method.name, out_dir / "metrics.jsonl",
                                 tensorboard_dir=tensorboard_dir(cfg, method.name, out_dir.name))
-    trainer = method.build(cfg, job, [reporter, *callbacks])
+    shares = ParameterShareReport(out_dir / "parameter_shares")
+    trainer = method.build(cfg, job, [reporter, shares, *callbacks])
+    allow_fsdp_on_cpu(trainer)
     checkpoint, resumed_from = last_checkpoint(out_dir / "checkpoints")
     if checkpoint:
         log.info("resuming %s from %s (step %d)", method.name, checkpoint, resumed_from)
@@ -152,6 +163,7 @@ def train_adapter(method: AdapterMethod, cfg: PipelineConfig, job: TrainingJob, 
         "quantization": cfg.model.quantization,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "world_size": trainer.args.world_size, "distributed_backend": distributed_backend(), "seed": settings.seed,
+        "distributed": distributed_mode(trainer), "parameters_per_process": shares.read(),
         "device": str(trainer.args.device), "versions": library_versions(),
         **method.stats(cfg, trainer, job, rows),
     }
@@ -184,7 +196,7 @@ def run_adapter_stage(method: AdapterMethod, cfg: PipelineConfig, upstream: dict
                       extra=method.job_extra(cfg, upstream))
     out.dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    if settings.num_processes > 1:
+    if needs_launcher(settings):
         run = train_in_processes(cfg, settings, method.module, out.dir, job.train, job.validation,
                                  base_path=job.base_path, adapter_path=job.adapter_path, extra=job.extra)
     else:
