@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.gpu.run                 # on a CUDA machine; < 8 min on one H100/H200
     .venv/bin/python -m benchmarks.gpu.run --skip-8b --skip-serve
+    .venv/bin/python -m benchmarks.gpu.run --skip-single-gpu --skip-serve     # only the FSDP rows
 
 No download: each model is a LlamaConfig with Llama-3.2-1B / Llama-3.1-8B dimensions (128,256-token vocabulary)
 and random weights, saved once as bf16 safetensors, then trained by our SFT stage exactly as the pipeline runs it
@@ -9,6 +10,10 @@ and random weights, saved once as bf16 safetensors, then trained by our SFT stag
 assistant-only loss), without and with gradient checkpointing. The tokenizer is a word-level one built here with
 `tokenizers` whose vocabulary is exactly the model's, so every id the random model emits decodes to text.
 Conversations are random words, long enough that every example fills max_length (no padding: tokens/s is real tokens).
+
+FSDP: the same QLoRA SFT with sft.distributed=fsdp over every visible GPU (torchrun, one process per GPU, activation
+checkpointing on, benchmarks/gpu/fsdp.py): tokens/s over all GPUs, peak memory and share of the base per GPU. On a
+one-GPU machine that is a single shard (the code path, not the scaling).
 
 Clock: from the end of the warm-up steps to the end of training (trl's non-padding `num_tokens` over that span).
 Peak memory: torch.cuda.max_memory_allocated from just before training (the 4-bit base already resident) to its end.
@@ -197,6 +202,24 @@ def train_once(a: argparse.Namespace, model: dict, examples: list[dict], checkpo
     return row
 
 
+def fsdp_once(a: argparse.Namespace, model: dict, examples: list[dict], device: str, processes: int,
+              deadline: Deadline) -> dict:
+    """The same QLoRA SFT sharded over `processes` GPUs (benchmarks/gpu/fsdp.py); a failure is a row, not a crash."""
+    from benchmarks.gpu.fsdp import run_fsdp
+
+    tree = sft_config(a, model["path"], True, device).model_dump(mode="json")
+    try:
+        row = run_fsdp(tree, model, examples, WORK / "fsdp" / model["name"], processes, a.warmup_steps,
+                       timeout_s=max(60.0, deadline.left()))
+    except Exception as err:  # report it in the table; the log stays under WORK/fsdp
+        row = {"model": model["name"], "processes": processes, "error": f"{type(err).__name__}: {str(err)[-1500:]}"}
+        print(f"  {model['name']} fsdp x{processes}: FAILED {row['error'][-600:]}", flush=True)
+        return row
+    print(f"  {row['model']:<9} fsdp x{processes}: {row['tokens_per_s']:.0f} tok/s, peak "
+          f"{row['peak_gpu_gib_per_process']} GiB per GPU, base share {row['base_share_per_process']}", flush=True)
+    return row
+
+
 # ------------------------------------------------------------------------------------------------------ serving
 def merge_for_serving(model: dict, adapter_dir: Path, out_dir: Path, device: str) -> dict:
     """LoRA merged into the bf16 base (peft merge_and_unload), saved with the tokenizer and chat template."""
@@ -267,13 +290,23 @@ def markdown(payload: dict) -> str:
              f"{payload['gpu']['cuda']}, torch {payload['versions'].get('torch')}, bitsandbytes "
              f"{payload['versions'].get('bitsandbytes')}. Random-weight Llama shapes, 4-bit NF4 QLoRA (r=16, all "
              f"linear), bf16 compute, batch {p['batch_size']} × {p['max_length']} tokens (no padding), "
-             f"{p['steps']} measured steps after {p['warmup_steps']} warm-up steps.",
-             "",
-             "| model | parameters | gradient checkpointing | SFT tokens/s | peak GPU GiB | 4-bit base resident GiB |",
-             "|---|---:|---|---:|---:|---:|"]
+             f"{p['steps']} measured steps after {p['warmup_steps']} warm-up steps."]
+    if payload["training"]:
+        lines += ["", "| model | parameters | gradient checkpointing | SFT tokens/s | peak GPU GiB | "
+                  "4-bit base resident GiB |", "|---|---:|---|---:|---:|---:|"]
     for r in payload["training"]:
         lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f} B | {'on' if r['gradient_checkpointing'] else 'off'}"
                      f" | {r['tokens_per_s']:.0f} | {r['peak_gpu_gib']} | {r['resident_before_train_gib']} |")
+    if payload.get("fsdp"):
+        lines += ["", "| model, fsdp | GPUs | SFT tokens/s (all GPUs) | tokens/s per GPU | peak GiB per GPU | "
+                  "share of the base per GPU |", "|---|---:|---:|---:|---:|---:|"]
+        for r in payload["fsdp"]:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['processes']} | failed: {r['error'][:200]} | | | |")
+                continue
+            lines.append(f"| {r['model']} | {r['processes']} | {r['tokens_per_s']:.0f} | "
+                         f"{r['tokens_per_s_per_gpu']:.0f} | {', '.join(map(str, r['peak_gpu_gib_per_process']))} | "
+                         f"{', '.join(f'{x:.2f}' for x in r['base_share_per_process'])} |")
     s = payload.get("serving") or {}
     lines.append("")
     if "output_tokens_per_s" in s:
@@ -307,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup-steps", type=int, default=2)
     ap.add_argument("--skip-8b", action="store_true")
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--skip-single-gpu", action="store_true", help="no one-GPU training rows")
+    ap.add_argument("--skip-fsdp", action="store_true", help="no FSDP rows")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--prompt-words", type=int, default=128)
@@ -332,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
         a.skip_serve = True
     WORK.mkdir(parents=True, exist_ok=True)
     answer_words = a.max_length  # one word = one token: every example overflows max_length, so none is padded
-    training, built, serving, skipped = [], {}, {}, []
+    training, built, serving, skipped, fsdp = [], {}, {}, [], []
+    processes = 2 if a.cpu_smoke else torch.cuda.device_count()
     first_name = next(iter(shapes))
     try:
         for name, shape in shapes.items():
@@ -348,14 +384,18 @@ def main(argv: list[str] | None = None) -> None:
             built[name] = model
             print(f"{name}: {model['parameters'] / 1e9:.2f} B parameters, built and saved in {model['build_s']} s",
                   flush=True)
-            for checkpointing in (False, True):
+            for checkpointing in (() if a.skip_single_gpu else (False, True)):
                 keep = WORK / "adapter" if (name == first_name and checkpointing) else None
                 training.append(train_once(a, model, examples, checkpointing, device, adapter_dir=keep))
+            if not a.skip_fsdp:
+                fsdp.append(fsdp_once(a, model, examples, device, processes, deadline))
             if name != first_name:
                 shutil.rmtree(model["path"], ignore_errors=True)  # 16 GB of bf16 weights: not needed any more
-        if a.skip_serve:
+        if a.skip_single_gpu and not a.skip_serve:
+            serving = {"skipped": "--skip-single-gpu: no adapter from the one-GPU runs to serve"}
+        elif a.skip_serve:
             serving = {"skipped": "--skip-serve" if not a.cpu_smoke else "cpu smoke run"}
-            if a.cpu_smoke:  # still exercise the merge
+            if a.cpu_smoke and not a.skip_single_gpu:  # still exercise the merge
                 serving["merge_s"] = merge_for_serving(built[first_name], WORK / "adapter", WORK / "merged",
                                                        device)["merge_s"]
         elif deadline.left() < 120:
@@ -374,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     from tasks.training.loading import library_versions
 
     payload = {"benchmark": "gpu", "gpu": gpu_info(), "machine": machine(), "params": vars(a),
-               "versions": library_versions(), "training": training, "serving": serving, "skipped": skipped,
+               "versions": library_versions(), "training": training, "fsdp": fsdp, "serving": serving,
+               "skipped": skipped,
                "command": " ".join([".venv/bin/python -m benchmarks.gpu.run", *(argv or sys.argv[1:])]),
                "total_wall_s": round(time.time() - started, 1)}
     md = markdown(payload)
