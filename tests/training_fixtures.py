@@ -49,6 +49,37 @@ def preference_pairs(n: int, offset: int = 0, max_prompt_chars: int = 200) -> li
     return out[offset: offset + n]
 
 
+CITIES = ["Berlin", "Oslo", "Rome", "Lima", "Cairo", "Tokyo", "Madrid", "Athens", "Warsaw", "Havana", "Paris",
+          "Nairobi", "Ottawa", "Santiago", "Lisbon", "Dublin"]
+FORECAST_TOOL = {"type": "function", "function": {  # small: stories260K's vocabulary spends a token on 1-2 letters
+    "name": "forecast", "description": "Rain chance by city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def tool_examples(n: int, offset: int = 0) -> list[dict]:
+    """Tool-calling conversations in OpenAI's layout (tools, an assistant tool call, the tool's result, the answer),
+    put in canonical form by the data plane's parser, as the warehouse readers return them."""
+    import json
+
+    from tasks.core.warehouse import compact_messages
+    from tasks.data import formats
+
+    out = []
+    for i in range(offset, offset + n):
+        city, rain = CITIES[i % len(CITIES)], (i * 37) % 100
+        answer = f"{rain}% in {city}: " + ("take an umbrella." if rain >= 50 else "no umbrella needed.")
+        row = {"messages": [
+            {"role": "user", "content": f"Will it rain in {city}?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{i}", "type": "function", "function": {
+                "name": "forecast", "arguments": json.dumps({"city": city})}}]},
+            {"role": "tool", "tool_call_id": f"call_{i}", "content": json.dumps({"rain_probability": rain})},
+            {"role": "assistant", "content": answer}], "tools": [FORECAST_TOOL]}
+        parsed = formats.normalize(row, "messages")
+        out.append({"example_id": f"tool-{i}", "source": "tool_calls", "messages": compact_messages(parsed.messages),
+                    "tools": json.dumps(parsed.tools)})
+    return out
+
+
 def small_config(root: Path, **overrides) -> PipelineConfig:
     """A config sized for a 2-core CPU: short sequences, few steps, stories260K base unless overridden."""
     tree = {
@@ -89,9 +120,9 @@ def make_warehouse(path: Path, sft: dict[str, list[dict]] | None = None,
                     text = json.dumps([messages, responses])
                     digest.update(text.encode())
                     con.execute(
-                        "INSERT INTO clean_rows (row_id, kind, source, row_seq, messages, responses, dedup_text, "
-                        "content_hash, n_chars, language) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'en')",
-                        [row_id, kind, r["source"], seq, messages, responses, text,
+                        "INSERT INTO clean_rows (row_id, kind, source, row_seq, messages, responses, tools, "
+                        "dedup_text, content_hash, n_chars, language) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'en')",
+                        [row_id, kind, r["source"], seq, messages, responses, r.get("tools"), text,
                          hashlib.sha256(text.encode()).hexdigest(), len(text)])
                     con.execute("INSERT INTO cluster_members VALUES (?, ?, 'representative', 1.0)", [row_id, row_id])
                     con.execute("INSERT INTO split_assignments VALUES (?, ?, 'test', ?)", [row_id, split, now])

@@ -26,8 +26,7 @@ DEFAULT_CHAT_TEMPLATE = """\
 {%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages and messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}
-    {{- '# Tools\n\nYou may call one or more functions. Put each call in <tool_call></tool_call> tags as '
-        '{"name": <function name>, "arguments": <JSON object>}. The functions:\n<tools>' }}
+    {{- '# Tools\nCall functions as <tool_call>{"name": ..., "arguments": {...}}</tool_call>.\n<tools>' }}
     {%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}
     {{- '\n</tools><|im_end|>\n' }}
 {%- endif %}
@@ -55,23 +54,56 @@ DEFAULT_CHAT_TEMPLATE = """\
 """
 
 
+def with_call_ids(messages: list[dict]) -> list[dict]:
+    """Calls without an id (ShareGPT has none) get call<turn>x<k>, and results without one the id of the first call
+    of theirs still unanswered: OpenAI's API needs the ids, and training must render what serving renders."""
+    out, unanswered = [], []
+    for i, m in enumerate(messages):
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [dict(c, id=c.get("id") or f"call{i}x{k}") for k, c in enumerate(m["tool_calls"])]
+            unanswered = [c["id"] for c in m["tool_calls"]]
+        elif m["role"] == "tool":
+            if not m.get("tool_call_id") and unanswered:
+                m["tool_call_id"] = unanswered[0]
+            if m.get("tool_call_id") in unanswered:
+                unanswered.remove(m["tool_call_id"])
+        out.append(m)
+    return out
+
+
+def _chat_messages(messages: list[dict], api: bool) -> list[dict]:
+    out = []
+    for m in with_call_ids(messages):
+        msg: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
+        if m.get("reasoning"):
+            msg["reasoning" if api else "reasoning_content"] = m["reasoning"]
+        if m.get("tool_calls"):
+            msg["tool_calls"] = [{"id": c["id"], "type": "function", "function": {
+                "name": c["name"], "arguments": c["arguments"] if api else orjson.loads(c["arguments"])}}
+                for c in m["tool_calls"]]
+        if m["role"] == "tool":
+            msg.update({k: m[k] for k in (("tool_call_id",) if api else ("tool_call_id", "name")) if m.get(k)})
+        out.append(msg)
+    return out
+
+
 def template_messages(messages: list[dict]) -> list[dict]:
     """Canonical messages as chat templates read them: tool calls as {"type": "function", "id", "function": {"name",
     "arguments": dict}}, reasoning as reasoning_content, and no NULL fields (templates test `is defined`)."""
-    out = []
-    for m in messages:
-        msg: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
-        if m.get("reasoning"):
-            msg["reasoning_content"] = m["reasoning"]
-        if m.get("tool_calls"):
-            msg["tool_calls"] = [
-                {"type": "function", **({"id": c["id"]} if c.get("id") else {}),
-                 "function": {"name": c["name"], "arguments": orjson.loads(c["arguments"])}}
-                for c in m["tool_calls"]]
-        if m["role"] == "tool":
-            msg.update({k: m[k] for k in ("tool_call_id", "name") if m.get(k)})
-        out.append(msg)
-    return out
+    return _chat_messages(messages, api=False)
+
+
+def openai_messages(messages: list[dict]) -> list[dict]:
+    """Canonical messages as OpenAI's chat API (and vLLM's) takes them: arguments as JSON text, reasoning as
+    reasoning, the same call ids template_messages renders. A server passes a tool result's call id on, not its name."""
+    return _chat_messages(messages, api=True)
+
+
+def chat_inputs(messages: list[dict], tools: str | list | None = None) -> dict[str, Any]:
+    """The arguments `tokenizer.apply_chat_template(**chat_inputs(...), ...)` renders a canonical conversation with:
+    the one rendering that training, evaluation and the serving reference share."""
+    return {"conversation": template_messages(messages), "tools": template_tools(tools)}
 
 
 def template_tools(tools: str | list | None) -> list[dict] | None:

@@ -194,7 +194,8 @@ def _tool_calls(value: Any, field: str) -> list[dict]:
 
 def tools_of(value: Any, field: str = "tools") -> list[dict] | None:
     """Function schemas in OpenAI's shape: [{"type": "function", "function": {name, description, parameters}}].
-    Accepts that shape, bare {name, description, parameters} objects (LLaMA-Factory), either as a JSON string."""
+    Accepts that shape and bare {name, description, parameters} objects (LLaMA-Factory), either as a JSON string;
+    other fields of a schema are not kept."""
     if value is None or value == "" or value == []:
         return None
     value = _json_value(value, field, "invalid_tools")
@@ -209,7 +210,12 @@ def tools_of(value: Any, field: str = "tools") -> list[dict] | None:
             raise RecordError("invalid_tools", f"{field}[{i}] is not a function schema with a name")
         if "parameters" in fn and not isinstance(fn["parameters"], dict):
             raise RecordError("invalid_tools", f"{field}[{i}].parameters must be a JSON schema object")
-        tools.append({"type": "function", "function": fn})
+        # The shape an OpenAI-compatible server (vLLM) hands the chat template, so training renders the prompt a
+        # served request renders: name, description, parameters (null when absent), strict when given.
+        schema = {"name": fn["name"], "description": fn.get("description"), "parameters": fn.get("parameters")}
+        if fn.get("strict") is not None:
+            schema["strict"] = fn["strict"]
+        tools.append({"type": "function", "function": schema})
     return tools
 
 

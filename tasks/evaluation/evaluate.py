@@ -70,7 +70,7 @@ def perplexity_scope(cfg: PipelineConfig) -> str:
 # ---------------------------------------------------------------------------------------------- one variant
 def score_perplexity(model, tokenizer, examples: list[dict], cfg: PipelineConfig) -> list[tuple[float, int]]:
     """(summed NLL, scored tokens) of each example."""
-    encoded = [encode_for_loss(tokenizer, ex["messages"], cfg.model.max_length, perplexity_scope(cfg))
+    encoded = [encode_for_loss(tokenizer, ex["messages"], cfg.model.max_length, perplexity_scope(cfg), ex.get("tools"))
                for ex in examples]
     out = load_metric("perplexity").compute(input_ids=[e["input_ids"] for e in encoded],
                                             labels=[e["labels"] for e in encoded], model=model,
@@ -100,7 +100,7 @@ def generate_answers(model, tokenizer, examples: list[dict], cfg: PipelineConfig
         if split:
             items.append((ex, *split))
     max_prompt = max(cfg.model.max_length - cfg.eval.max_new_tokens, 8)
-    prompts = [encode_prompt(tokenizer, prompt, max_prompt) for _, prompt, _ in items]
+    prompts = [encode_prompt(tokenizer, prompt, max_prompt, ex.get("tools")) for ex, prompt, _ in items]
     gens = greedy_generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                            cfg.eval.stop_strings, cfg.eval.seed)
     return [{"example_id": ex["example_id"], "source": ex["source"],

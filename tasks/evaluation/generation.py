@@ -22,6 +22,7 @@ import torch
 from tasks.core import storage
 from tasks.core.caching import current_run_id
 from tasks.core.config import PipelineConfig
+from tasks.data.chat_template import chat_inputs
 
 
 # ------------------------------------------------------------------------------------------------- variants
@@ -86,19 +87,23 @@ def free(model) -> None:
 
 # -------------------------------------------------------------------------------------------------- prompts
 def split_conversation(messages: list[dict]) -> tuple[list[dict], str] | None:
-    """(prompt turns, reference answer): the conversation up to its last assistant turn, and that turn."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    """(prompt turns, reference answer): the conversation up to its last text answer (an assistant turn without
+    tool calls), and that answer."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant" and not m.get("tool_calls")),
+               default=None)
     if last is None or last == 0:
         return None
-    return [dict(role=m["role"], content=m["content"]) for m in messages[:last]], messages[last]["content"]
+    return list(messages[:last]), messages[last]["content"]
 
 
-def render_prompt(tokenizer, prompt_messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+def render_prompt(tokenizer, prompt_messages: list[dict], tools: str | list | None = None) -> str:
+    return tokenizer.apply_chat_template(**chat_inputs(prompt_messages, tools), tokenize=False,
+                                         add_generation_prompt=True)
 
 
-def encode_prompt(tokenizer, prompt_messages: list[dict], max_prompt_tokens: int) -> list[int]:
-    ids = tokenizer(render_prompt(tokenizer, prompt_messages), add_special_tokens=False)["input_ids"]
+def encode_prompt(tokenizer, prompt_messages: list[dict], max_prompt_tokens: int,
+                  tools: str | list | None = None) -> list[int]:
+    ids = tokenizer(render_prompt(tokenizer, prompt_messages, tools), add_special_tokens=False)["input_ids"]
     return ids[-max_prompt_tokens:]  # keep the end: the question and the assistant header
 
 
@@ -161,34 +166,36 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
-def encode_for_loss(tokenizer, messages: list[dict], max_length: int, scope: str = "assistant") -> dict[str, Any]:
+def encode_for_loss(tokenizer, messages: list[dict], max_length: int, scope: str = "assistant",
+                    tools: str | list | None = None) -> dict[str, Any]:
     """input_ids and labels of a whole conversation, as trained: labels -100 except on the scored tokens.
 
     scope "assistant": the tokens inside the template's {% generation %} markers (what trl's assistant_only_loss
     trains on); a template without markers falls back to the text between each assistant header and the end of
     that turn, found by rendering the conversation's prefixes. scope "all": every token.
     """
+    chat = chat_inputs(messages, tools)
     if scope == "all":
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"][:max_length]
+        ids = tokenizer.apply_chat_template(**chat, tokenize=True, return_dict=True)["input_ids"][:max_length]
         return {"input_ids": ids, "labels": list(ids)}
     if GENERATION_TAG.search(tokenizer.chat_template or ""):
-        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+        enc = tokenizer.apply_chat_template(**chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         ids, mask = enc["input_ids"], enc["assistant_masks"]
     else:
-        ids, mask = _assistant_mask_by_prefixes(tokenizer, messages)
+        ids, mask = _assistant_mask_by_prefixes(tokenizer, chat["conversation"], chat["tools"])
     ids, mask = ids[:max_length], mask[:max_length]
     return {"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]}
 
 
-def _assistant_mask_by_prefixes(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+def _assistant_mask_by_prefixes(tokenizer, messages: list[dict], tools: list | None) -> tuple[list[int], list[int]]:
+    full = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        start = len(tokenizer.apply_chat_template(messages[:i], tools=tools, tokenize=False,
+                                                  add_generation_prompt=True))
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tools=tools, tokenize=False)
         if not full.startswith(upto):
             raise ValueError("chat template is not prefix-stable; add {% generation %} markers to score assistant turns")
         spans.append((start, len(upto.rstrip())))  # the separator after a turn is not part of the answer

@@ -40,6 +40,7 @@ from tasks.core.artifacts import publish_artifacts
 from tasks.core.caching import stage_task
 from tasks.core.config import PipelineConfig
 from tasks.core.warehouse import open_warehouse, record_stage, sft_examples, utcnow
+from tasks.data.chat_template import openai_messages, template_tools
 from tasks.evaluation.generation import (
     adapter_of,
     encode_prompt,
@@ -273,6 +274,7 @@ def server_env(cfg: PipelineConfig) -> dict[str, str]:
 class Reference:
     example_id: str
     messages: list[dict]
+    tools: str | None
     prompt_text: str
     prompt_ids: list[int]
     output_ids: list[int]
@@ -303,8 +305,8 @@ def parity_examples(cfg: PipelineConfig, warehouse: str | Path, tokenizer, max_p
     picked = []
     for ex in select_examples(pool, len(pool)):
         split = split_conversation(ex["messages"])
-        if split and len(encode_prompt(tokenizer, split[0], 10**9)) <= max_prompt_tokens:
-            picked.append({"example_id": ex["example_id"], "messages": split[0]})
+        if split and len(encode_prompt(tokenizer, split[0], 10**9, ex.get("tools"))) <= max_prompt_tokens:
+            picked.append({"example_id": ex["example_id"], "messages": split[0], "tools": ex.get("tools")})
         if len(picked) == cfg.serve.parity_prompts:
             break
     if not picked:
@@ -320,9 +322,10 @@ def reference_outputs(cfg: PipelineConfig, reference: dict, examples: list[dict]
     try:
         refs = []
         for ex in examples:
-            ids = encode_prompt(tokenizer, ex["messages"], max_len - cfg.serve.max_tokens)
+            ids = encode_prompt(tokenizer, ex["messages"], max_len - cfg.serve.max_tokens, ex.get("tools"))
             gen = greedy_generate(model, tokenizer, [ids], cfg.serve.max_tokens, batch_size=1, seed=cfg.serve.seed)[0]
-            refs.append(Reference(ex["example_id"], ex["messages"], render_prompt(tokenizer, ex["messages"]), ids,
+            refs.append(Reference(ex["example_id"], ex["messages"], ex.get("tools"),
+                                  render_prompt(tokenizer, ex["messages"], ex.get("tools")), ids,
                                   gen.output_ids, tokenizer.decode(gen.output_ids, skip_special_tokens=True)))
         return refs, stop_token_ids(model, tokenizer), tokenizer.chat_template
     finally:
@@ -389,12 +392,20 @@ def exercise_server(server: VLLMServer, name: str, refs: list[Reference], stops:
         choice = data["choices"][0]
         check(first, choice.get("token_ids") or [], None, choice["text"])
         for ref in refs:
-            data = call("POST", "/v1/chat/completions", {"model": name, "messages": ref.messages, **sampling},
-                        ref.example_id)
+            data = call("POST", "/v1/chat/completions", chat_request(name, ref, sampling), ref.example_id)
             choice = data["choices"][0]
             # [] rather than None when vLLM omits them: a missing rendering must fail, not skip, the prompt check.
             check(ref, choice.get("token_ids") or [], data.get("prompt_token_ids") or [],
                   choice["message"]["content"] or "")
+
+
+def chat_request(name: str, ref: Reference, sampling: dict) -> dict:
+    """The chat request for a reference prompt: its turns in OpenAI's shape and its tools. tool_choice none: the
+    server renders the tools into the prompt as training did, without needing a tool-call parser."""
+    body = {"model": name, "messages": openai_messages(ref.messages), **sampling}
+    if tools := template_tools(ref.tools):
+        body.update(tools=tools, tool_choice="none")
+    return body
 
 
 def smoke_target(cfg: PipelineConfig, target: str, model: str, refs: list[Reference], stops: list[int],

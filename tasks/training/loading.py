@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from tasks.core.config import PipelineConfig
+from tasks.data import chat_template
 from tasks.data.chat_template import DEFAULT_CHAT_TEMPLATE  # ChatML-style, with tools; the clean stage checks it too
 
 log = logging.getLogger("sftpipe.train")
@@ -44,10 +45,12 @@ SHARED_TRAINING_MODULES = ("loading.py", "launch.py", "tracking.py", "outputs.py
 
 
 def training_code_hash() -> str:
-    """Hash of the shared training modules (each stage's own module hash is added by caching)."""
+    """Hash of the shared training modules and of how conversations are rendered (the default chat template and the
+    canonical-to-template conversion); each stage's own module hash is added by caching."""
     h = hashlib.sha256()
     for name in SHARED_TRAINING_MODULES:
         h.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
+    h.update(Path(chat_template.__file__).read_bytes())
     return h.hexdigest()[:16]
 
 

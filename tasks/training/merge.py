@@ -25,6 +25,7 @@ from tasks.core.caching import stage_task
 from tasks.core.config import PipelineConfig
 from tasks.core.hashing import files_fingerprint, json_fingerprint
 from tasks.core.storage import read_jsonl
+from tasks.data.chat_template import chat_inputs
 from tasks.training.loading import (
     configure_threads,
     library_versions,
@@ -100,7 +101,8 @@ def parity_batches(tokenizer, examples: list[dict], n: int, max_length: int) -> 
     """Token ids of up to n examples rendered with the chat template (one sequence each: no padding effects)."""
     batches = []
     for ex in examples[:n]:
-        ids = tokenizer.apply_chat_template(ex["messages"], tokenize=True, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(**chat_inputs(ex["messages"], ex.get("tools")), tokenize=True,
+                                            return_dict=True)["input_ids"]
         batches.append(torch.tensor([ids[:max_length]]))
     if not batches:  # no validation data: still compare on something real
         batches.append(tokenizer("Once upon a time there was a little robot.", return_tensors="pt")["input_ids"])

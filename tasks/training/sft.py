@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from tasks.core.config import PipelineConfig
+from tasks.data.chat_template import chat_inputs
 from tasks.training.distributed import fsdp_enabled
 from tasks.training.loading import (
     attention_keeps_packed_examples_apart,
@@ -71,9 +72,10 @@ def _sft_trainer_class():
         """SFTTrainer that checks the loss mask of every batch before computing the loss."""
 
         first_batch_mask: dict | None = None
+        assistant_only: bool = True
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            counts = check_loss_mask(inputs, self.args.assistant_only_loss)
+            counts = check_loss_mask(inputs, self.assistant_only)
             if self.first_batch_mask is None and model.training:
                 self.first_batch_mask = counts
                 log.info("loss mask on first batch: %d of %d tokens carry loss", counts["loss_tokens"],
@@ -84,11 +86,24 @@ def _sft_trainer_class():
     return MaskCheckedSFTTrainer
 
 
-def conversations(examples: list[dict]):
+def conversations(examples: list[dict], tokenizer, assistant_only: bool):
+    """The examples tokenised as trl would do it (apply_chat_template with the row's tools; the assistant mask from
+    the template's {% generation %} markers), but here: tool-call arguments must reach the template as JSON objects,
+    and a datasets column of them would merge every row's argument keys into one struct full of NULLs."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"messages": [{"role": m["role"], "content": m["content"]} for m in ex["messages"]]}
-                              for ex in examples])
+    rows = []
+    for ex in examples:
+        enc = tokenizer.apply_chat_template(**chat_inputs(ex["messages"], ex.get("tools")), tokenize=True,
+                                            return_dict=True, return_assistant_tokens_mask=assistant_only)
+        row = {"input_ids": list(enc["input_ids"])}
+        if assistant_only:
+            row["assistant_masks"] = list(enc["assistant_masks"])
+            if 1 not in row["assistant_masks"]:
+                raise ValueError(f"sft.assistant_only_loss: the chat template marks no assistant token of example "
+                                 f"{ex.get('example_id')!r} (no {{% generation %}} markers around assistant turns)")
+        rows.append(row)
+    return Dataset.from_list(rows)
 
 
 def lora_config(cfg: PipelineConfig):
@@ -119,12 +134,15 @@ def build_trainer(cfg: PipelineConfig, base_path: str | Path, train_examples: li
     elif packing:
         log.info("packing examples: %s keeps packed examples apart", model.config._attn_implementation)
     eval_examples = eval_examples[: cfg.sft.max_eval_examples]
+    # The examples arrive tokenised with their assistant mask (see conversations), from which trl builds the labels;
+    # trl's own assistant_only_loss switch is for datasets it tokenises itself.
     args = trainer_arguments(trl.SFTConfig, cfg, cfg.sft, out_dir, has_eval=bool(eval_examples),
-                             assistant_only_loss=cfg.sft.assistant_only_loss, packing=packing)
+                             assistant_only_loss=False, packing=packing)
+    assistant_only = cfg.sft.assistant_only_loss
     try:
         trainer = _sft_trainer_class()(
-            model=model, args=args, train_dataset=conversations(train_examples),
-            eval_dataset=conversations(eval_examples) if eval_examples else None,
+            model=model, args=args, train_dataset=conversations(train_examples, tokenizer, assistant_only),
+            eval_dataset=conversations(eval_examples, tokenizer, assistant_only) if eval_examples else None,
             processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=list(callbacks),
         )
     except ValueError as err:
@@ -132,6 +150,7 @@ def build_trainer(cfg: PipelineConfig, base_path: str | Path, train_examples: li
             raise ValueError(f"{err}\nSet model.chat_template to a template with {{% generation %}} markers, or "
                              "sft.assistant_only_loss=false to train on whole conversations.") from err
         raise
+    trainer.assistant_only = assistant_only
     trainer.remove_callback(PrinterCallback)  # our reporter logs every row already
     if not use_cuda(cfg):
         upcast_trainable_params(trainer.model, compute_dtype(cfg))
