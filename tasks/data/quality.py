@@ -149,6 +149,54 @@ def _rebuilt(frames: dict[str, pl.DataFrame], changed: pl.DataFrame) -> pl.DataF
             .select("row_id", "messages", "responses", "dedup_text", "n_chars"))
 
 
+Rule = tuple[pl.Expr, pl.Expr, pl.Expr]  # (broken, reason code, detail) over judge's frame
+
+
+def _language_rule(out: pl.DataFrame, text: pl.Series, cfg: PipelineConfig, languages_of) -> tuple[pl.DataFrame, Rule]:
+    q = cfg.data.quality
+    sample = text.str.slice(0, q.language_chars).str.replace_all("\n", " ", literal=True).to_list()
+    languages = detect_languages(sample) if languages_of is None else languages_of(sample, detector_key(q.language_chars))
+    out = out.with_columns(pl.Series("language", [lang for lang, _ in languages], pl.String),
+                           pl.Series("language_confidence", [conf for _, conf in languages], pl.Float64))
+    broken = pl.col("language_confidence") < q.min_language_confidence
+    if q.languages:
+        broken = broken | ~pl.col("language").is_in(q.languages)
+    detail = pl.format(f"detected {{}} ({{}}); allowed: {', '.join(q.languages) or 'any'}, confidence >= "
+                       f"{q.min_language_confidence}", "language", pl.col("language_confidence").round(3))
+    return out, (broken, pl.lit("language_not_allowed"), detail)
+
+
+def _pii_rule(out: pl.DataFrame, findings: pl.DataFrame) -> tuple[pl.DataFrame, Rule]:
+    """The row's first rejecting kind (in pii.KINDS order) and every rejecting kind found, as columns."""
+    rejecting = (findings.filter(pl.col("action") == "reject")
+                 .sort("row_id", pl.col("kind").replace_strict({k: i for i, k in enumerate(pii.KINDS)}))
+                 .group_by("row_id", maintain_order=True)
+                 .agg(pl.col("kind").first().alias("pii_kind"),
+                      pl.format("{} {}", "matches", "kind").str.join(", ").alias("pii_found")))
+    out = out.join(rejecting, on="row_id", how="left")
+    broken = pl.col("pii_kind").is_not_null()
+    return out, (broken, pl.lit("pii_") + pl.col("pii_kind"), pl.lit("personal data: ") + pl.col("pii_found"))
+
+
+def _benchmark_rule(out: pl.DataFrame, texts: pl.Series, open_rows: pl.Expr, index: decontaminate.BenchmarkIndex,
+                    d) -> tuple[pl.DataFrame, pl.DataFrame, Rule]:
+    """Decontamination of the rows no earlier rule rejected; (frame, benchmark_matches rows, rule)."""
+    pending = out.with_row_index("pos").filter(open_rows)
+    hits = decontaminate.contaminated(texts.gather(pending["pos"]).to_list(), index, d)
+    parts = [index.parts[i] for i in hits["part"].to_list()]
+    matches = pl.DataFrame({
+        "row_id": pending["row_id"].gather(hits["row"]),
+        "benchmark": pl.Series([p.benchmark for p in parts], dtype=pl.String),
+        "item": pl.Series([p.item for p in parts], dtype=pl.Int64),
+        "part": pl.Series([p.part for p in parts], dtype=pl.String),
+        "overlap": hits["overlap"],
+    })
+    out = out.join(matches, on="row_id", how="left")
+    detail = pl.format("{} item {} ({}): {} of its n-grams are in this row", pl.col("benchmark"), pl.col("item"),
+                       pl.col("part"), pl.col("overlap").round(3))
+    return out, matches, (pl.col("benchmark").is_not_null(), pl.lit("benchmark_contamination"), detail)
+
+
 def judge(rows: pl.DataFrame, cfg: PipelineConfig, index: decontaminate.BenchmarkIndex | None,
           languages_of=None) -> dict[str, Any]:
     """Language, PII and benchmark verdicts for clean rows (row_id, kind, messages, responses). languages_of(texts,
@@ -156,59 +204,27 @@ def judge(rows: pl.DataFrame, cfg: PipelineConfig, index: decontaminate.Benchmar
 
     Returns {"rows": row_id, language, language_confidence, reason, detail; "redacted": see redact_rows;
     "pii": row_id, kind, action, matches; "benchmark": row_id, benchmark, item, part, overlap}."""
-    q = cfg.data.quality
-    text = rows.select(_content_text(pl.col("messages"), pl.col("responses")).alias("t"))["t"]
-    sample = text.str.slice(0, q.language_chars).str.replace_all("\n", " ", literal=True).to_list()
-    if languages_of is None:
-        languages = detect_languages(sample)
-    else:
-        languages = languages_of(sample, detector_key(q.language_chars))
-    out = rows.select("row_id").with_columns(
-        pl.Series("language", [lang for lang, _ in languages], pl.String),
-        pl.Series("language_confidence", [conf for _, conf in languages], pl.Float64),
-    )
-    bad_language = pl.col("language_confidence") < q.min_language_confidence
-    if q.languages:
-        bad_language = bad_language | ~pl.col("language").is_in(q.languages)
-    allowed = ", ".join(q.languages) or "any"
-    reason = pl.when(bad_language).then(pl.lit("language_not_allowed"))
-    detail = pl.when(bad_language).then(pl.format(
-        f"detected {{}} ({{}}); allowed: {allowed}, confidence >= {q.min_language_confidence}",
-        "language", pl.col("language_confidence").round(3)))
-
+    text = rows.select(_content_text(pl.col("messages"), pl.col("responses"))).to_series()
+    out, language = _language_rule(rows.select("row_id"), text, cfg, languages_of)
     findings, redacted = redact_rows(rows, cfg)
-    findings = findings.with_columns(pl.col("kind").replace_strict({k: getattr(q.pii, k) for k in pii.KINDS}).alias("action"))
-    rejecting = (findings.filter(pl.col("action") == "reject")
-                 .sort("row_id", pl.col("kind").replace_strict({k: i for i, k in enumerate(pii.KINDS)}))
-                 .group_by("row_id", maintain_order=True)
-                 .agg(pl.col("kind").first(), pl.format("{} {}", "matches", "kind").str.join(", ").alias("found")))
-    out = out.join(rejecting, on="row_id", how="left")
-    reason = reason.when(pl.col("kind").is_not_null()).then(pl.lit("pii_") + pl.col("kind"))
-    detail = detail.when(pl.col("kind").is_not_null()).then(pl.lit("personal data: ") + pl.col("found"))
-
+    policy = {k: getattr(cfg.data.quality.pii, k) for k in pii.KINDS}
+    findings = findings.with_columns(pl.col("kind").replace_strict(policy).alias("action"))
+    out, personal = _pii_rule(out, findings)
+    rules = [language, personal]
     benchmark = pl.DataFrame(schema={"row_id": pl.String, "benchmark": pl.String, "item": pl.Int64,
                                      "part": pl.String, "overlap": pl.Float64})
     if index is not None:
-        pending = out.with_row_index("pos").filter(~bad_language & pl.col("kind").is_null())
-        texts = (rows.join(redacted.select("row_id", "messages", "responses"), on="row_id", how="left", suffix="_r")
-                 .select(_content_text(pl.coalesce("messages_r", "messages"), pl.coalesce("responses_r", "responses")))
-                 .to_series())
-        hits = decontaminate.contaminated(texts.gather(pending["pos"]).to_list(), index, cfg.data.decontaminate)
-        parts = [index.parts[i] for i in hits["part"].to_list()]
-        benchmark = pl.DataFrame({
-            "row_id": pending["row_id"].gather(hits["row"]),
-            "benchmark": pl.Series([p.benchmark for p in parts], dtype=pl.String),
-            "item": pl.Series([p.item for p in parts], dtype=pl.Int64),
-            "part": pl.Series([p.part for p in parts], dtype=pl.String),
-            "overlap": hits["overlap"],
-        })
-        out = out.join(benchmark.select("row_id", "benchmark", "item", "part", "overlap"), on="row_id", how="left")
-        reason = reason.when(pl.col("benchmark").is_not_null()).then(pl.lit("benchmark_contamination"))
-        detail = detail.when(pl.col("benchmark").is_not_null()).then(pl.format(
-            "{} item {} ({}): {} of its n-grams are in this row", pl.col("benchmark"), pl.col("item"),
-            pl.col("part"), pl.col("overlap").round(3)))
-    out = out.with_columns(reason.otherwise(None).alias("reason"), detail.otherwise(None).alias("detail"))
-    return {"rows": out.select("row_id", "language", "language_confidence", "reason", "detail"),
+        redacted_text = (rows.join(redacted, on="row_id", how="left", suffix="_r").select(_content_text(
+            pl.coalesce("messages_r", "messages"), pl.coalesce("responses_r", "responses"))).to_series())
+        out, benchmark, rule = _benchmark_rule(out, redacted_text, ~language[0] & ~personal[0], index,
+                                               cfg.data.decontaminate)
+        rules.append(rule)
+    reason, detail = pl.lit(None, pl.String), pl.lit(None, pl.String)
+    for broken, code, why in reversed(rules):  # built inside-out so the first broken rule wins
+        reason = pl.when(broken).then(code).otherwise(reason)
+        detail = pl.when(broken).then(why).otherwise(detail)
+    return {"rows": out.select("row_id", "language", "language_confidence", reason.alias("reason"),
+                               detail.alias("detail")),
             "redacted": redacted, "pii": findings.select("row_id", "kind", "action", "matches"),
             "benchmark": benchmark}
 
