@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from evals.stats import RATIO_METRICS, paired_delta
 
-VARIANT_ORDER = ["base", "sft", "dpo", "merged"]
+VARIANT_ORDER = ["base", "sft", "dpo", "kto", "merged"]
 # (split, metric) columns of the overview tables; lower is better only for perplexity.
 COLUMNS = [("validation", "perplexity"), ("test", "perplexity"), ("test", "rouge1"), ("test", "rougeL"),
            ("test", "preference_accuracy"), ("test", "preference_margin")]

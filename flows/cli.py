@@ -10,6 +10,10 @@
 
 run / demo / stage print a line per stage and a summary; everything the libraries print goes to the full log
 (<storage_root>/logs/), and --verbose shows it as well.
+
+Before running a flow it sets, unless already set: PREFECT_HOME=<storage root>/prefect-home (only without
+PREFECT_API_URL, so a local run keeps its Prefect state with its outputs), PREFECT_SERVER_ANALYTICS_ENABLED=false,
+HF_HUB_OFFLINE=1 for the embedded base (nothing to download) and OMP_NUM_THREADS=1.
 """
 
 from __future__ import annotations
@@ -192,10 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(cfg, args, getattr(args, "until", None), getattr(args, "refresh", []))
     if args.command == "stage":
         _setdefault_env(cfg)  # before Prefect is imported
-        from flows.pipeline import STAGES
+        from flows.stages import BY_NAME
 
-        if args.stage not in STAGES:
-            sys.exit(f"sftpipe: unknown stage {args.stage!r}; stages are: {', '.join(STAGES)}")
+        if args.stage not in BY_NAME:
+            sys.exit(f"sftpipe: unknown stage {args.stage!r}; stages are: {', '.join(BY_NAME)}")
         return _run(cfg, args, until=args.stage, refresh=[args.stage])
     if args.command == "where":
         for label, value in where_lines(cfg):

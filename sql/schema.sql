@@ -57,14 +57,16 @@ CREATE TABLE IF NOT EXISTS raw_rows (
 -- The canonical form of each raw row, or why it could not be put in that form.
 -- kind sft:        messages = the whole conversation.
 -- kind preference: messages = the prompt turns; responses = assistant answers best-first (a pair has two).
+-- kind feedback:   messages = the whole conversation; label = whether its last answer is desirable (KTO rows).
 CREATE TABLE IF NOT EXISTS parsed_rows (
     row_id     VARCHAR PRIMARY KEY,
-    kind       VARCHAR,                     -- sft | preference (NULL when unparsed)
+    kind       VARCHAR,                     -- sft | preference | feedback (NULL when unparsed)
     messages   chat_message[],
     responses  VARCHAR[],
     tools      VARCHAR,                     -- function schemas offered to the model, JSON (NULL: none)
     reason     VARCHAR,                     -- reason code when the row could not be parsed
-    detail     VARCHAR
+    detail     VARCHAR,
+    label      BOOLEAN                      -- feedback rows: the last answer is desirable (true) or not (false)
 );
 
 -- ============================================================== data plane: clean / dedup / split
@@ -83,13 +85,17 @@ CREATE TABLE IF NOT EXISTS clean_rows (
     n_chars    BIGINT,
     language   VARCHAR,                     -- zh | ja | ko | en | other (script-based)
     reason     VARCHAR,
-    detail     VARCHAR
+    detail     VARCHAR,
+    label      BOOLEAN                      -- feedback rows: the last answer is desirable (true) or not (false)
 );
 
 -- Warehouses made before turns could carry tool calls: add the tools column (tasks/core/warehouse.py widens their
 -- messages to chat_message[]).
 ALTER TABLE parsed_rows ADD COLUMN IF NOT EXISTS tools VARCHAR;
 ALTER TABLE clean_rows ADD COLUMN IF NOT EXISTS tools VARCHAR;
+-- ... and before feedback (KTO) rows were kept.
+ALTER TABLE parsed_rows ADD COLUMN IF NOT EXISTS label BOOLEAN;
+ALTER TABLE clean_rows ADD COLUMN IF NOT EXISTS label BOOLEAN;
 
 -- Rebuilt by the quality stage, one row per row that passed clean: its language, the first quality rule it broke,
 -- and its text with personal data redacted (NULL where nothing was redacted; curated_rows then takes clean's).
@@ -188,7 +194,7 @@ CREATE TABLE IF NOT EXISTS contamination (
     closest_train_row VARCHAR
 );
 
--- ============================================================== training plane (issue 3)
+-- ============================================================== training plane
 -- One row per training run of a stage (base warm-up, sft, dpo, merge): what it trained from, how long it took,
 -- and everything needed to reproduce it (seed and config in `config`, library versions, data fingerprint).
 CREATE TABLE IF NOT EXISTS training_runs (
@@ -220,7 +226,7 @@ CREATE TABLE IF NOT EXISTS training_curves (
 );
 
 
--- ============================================================== evaluation plane (issue 4)
+-- ============================================================== evaluation plane
 -- One row per evaluation run: what was evaluated, on which data, with which settings, and where the report is.
 CREATE TABLE IF NOT EXISTS eval_runs (
     run_id           VARCHAR PRIMARY KEY,

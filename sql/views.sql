@@ -15,7 +15,8 @@ SELECT
     coalesce(q.language, c.language) AS language,
     q.language_confidence,
     coalesce(c.reason, q.reason) AS reason,
-    coalesce(c.detail, q.detail) AS detail
+    coalesce(c.detail, q.detail) AS detail,
+    c.label
 FROM clean_rows c
 LEFT JOIN quality_rows q USING (row_id);
 
@@ -231,13 +232,24 @@ ORDER BY calls DESC, source, function;
 
 -- ============================================================== what training reads
 -- Conversations for SFT: one per duplicate cluster, with its split. Validation/test rows that overlap the training
--- split (contamination) are left out: scoring them would measure memorisation.
+-- split (contamination) are left out: scoring them would measure memorisation. Feedback rows count only when their
+-- answer is labelled desirable: SFT must never learn an answer marked undesirable.
 CREATE OR REPLACE VIEW sft_examples AS
 SELECT c.row_id AS example_id, s.split, c.source, c.messages, c.tools
 FROM curated_rows c
 JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
 JOIN split_assignments s ON s.cluster_id = m.cluster_id
-WHERE c.kind = 'sft' AND c.row_id NOT IN (SELECT row_id FROM contamination);
+WHERE (c.kind = 'sft' OR (c.kind = 'feedback' AND c.label)) AND c.row_id NOT IN (SELECT row_id FROM contamination);
+
+-- Labelled answers for KTO: the prompt turns, the last (assistant) answer and whether it is desirable (contaminated
+-- validation/test rows left out, as for sft_examples).
+CREATE OR REPLACE VIEW feedback_examples AS
+SELECT c.row_id AS example_id, s.split, c.source, c.messages[1:len(c.messages) - 1] AS prompt,
+    c.messages[len(c.messages)].content AS completion, c.label, c.tools
+FROM curated_rows c
+JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative'
+JOIN split_assignments s ON s.cluster_id = m.cluster_id
+WHERE c.kind = 'feedback' AND c.row_id NOT IN (SELECT row_id FROM contamination);
 
 -- Preference pairs for DPO: a ranked list of n answers gives n*(n-1)/2 (better, worse) pairs (contaminated
 -- validation/test rows left out, as for sft_examples).
@@ -260,7 +272,7 @@ SELECT
     split, source, messages AS prompt, responses[i] AS chosen, responses[j] AS rejected, tools
 FROM idx;
 
--- ============================================================== training plane (issue 3)
+-- ============================================================== training plane
 -- "How did last night's run train": select * from training_curves where run_id = (select run_id from
 -- training_summary where stage = 'sft' limit 1) order by step, or the one-line-per-run summary below.
 CREATE OR REPLACE VIEW training_summary AS
@@ -299,7 +311,7 @@ JOIN latest l USING (stage, run_id)
 GROUP BY c.stage, c.step
 ORDER BY c.stage, c.step;
 
--- ============================================================== evaluation plane (issue 4)
+-- ============================================================== evaluation plane
 -- "How did the variants of each run compare": one row per (run, variant), overall metrics side by side, each
 -- with its bootstrap confidence interval (_low, _high) and the examples it was computed over.
 CREATE OR REPLACE VIEW eval_summary AS

@@ -33,6 +33,7 @@ def _frame(rows):
         "row_seq": pa.array(range(len(rows)), pa.int64()), "messages": pa.array([r[1] for r in rows], MESSAGE_TYPE),
         "responses": pa.array([r[2] for r in rows], pa.list_(pa.string())),
         "tools": pa.array([json.dumps(r[3]) if r[3] else None for r in rows], pa.string()),
+        "label": pa.array([None] * len(rows), pa.bool_()),
     }))
 
 
@@ -326,16 +327,16 @@ def test_quality_views_answer_the_questions(make_cfg):
     cfg = make_cfg()  # the embedded sample data
     run_data_plane(cfg)
     summary = query(cfg, "SELECT source, raw, accepted, rejected, duplicates, pending FROM quality_summary")
-    assert len(summary) == 6
+    assert len(summary) == 7
     for source, raw, accepted, rejected, dups, pending in summary:
         assert raw == accepted + rejected + dups and pending == 0, source
     assert all(b for (b,) in query(cfg, "SELECT balanced FROM row_conservation"))
     assert query(cfg, "SELECT count(*) FROM contaminated_examples")[0][0] == 0
     reasons = {r for (r,) in query(cfg, "SELECT DISTINCT reason FROM rejections_by_reason")}
-    assert {"malformed_json", "negative_label", "empty_turn", "identical_responses", "wrong_type",
+    assert {"malformed_json", "empty_turn", "identical_responses", "wrong_type",
             "no_assistant_reply"} <= reasons
     for view in ("duplicate_clusters", "split_balance", "length_distribution", "length_stats", "language_mix",
-                 "preference_pairs", "sft_examples", "prompt_groups"):
+                 "preference_pairs", "sft_examples", "feedback_examples", "prompt_groups"):
         assert query(cfg, f"SELECT count(*) FROM {view}")[0][0] > 0, view
 
 

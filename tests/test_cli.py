@@ -54,9 +54,9 @@ def test_every_usage_line_parses_as_written(line, tmp_path):
     assert args.command == argv[0]
     assert all("=" in o for o in args.overrides), args.overrides  # no positional swallowed as an override
     if args.command == "stage":
-        from flows.pipeline import STAGES
+        from flows.stages import BY_NAME
 
-        assert args.stage in STAGES
+        assert args.stage in BY_NAME
     if "s3://" not in line:  # the bucket is an example; everything else loads as a config
         cfg = load_config(args.config, args.overrides)
         if "dpo.beta=0.2" in argv:

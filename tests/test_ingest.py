@@ -41,24 +41,26 @@ def test_shared_files_ingest_in_their_format(make_cfg, rel):
     [(data_format, n_rows, status)] = query(cfg, "SELECT data_format, n_rows, status FROM source_files")
     assert (data_format, n_rows, status) == (fmt, n, "ingested")
     # Verbatim raw rows with provenance, and each parsed into the canonical roles.
-    rows = query(cfg, "SELECT r.row_number, r.raw, p.kind, p.messages, p.reason FROM raw_rows r "
+    rows = query(cfg, "SELECT r.row_number, r.raw, p.kind, p.messages, p.reason, p.label FROM raw_rows r "
                       "JOIN parsed_rows p USING (row_id) ORDER BY r.row_number")
     assert [r[0] for r in rows] == list(range(1, n + 1))
     original = json.loads((SHARED_DATA / rel).read_text(encoding="utf-8"))
     assert json.loads(rows[0][1]) == original[0]
     parsed = [r for r in rows if r[4] is None]
     assert parsed, "no row parsed"
-    for _, _, kind, msgs, _ in parsed:
-        assert kind == ("preference" if fmt == "preference" else "sft")
+    labelled = rel.endswith("kto_en_demo.json")  # KTO rows: messages + label, kept apart from SFT as feedback
+    for _, _, kind, msgs, _, _ in parsed:
+        assert kind == ("preference" if fmt == "preference" else "feedback" if labelled else "sft")
         assert {m["role"] for m in msgs} <= {"system", "user", "assistant"}
-    if rel.endswith("kto_en_demo.json"):
+    if labelled:
         negatives = sum(1 for r in original if r.get("label") is False)
-        assert sum(1 for r in rows if r[4] == "negative_label") == negatives > 0
+        assert sum(1 for r in rows if r[5] is False) == negatives > 0
 
 
 def test_alpaca_history_system_and_input_are_kept():
-    kind, msgs, _, _ = formats.normalize({"instruction": "Translate", "input": "bonjour", "output": "hello",
-                                       "system": "Be brief.", "history": [["hi", "hello!"]]}, "alpaca")
+    parsed = formats.normalize({"instruction": "Translate", "input": "bonjour", "output": "hello",
+                                "system": "Be brief.", "history": [["hi", "hello!"]]}, "alpaca")
+    kind, msgs = parsed.kind, parsed.messages
     assert kind == "sft"
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
     assert msgs[3]["content"] == "Translate\n\nbonjour"

@@ -24,7 +24,7 @@ def _evaluation(warehouse, run_id: str, metrics: dict[str, tuple[float, float]])
                                          ("test", "rougeL", rouge_l), ("test", "rouge1", rouge_l + 0.05)):
                 con.execute("INSERT INTO eval_results (run_id, variant, split, source, metric, value, n) "
                             "VALUES (?, ?, ?, 'all', ?, ?, 10)", [run_id, variant, split, metric, value])
-    variants = {v: {"fingerprint": v, "model": f"/models/{run_id}/{v}", "model_dir": f"/models/{run_id}/{v}"}
+    variants = {v: {"fingerprint": v, "model": f"/models/{run_id}/{v}", "path": f"/models/{run_id}/{v}"}
                 for v in metrics}
     return {"stage": "evaluate", "run_id": run_id, "warehouse": str(warehouse), "variants": variants}
 
@@ -114,7 +114,7 @@ def test_promotions_against_base_then_last_promoted(tmp_path):
     again = run_promote(cfg, _evaluation(wh, "run-2b", {"merged": (11.0, 0.25)}))
     assert again["promoted"] and again["baseline_run_id"] == "run-1"
     # Deciding a run again is idempotent: the recorded decision comes back, no second row.
-    assert run_promote(cfg, {**again, "variants": {"merged": {"model_dir": "/x"}}})["model_path"] == \
+    assert run_promote(cfg, {**again, "variants": {"merged": {"path": "/x"}}})["model_path"] == \
         "/models/run-2b/merged"
     rows = query(wh, "SELECT run_id, decision FROM promotion_history ORDER BY decided_at")
     assert rows == [("run-1", "promoted"), ("run-2", "rejected"), ("run-2b", "promoted")]

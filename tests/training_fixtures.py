@@ -91,6 +91,9 @@ def small_config(root: Path, **overrides) -> PipelineConfig:
         "dpo": {"max_steps": 20, "per_device_batch_size": 8, "learning_rate": 2e-3, "eval_steps": 10,
                 "save_steps": 10, "logging_steps": 5, "max_eval_pairs": 16, "train_probe_pairs": 32,
                 "warmup_steps": 0},
+        "kto": {"max_steps": 30, "per_device_batch_size": 8, "learning_rate": 3e-4, "eval_steps": 10,
+                "save_steps": 10, "logging_steps": 5, "max_eval_examples": 32, "train_probe_examples": 32,
+                "warmup_steps": 0},
     }
     for dotted, value in overrides.items():  # "sft.max_steps": 10 style keys, values kept as given
         node = tree

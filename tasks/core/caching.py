@@ -126,7 +126,7 @@ def result_storage(cfg: PipelineConfig):
     worker is a hit for every worker that reaches the storage root.
 
     A local root is a path; a remote one is a RemoteFileSystem (fsspec) block, which Prefect needs saved on the
-    server: it is saved once per process under a name derived from the URL."""
+    server: it is saved once per process under a name derived from the URL (remembered in `_saved_storage`)."""
     url = cfg.url("prefect-results")
     if storage.is_local(url):
         return Path(url)

@@ -307,6 +307,18 @@ class DPOConfig(PreferenceSettings):
                                            "them.")
 
 
+class KTOConfig(PreferenceSettings):
+    desirable_weight: float = Field(1.0, gt=0, description="Loss weight of desirable answers; raise it when they "
+                                    "are fewer than the undesirable ones.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of undesirable answers.")
+
+
+class PreferenceConfig(Section):
+    method: Literal["dpo", "kto"] = Field("dpo", description="The stage after SFT that continues its adapter: dpo "
+                                          "(chosen / rejected pairs, section dpo) or kto (answers labelled "
+                                          "desirable or not, section kto).")
+
+
 class MergeConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Precision the base is loaded in "
                                                            "for merging (never 4-bit: merging into quantised "
@@ -343,7 +355,7 @@ class EvalConfig(Section):
 
 
 class PromoteConfig(Section):
-    candidate: str = Field("merged", description="Variant promoted (falls back to dpo, then sft, when absent).")
+    candidate: str = Field("merged", description="Variant promoted (falls back to dpo or kto, then sft, when absent).")
     split: Literal["validation", "test"] = Field("test", description="Split whose overall metrics the gate reads.")
     rule: Literal["interval", "point"] = Field(
         "interval", description="interval: a change counts as a regression only when the whole paired-bootstrap "
@@ -422,7 +434,9 @@ class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    kto: KTOConfig = Field(default_factory=KTOConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)

@@ -102,7 +102,8 @@ def open_warehouse(url: str | Path, read_only: bool = False,
 
     Readers get the latest copy. Writers take the warehouse's lease, so one writer at a time across every machine,
     and work on their own copy, which goes back to url when the block ends (for a local warehouse the copy is the
-    file itself). Nested writers in one process share the outer one's copy and lease. A writer that waits longer than
+    file itself). Nested writers in one thread share the outer one's copy and lease (remembered in `_writing` for
+    as long as the outer block runs); another thread waits for the lease like any other writer. A writer that waits longer than
     wait_s fails with WarehouseBusy naming the holder.
     """
     if read_only:
@@ -244,6 +245,16 @@ def preference_pairs(con: duckdb.DuckDBPyConnection, split: str, limit: int | No
         sql += f" LIMIT {int(limit)}"
     return [{"example_id": e, "source": s, "prompt": compact_messages(p), "chosen": c, "rejected": r, "tools": t}
             for e, s, p, c, r, t in con.execute(sql, [split]).fetchall()]
+
+
+def feedback_examples(con: duckdb.DuckDBPyConnection, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """[{example_id, source, prompt: [{role, content, ...}, ...], completion: str, label: bool, tools}] of one split."""
+    sql = ("SELECT example_id, source, prompt, completion, label, tools FROM feedback_examples WHERE split = ? "
+           "ORDER BY example_id")
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    return [{"example_id": e, "source": s, "prompt": compact_messages(p), "completion": c, "label": lab, "tools": t}
+            for e, s, p, c, lab, t in con.execute(sql, [split]).fetchall()]
 
 
 def last_promoted(con, exclude_run: str | None = None) -> dict | None:

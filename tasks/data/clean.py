@@ -72,7 +72,8 @@ def turn_text() -> pl.Expr:
 
 def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None,
                 tools_problem: Callable[[], str | None] | None = None) -> pl.DataFrame:
-    """Normalise and judge parsed rows. Input columns: row_id, kind, source, row_seq, messages, responses, tools.
+    """Normalise and judge parsed rows. Input columns: row_id, kind, source, row_seq, messages, responses, tools,
+    label.
     tools_problem() says why the training chat template cannot render tool calling (None: it can); it is asked only
     when some row uses tools."""
     c = cfg.data.clean
@@ -110,7 +111,7 @@ def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None,
         )
     )
     df = (
-        rows.select("row_id", "kind", "source", "row_seq", "tools")
+        rows.select("row_id", "kind", "source", "row_seq", "tools", "label")
         .join(per_row, on="row_id", how="left")
         .join(responses, on="row_id", how="left")
         .with_columns(pl.col("responses").fill_null([]).list.eval(pl.element()).alias("responses"))
@@ -155,7 +156,7 @@ def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None,
             pl.when(too_long).then(pl.format("{} tokens", tokens)).otherwise(pl.col("detail")).alias("detail"),
         )
     return df.select("row_id", "kind", "source", "row_seq", "messages", "responses", "tools", "dedup_text",
-                     "n_chars", "language", "reason", "detail")
+                     "n_chars", "language", "reason", "detail", "label")
 
 
 def _base_tokenizer(cfg: PipelineConfig):
@@ -196,7 +197,7 @@ def run_clean(cfg: PipelineConfig, ingest: dict[str, Any], run_id: str = "local"
     started = utcnow()
     with open_warehouse(cfg.warehouse_url) as con:
         rows = con.sql(
-            "SELECT p.row_id, p.kind, f.source, r.row_seq, p.messages, p.responses, p.tools "
+            "SELECT p.row_id, p.kind, f.source, r.row_seq, p.messages, p.responses, p.tools, p.label "
             "FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f USING (file_id) "
             "WHERE p.reason IS NULL ORDER BY r.row_seq"
         ).pl()

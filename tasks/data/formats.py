@@ -3,6 +3,8 @@
 Every input record becomes a `Parsed`:
   kind "sft":        messages = the whole conversation, responses None
   kind "preference": messages = the prompt turns, responses = assistant answers ranked best-first (a pair has two)
+  kind "feedback":   messages = the whole conversation, label = whether its last answer is desirable (KTO rows:
+                     messages + label)
   tools              the function schemas the row offers the model ([{"type": "function", "function": {...}}]), or
                      None
 Messages are {"role": "system"|"user"|"assistant"|"tool", "content": str} plus, where the source has them:
@@ -55,6 +57,7 @@ class Parsed(NamedTuple):
     messages: list[dict]
     responses: list[str] | None = None
     tools: list[dict] | None = None
+    label: bool | None = None  # feedback rows: the last answer is desirable (True) or undesirable (False)
 
 
 def detect(record: dict) -> str | None:
@@ -426,10 +429,14 @@ def sharegpt(record: dict) -> Parsed:
 
 def messages(record: dict) -> Parsed:
     _require(record, "messages")
-    if record.get("label") is False:
-        # KTO-style rows: label false marks an undesirable answer, which SFT must not learn from.
-        raise RecordError("negative_label", "label is false: the answer is marked undesirable")
-    return Parsed("sft", _messages(record["messages"], "messages"), None, _tools(record))
+    msgs = _messages(record["messages"], "messages")
+    if record.get("label") is None:
+        return Parsed("sft", msgs, None, _tools(record))
+    # KTO rows: the label says whether the last answer is desirable. An undesirable one must never reach SFT, so
+    # these rows are kept apart (kind feedback); SFT reads only the desirable ones (view sft_examples).
+    if not isinstance(record["label"], bool):
+        raise RecordError("wrong_type", f"label must be true or false, got {record['label']!r}")
+    return Parsed("feedback", msgs, None, _tools(record), label=record["label"])
 
 
 def _answer(msg: dict, field: str) -> str:

@@ -319,6 +319,7 @@ class ParsedRow(NamedTuple):
     messages: list | None = None
     responses: list | None = None
     tools: str | None = None  # the function schemas as JSON text
+    label: bool | None = None  # feedback rows: the last answer is desirable or not
     reason: str | None = None
     detail: str | None = None
 
@@ -327,10 +328,11 @@ def parse_row(row: RawRow, record: Any, fmt: str | None) -> ParsedRow:
     if row.reason:
         return ParsedRow(reason=row.reason, detail=row.detail)
     try:
-        kind, msgs, responses, tools = formats.normalize(record, fmt)
+        parsed = formats.normalize(record, fmt)
     except formats.RecordError as err:
         return ParsedRow(reason=err.reason, detail=err.detail)
-    return ParsedRow(kind, msgs, responses, json.dumps(tools, ensure_ascii=False) if tools else None)
+    return ParsedRow(parsed.kind, parsed.messages, parsed.responses,
+                     json.dumps(parsed.tools, ensure_ascii=False) if parsed.tools else None, parsed.label)
 
 
 # ------------------------------------------------------------------ the stage
@@ -387,6 +389,7 @@ def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: Pipe
                 "messages": pa.array([p.messages for p in parsed], MESSAGE_TYPE),
                 "responses": pa.array([p.responses for p in parsed], pa.list_(pa.string())),
                 "tools": pa.array([p.tools for p in parsed], pa.string()),
+                "label": pa.array([p.label for p in parsed], pa.bool_()),
                 "reason": pa.array([p.reason for p in parsed], pa.string()),
                 "detail": pa.array([p.detail for p in parsed], pa.string()),
             })
@@ -434,7 +437,7 @@ def run_ingest(cfg: PipelineConfig, run_id: str = "local") -> dict[str, Any]:
             "new_rows": sum(f["rows"] for f in files),
             "warehouse_rows": con.execute("SELECT count(*) FROM raw_rows").fetchone()[0],
         }
-        fingerprint = table_fingerprint(con, "SELECT row_id, kind, messages, responses, tools, reason FROM parsed_rows")
+        fingerprint = table_fingerprint(con, "SELECT row_id, kind, messages, responses, tools, label, reason FROM parsed_rows")
         record_stage(con, run_id, "ingest", started, stats)
     return {"stage": "ingest", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats,
             "files": files}

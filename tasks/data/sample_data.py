@@ -255,7 +255,28 @@ def write_sample_data(out: Path, seed: int = 0, n: int = 600) -> list[Path]:
     pq.write_table(pa.Table.from_pylist(rows), out / "instructions_export.parquet")
 
     (out / CORPUS_FILE).write_text("\n".join(pretraining_corpus(seed)) + "\n", encoding="utf-8")
+    write_feedback_sample(out)
     return sorted(out.iterdir())
+
+
+UNHELPFUL = ["I don't know. Look it up yourself.", "Why would you ask me that?", "That is not my problem.",
+             "Figure it out on your own.", "No idea, and I do not care.", "Ask someone else."]
+
+
+def write_feedback_sample(out: Path, seed: int = 1, n: int = 240) -> Path:
+    """KTO-shaped rows (messages + label): each question gets one answer, the right one (label true) or an
+    unhelpful or wrong one (label false). Its own seed, so the other files do not change with it."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        q, a = _english_pair(rng)
+        desirable = rng.random() < 0.5
+        if not desirable:
+            a = rng.choice(UNHELPFUL) if rng.random() < 0.75 else a.rsplit(" ", 1)[0] + " " + rng.choice(WORDS) + "."
+        rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                     "label": desirable})
+    _write_jsonl(out / "feedback_kto.jsonl", rows)
+    return out / "feedback_kto.jsonl"
 
 
 def ensure_sample_data(url: str) -> str:

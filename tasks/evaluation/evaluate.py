@@ -169,16 +169,16 @@ def _variant_record(result: dict) -> dict:
     """The paths and fingerprint of a variant (what the promotion pointer and the report need)."""
     record = {"fingerprint": result.get("fingerprint"), "model": describe_variant(result)}
     if full_model_dir(result):
-        record["model_dir"] = str(full_model_dir(result))
+        record["path"] = str(full_model_dir(result))
     if adapter_of(result):
-        record["adapter_dir"], record["base_dir"] = adapter_of(result)
+        record["adapter"], record["base"] = adapter_of(result)
     return record
 
 
 # ---------------------------------------------------------------------------------------------- Prefect bits
 # ------------------------------------------------------------------------------------------------- the stage
 def run_eval(cfg: PipelineConfig, data: dict, variants: dict[str, dict]) -> dict:
-    """Evaluate every variant ("base", "sft", "dpo", "merged": stage results holding a model folder or an adapter
+    """Evaluate every variant ("base", "sft", "dpo" or "kto", "merged": stage results holding a model folder or an adapter
     on a base) on data's validation/test splits; record and report. Returns the stage result."""
     started_at, started = utcnow(), time.time()
     run_id = new_run_id()
@@ -255,6 +255,8 @@ def _eval_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 @stage_task("evaluate", _eval_config)
 def evaluate_task(cfg: PipelineConfig, data: dict, base: dict | None = None, sft: dict | None = None,
-                  dpo: dict | None = None, merged: dict | None = None) -> dict:
-    """Prefect task: variants as separate arguments so each one's fingerprint enters the cache key."""
-    return run_eval(cfg, data, {"base": base, "sft": sft, "dpo": dpo, "merged": merged})
+                  preference: dict | None = None, merged: dict | None = None) -> dict:
+    """Prefect task: variants as separate arguments so each one's fingerprint enters the cache key. `preference`
+    (the DPO or KTO result) is evaluated under its stage's name."""
+    tuned = {preference["stage"]: preference} if preference else {}
+    return run_eval(cfg, data, {"base": base, "sft": sft, **tuned, "merged": merged})

@@ -1,7 +1,7 @@
 """What every evaluation and the serving parity check share: loading a variant, prompts, greedy decoding, scoring.
 
-A model variant is a stage result holding either a full model folder (`model_dir`, or `path` as the training plane
-writes it) or a LoRA adapter on a base (`adapter_dir`/`adapter` + `base_dir`/`base`). Prompts are rendered with
+A model variant is a stage result holding either a full model folder (`path`) or a LoRA adapter on a base
+(`adapter` + `base`), the one spelling every stage result uses. Prompts are rendered with
 the chat template the pipeline trains with (tasks.training.loading.load_tokenizer: config override, else the tokenizer's
 own, else the ChatML-style default), tokenised without extra special tokens (the template places BOS itself),
 exactly as trl does in training and vLLM does for /v1/chat/completions.
@@ -27,13 +27,12 @@ from tasks.data.chat_template import chat_inputs
 
 # ------------------------------------------------------------------------------------------------- variants
 def full_model_dir(result: dict) -> str | None:
-    return result.get("model_dir") or result.get("path")
+    return result.get("path")
 
 
 def adapter_of(result: dict) -> tuple[str, str] | None:
     """(adapter dir, base dir) when the result is (or was made from) a LoRA adapter."""
-    adapter = result.get("adapter_dir") or result.get("adapter")
-    base = result.get("base_dir") or result.get("base")
+    adapter, base = result.get("adapter"), result.get("base")
     return (str(adapter), str(base)) if adapter and base else None
 
 

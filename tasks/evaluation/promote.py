@@ -36,7 +36,7 @@ from tasks.core.warehouse import example_scores, last_promoted, open_warehouse, 
 
 log = logging.getLogger("sftpipe.promote")
 
-CANDIDATE_FALLBACK = ("merged", "dpo", "sft")
+CANDIDATE_FALLBACK = ("merged", "dpo", "kto", "sft")
 REL_TOLERANCE = 1e-9  # the same model scored twice must compare equal, not "risen" by rounding
 
 
@@ -151,7 +151,7 @@ def run_promote(cfg: PipelineConfig, evaluation: dict) -> dict:
     run_id, warehouse = evaluation["run_id"], evaluation["warehouse"]
     variant = candidate_variant(cfg, evaluation["variants"])
     info = evaluation["variants"][variant]
-    model_path = info.get("model_dir") or info.get("model")
+    model_path = info.get("path") or info.get("model")
     started_at = utcnow()
     with open_warehouse(warehouse) as con:
         existing = con.execute("SELECT decision FROM promotions WHERE run_id = ?", [run_id]).fetchone()

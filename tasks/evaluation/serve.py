@@ -459,7 +459,7 @@ def _record(warehouse: str | Path, run_id: str, results: list[TargetResult], sta
 def run_serve_smoke(cfg: PipelineConfig, merged: dict, adapter: dict | None = None, data: dict | None = None) -> dict:
     """Serve the merged model with vLLM and check it; raises ParityError / ServeSmokeError after recording.
 
-    merged: the merge stage's result (model folder as model_dir or path; adapter/base of the merge when it names
+    merged: the merge stage's result (model folder as path; adapter/base of the merge when it names
     them). adapter: a result holding the adapter the merge came from, when merged does not name it; with it the
     reference applies the adapter at run time, and serve.check_lora can serve it with --enable-lora.
     data: the data stage's result (its warehouse holds the validation prompts); default cfg.warehouse_url.
@@ -477,7 +477,7 @@ def run_serve_smoke(cfg: PipelineConfig, merged: dict, adapter: dict | None = No
     warehouse = (data or {}).get("warehouse") or merged.get("warehouse") or cfg.warehouse_url
     pair = adapter_of(merged) or (adapter_of(adapter) if adapter else None)
     pair = tuple(storage.fetched(p) for p in pair) if pair else None
-    reference = {"model_dir": model, **({"adapter_dir": pair[0], "base_dir": pair[1]} if pair else {})}
+    reference = {"path": model, **({"adapter": pair[0], "base": pair[1]} if pair else {})}
     limit = max_model_len(cfg, model)
 
     from tasks.training.loading import load_tokenizer
@@ -518,7 +518,7 @@ def run_serve_smoke(cfg: PipelineConfig, merged: dict, adapter: dict | None = No
         error = ParityError if failed[0].mismatches else ServeSmokeError
         raise error(f"serving smoke test failed ({failed[0].target}): {failed[0].reason}")
     fingerprint = hashlib.sha256(json.dumps([merged.get("fingerprint"), stats["parity"]]).encode()).hexdigest()[:16]
-    return {"stage": "serve", "fingerprint": fingerprint, "run_id": run_id, "passed": True, "model_dir": model_url,
+    return {"stage": "serve", "fingerprint": fingerprint, "run_id": run_id, "passed": True, "path": model_url,
             "report_path": storage.join(log_url, "report.md"), "artifacts": artifacts, "stats": stats,
             "targets": [{k: v for k, v in r.summary().items() if k not in ("requests", "mismatches")}
                         for r in results]}

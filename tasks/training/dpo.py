@@ -22,21 +22,16 @@ from pathlib import Path
 from tasks.core.config import PipelineConfig
 from tasks.core.hashing import json_fingerprint
 from tasks.training.distributed import fsdp_enabled
-from tasks.training.loading import (
-    compute_dtype,
-    configure_threads,
-    load_model,
-    load_tokenizer,
-    snapshot_trainable_params,
-    upcast_trainable_params,
-    use_cuda,
-)
+from tasks.training.loading import compute_dtype, use_cuda
 from tasks.training.trainer import (
     AdapterMethod,
     TrainingJob,
     adapter_stage_task,
-    first_and_last,
+    continued_adapter,
+    finish_trainer,
     launched_main,
+    preference_eval_sets,
+    reward_stats,
     run_adapter_stage,
     trainer_arguments,
 )
@@ -108,56 +103,31 @@ def _dpo_trainer_class():
 def build_trainer(cfg: PipelineConfig, job: TrainingJob, callbacks=()):
     """A ready DPO trainer: the SFT adapter (trainable) on the base, validation and train-probe eval sets."""
     import trl
-    from peft import PeftModel
-    from transformers import PrinterCallback
 
-    configure_threads()
     d = cfg.dpo
     if not job.train:
         raise ValueError("DPO needs preference pairs: the training split of preference_pairs is empty")
-    tokenizer = load_tokenizer(job.adapter_path, cfg)  # the SFT adapter's tokenizer: same pad token and chat template
     if fsdp_enabled(d) and d.precompute_ref_log_probs and use_cuda(cfg):
         raise ValueError("dpo.precompute_ref_log_probs computes the reference log-probs before FSDP has sharded the "
                          "model onto the GPUs (it is still in host memory then); with distributed=fsdp on GPUs set "
                          "dpo.precompute_ref_log_probs=false (the reference adapter is then applied on the fly)")
-    base = load_model(job.base_path, cfg, quantize=True, sharded=fsdp_enabled(d))
-    model = PeftModel.from_pretrained(base, job.adapter_path, is_trainable=True)
-    exact = snapshot_trainable_params(model)
-    evals = {}
-    if job.validation:
-        evals["validation"] = preference_dataset(job.validation[: d.max_eval_examples])
-    if d.train_probe_examples:
-        evals["train_probe"] = preference_dataset(job.train[: d.train_probe_examples])
+    model, tokenizer, exact = continued_adapter(cfg, d, job)
+    evals = preference_eval_sets(d, job, preference_dataset)
     args = trainer_arguments(trl.DPOConfig, cfg, d, job.out_dir, has_eval=bool(evals), beta=d.beta,
                              loss_type=[d.loss_type], precompute_ref_log_probs=d.precompute_ref_log_probs)
     trainer = _dpo_trainer_class()(
-        model=model, args=args, train_dataset=preference_dataset(job.train), eval_dataset=evals or None,
+        model=model, args=args, train_dataset=preference_dataset(job.train), eval_dataset=evals,
         processing_class=tokenizer, callbacks=list(callbacks),
         ref_cache_dir=cfg.cache_dir("ref_logps") if d.precompute_ref_log_probs else None,
         ref_cache_salt=job.extra.get("ref_cache_salt", ""),
     )
-    trainer.remove_callback(PrinterCallback)
-    if not use_cuda(cfg):
-        upcast_trainable_params(trainer.model, compute_dtype(cfg), exact)
-    return trainer
+    return finish_trainer(cfg, trainer, exact)
 
 
 def _stats(cfg: PipelineConfig, trainer, job: TrainingJob, curves: list[dict]) -> dict:
-    def last(metric: str) -> float | None:
-        return first_and_last(curves, metric)[1]
-
-    probe_accuracy = first_and_last(curves, "eval_train_probe_rewards/accuracies")
-    probe_margin = first_and_last(curves, "eval_train_probe_rewards/margins")
-    return {
-        "train_pairs": len(job.train), "eval_pairs": len((trainer.eval_dataset or {}).get("validation", [])),
-        "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type,
-        "train_reward_accuracy": last("rewards/accuracies"), "train_reward_margin": last("rewards/margins"),
-        "probe_reward_accuracy_start": probe_accuracy[0], "probe_reward_accuracy": probe_accuracy[1],
-        "probe_reward_margin_start": probe_margin[0], "probe_reward_margin": probe_margin[1],
-        "eval_reward_accuracy": last("eval_validation_rewards/accuracies"),
-        "eval_reward_margin": last("eval_validation_rewards/margins"),
-        "ref_logps_computed": trainer.ref_logps_computed, "ref_logps_cache_hits": trainer.ref_logps_cache_hits,
-    }
+    return {"train_pairs": len(job.train), "eval_pairs": len((trainer.eval_dataset or {}).get("validation", [])),
+            "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type, **reward_stats(curves),
+            "ref_logps_computed": trainer.ref_logps_computed, "ref_logps_cache_hits": trainer.ref_logps_cache_hits}
 
 
 def _read_pairs(warehouse: str, split: str) -> list[dict]:

@@ -21,17 +21,15 @@ from tasks.data.chat_template import chat_inputs
 from tasks.training.distributed import fsdp_enabled
 from tasks.training.loading import (
     attention_keeps_packed_examples_apart,
-    compute_dtype,
     configure_threads,
     load_model,
     load_tokenizer,
-    upcast_trainable_params,
-    use_cuda,
 )
 from tasks.training.trainer import (
     AdapterMethod,
     TrainingJob,
     adapter_stage_task,
+    finish_trainer,
     launched_main,
     run_adapter_stage,
     trainer_arguments,
@@ -118,7 +116,6 @@ def build_trainer(cfg: PipelineConfig, base_path: str | Path, train_examples: li
                   out_dir: str | Path, callbacks: list | tuple = ()):
     """A ready SFT trainer (tokenizer with pad token + chat template, 4-bit base when configured, LoRA)."""
     import trl
-    from transformers import PrinterCallback
 
     configure_threads()
     if not train_examples:
@@ -151,11 +148,8 @@ def build_trainer(cfg: PipelineConfig, base_path: str | Path, train_examples: li
                              "sft.assistant_only_loss=false to train on whole conversations.") from err
         raise
     trainer.assistant_only = assistant_only
-    trainer.remove_callback(PrinterCallback)  # our reporter logs every row already
-    if not use_cuda(cfg):
-        upcast_trainable_params(trainer.model, compute_dtype(cfg))
     trainer.packing_used = packing
-    return trainer
+    return finish_trainer(cfg, trainer)
 
 
 def _stats(cfg: PipelineConfig, trainer, job: TrainingJob, curves: list[dict]) -> dict:

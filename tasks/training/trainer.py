@@ -27,7 +27,7 @@ from typing import Any
 from tasks.core import storage
 from tasks.core.artifacts import publish_markdown
 from tasks.core.caching import retry_unless_deterministic, source_hash, stage_task
-from tasks.core.config import PipelineConfig, TrainerSettings
+from tasks.core.config import PipelineConfig, PreferenceSettings, TrainerSettings
 from tasks.core.hashing import files_fingerprint, json_fingerprint
 from tasks.core.storage import read_jsonl
 from tasks.training.distributed import (
@@ -35,11 +35,23 @@ from tasks.training.distributed import (
     allow_fsdp_on_cpu,
     distributed_arguments,
     distributed_mode,
+    fsdp_enabled,
     needs_launcher,
     save_adapter_weights,
 )
 from tasks.training.launch import last_checkpoint, launched_job, train_in_processes
-from tasks.training.loading import library_versions, trainer_precision, training_code_hash
+from tasks.training.loading import (
+    compute_dtype,
+    configure_threads,
+    library_versions,
+    load_model,
+    load_tokenizer,
+    snapshot_trainable_params,
+    trainer_precision,
+    training_code_hash,
+    upcast_trainable_params,
+    use_cuda,
+)
 from tasks.training.outputs import StageOutput
 from tasks.training.tracking import (
     TrainingReporter,
@@ -108,6 +120,51 @@ def trainer_arguments(trl_config_class, cfg: PipelineConfig, settings: TrainerSe
         log_level="warning", **trainer_precision(cfg), **method_arguments,
     )
     return trl_config_class(**{**arguments, **distributed_arguments(cfg, s)})
+
+
+def continued_adapter(cfg: PipelineConfig, settings: TrainerSettings, job: TrainingJob):
+    """(model, tokenizer, exact trainable params) for a method that continues job.adapter_path: the adapter
+    (trainable) on the base, with the adapter's own tokenizer (same pad token and chat template as SFT)."""
+    from peft import PeftModel
+
+    configure_threads()
+    tokenizer = load_tokenizer(job.adapter_path, cfg)
+    base = load_model(job.base_path, cfg, quantize=True, sharded=fsdp_enabled(settings))
+    model = PeftModel.from_pretrained(base, job.adapter_path, is_trainable=True)
+    return model, tokenizer, snapshot_trainable_params(model)
+
+
+def preference_eval_sets(settings: PreferenceSettings, job: TrainingJob, to_dataset: Callable) -> dict | None:
+    """Validation rows, and a fixed sample of training rows scored at start and end (the same rows both times)."""
+    evals = {}
+    if job.validation:
+        evals["validation"] = to_dataset(job.validation[: settings.max_eval_examples])
+    if settings.train_probe_examples:
+        evals["train_probe"] = to_dataset(job.train[: settings.train_probe_examples])
+    return evals or None
+
+
+def finish_trainer(cfg: PipelineConfig, trainer, exact_params=None):
+    """Our reporter logs every row already; on CPU, undo trl's bf16 cast of the trainable adapter (slow there)."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    if not use_cuda(cfg):
+        upcast_trainable_params(trainer.model, compute_dtype(cfg), exact_params)
+    return trainer
+
+
+def reward_stats(curves: list[dict]) -> dict[str, float | None]:
+    """The reward metrics trl's preference trainers log: the last training value, and on the train probe and
+    validation sets the first (step 0: policy == reference) and last."""
+    stats = {}
+    for metric, name in (("accuracies", "accuracy"), ("margins", "margin"), ("chosen", "chosen"),
+                         ("rejected", "rejected")):
+        stats[f"train_reward_{name}"] = first_and_last(curves, f"rewards/{metric}")[1]
+        for evaluated, prefix in (("train_probe", "probe"), ("validation", "eval")):
+            first, last = first_and_last(curves, f"eval_{evaluated}_rewards/{metric}")
+            stats[f"{prefix}_reward_{name}_start"], stats[f"{prefix}_reward_{name}"] = first, last
+    return stats
 
 
 def first_and_last(rows: list[dict], metric: str) -> tuple[float | None, float | None]:
