@@ -227,34 +227,36 @@ def compact_messages(messages: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
+def _split_rows(con: duckdb.DuckDBPyConnection, view: str, columns: list[str], split: str,
+                limit: int | None) -> list[dict[str, Any]]:
+    """Rows of one split of a training view, in a stable order, their message lists compacted."""
+    sql = f"SELECT {', '.join(columns)} FROM {view} WHERE split = ? ORDER BY example_id"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    rows = [dict(zip(columns, r)) for r in con.execute(sql, [split]).fetchall()]
+    for row in rows:
+        for name in ("messages", "prompt"):
+            if name in row:
+                row[name] = compact_messages(row[name])
+    return rows
+
+
 def sft_examples(con: duckdb.DuckDBPyConnection, split: str, limit: int | None = None) -> list[dict[str, Any]]:
     """[{example_id, source, messages: [{role, content, ...}, ...], tools: JSON text or None}] of one split, in a
     stable order."""
-    sql = "SELECT example_id, source, messages, tools FROM sft_examples WHERE split = ? ORDER BY example_id"
-    if limit:
-        sql += f" LIMIT {int(limit)}"
-    return [{"example_id": e, "source": s, "messages": compact_messages(m), "tools": t}
-            for e, s, m, t in con.execute(sql, [split]).fetchall()]
+    return _split_rows(con, "sft_examples", ["example_id", "source", "messages", "tools"], split, limit)
 
 
 def preference_pairs(con: duckdb.DuckDBPyConnection, split: str, limit: int | None = None) -> list[dict[str, Any]]:
     """[{example_id, source, prompt: [{role, content, ...}, ...], chosen: str, rejected: str, tools}] of one split."""
-    sql = ("SELECT example_id, source, prompt, chosen, rejected, tools FROM preference_pairs WHERE split = ? "
-           "ORDER BY example_id")
-    if limit:
-        sql += f" LIMIT {int(limit)}"
-    return [{"example_id": e, "source": s, "prompt": compact_messages(p), "chosen": c, "rejected": r, "tools": t}
-            for e, s, p, c, r, t in con.execute(sql, [split]).fetchall()]
+    return _split_rows(con, "preference_pairs", ["example_id", "source", "prompt", "chosen", "rejected", "tools"],
+                       split, limit)
 
 
 def feedback_examples(con: duckdb.DuckDBPyConnection, split: str, limit: int | None = None) -> list[dict[str, Any]]:
     """[{example_id, source, prompt: [{role, content, ...}, ...], completion: str, label: bool, tools}] of one split."""
-    sql = ("SELECT example_id, source, prompt, completion, label, tools FROM feedback_examples WHERE split = ? "
-           "ORDER BY example_id")
-    if limit:
-        sql += f" LIMIT {int(limit)}"
-    return [{"example_id": e, "source": s, "prompt": compact_messages(p), "completion": c, "label": lab, "tools": t}
-            for e, s, p, c, lab, t in con.execute(sql, [split]).fetchall()]
+    return _split_rows(con, "feedback_examples", ["example_id", "source", "prompt", "completion", "label", "tools"],
+                       split, limit)
 
 
 def last_promoted(con, exclude_run: str | None = None) -> dict | None:

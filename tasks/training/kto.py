@@ -8,18 +8,8 @@ evaluated on the validation split and on a fixed sample of training rows at star
 from __future__ import annotations
 
 from tasks.core.config import PipelineConfig
-from tasks.training.trainer import (
-    AdapterMethod,
-    TrainingJob,
-    adapter_stage_task,
-    continued_adapter,
-    finish_trainer,
-    launched_main,
-    preference_eval_sets,
-    reward_stats,
-    run_adapter_stage,
-    trainer_arguments,
-)
+from tasks.training import trainer as shared
+from tasks.training.trainer import AdapterMethod, TrainingJob
 
 
 def feedback_dataset(rows: list[dict]):
@@ -37,13 +27,13 @@ def build_trainer(cfg: PipelineConfig, job: TrainingJob, callbacks=()):
     k = cfg.kto
     if not {r["label"] for r in job.train} >= {True, False}:
         raise ValueError("KTO needs desirable and undesirable answers in the training split of feedback_examples")
-    model, tokenizer, exact = continued_adapter(cfg, k, job)
-    evals = preference_eval_sets(k, job, feedback_dataset)
-    args = trainer_arguments(trl.KTOConfig, cfg, k, job.out_dir, has_eval=bool(evals), beta=k.beta,
+    model, tokenizer, exact = shared.continued_adapter(cfg, k, job)
+    evals = shared.preference_eval_sets(k, job, feedback_dataset)
+    args = shared.trainer_arguments(trl.KTOConfig, cfg, k, job.out_dir, has_eval=bool(evals), beta=k.beta,
                              desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight)
     trainer = trl.KTOTrainer(model=model, args=args, train_dataset=feedback_dataset(job.train), eval_dataset=evals,
                              processing_class=tokenizer, callbacks=list(callbacks))
-    return finish_trainer(cfg, trainer, exact)
+    return shared.finish_trainer(cfg, trainer, exact)
 
 
 def _read(warehouse: str, split: str) -> list[dict]:
@@ -55,7 +45,7 @@ def _read(warehouse: str, split: str) -> list[dict]:
 
 def _stats(cfg: PipelineConfig, trainer, job: TrainingJob, curves: list[dict]) -> dict:
     return {"train_examples": len(job.train), "desirable": sum(bool(r["label"]) for r in job.train),
-            "beta": cfg.kto.beta, **reward_stats(curves)}
+            "beta": cfg.kto.beta, **shared.reward_stats(curves)}
 
 
 KTO = AdapterMethod(name="kto", title="KTO", module="tasks.training.kto", read_rows=_read, build=build_trainer,
@@ -64,10 +54,10 @@ KTO = AdapterMethod(name="kto", title="KTO", module="tasks.training.kto", read_r
 
 def run_kto(cfg: PipelineConfig, sft: dict, data: dict) -> dict:
     """The KTO stage: continue the SFT adapter on data's training split of labelled answers."""
-    return run_adapter_stage(KTO, cfg, sft, data)
+    return shared.run_adapter_stage(KTO, cfg, sft, data)
 
 
-kto_task = adapter_stage_task(KTO, run_kto)
+kto_task = shared.adapter_stage_task(KTO, run_kto)
 
 if __name__ == "__main__":
-    launched_main(KTO)
+    shared.launched_main(KTO)
