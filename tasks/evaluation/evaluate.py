@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from collections import defaultdict
 from typing import Any
 
 from evals.metrics import evals_code_hash, load_metric
