@@ -14,6 +14,7 @@ stored in the warehouse by content hash, so a nightly run only signs rows it has
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -56,13 +57,16 @@ def compute_signature_shard(cfg: PipelineConfig, clean: dict[str, Any], shard: i
     url = cfg.url("dedup", signature_params(d), f"{clean['fingerprint']}-shard{shard}.parquet")
     out = storage.local_path(url)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a private name and moved into place: a concurrent run signing the same shard (same URL) may be
+    # reading the copy already there.
+    private = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")
     table = pa.table({
         "content_hash": todo["content_hash"].to_arrow(),
         "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs.reshape(-1), pa.uint64()), d.num_perm),
     })
-    pq.write_table(table, out)
+    pq.write_table(table, private)
     return {"stage": "minhash", "fingerprint": f"{clean['fingerprint']}-{signature_params(d)}-{shard}",
-            "path": storage.publish(url), "signed": len(todo)}
+            "path": storage.publish(url, source=private), "signed": len(todo)}
 
 
 def clusters(rows: pl.DataFrame, sigs: np.ndarray, d: DedupConfig,
