@@ -1,12 +1,26 @@
 """Tool calling trains: rendered with apply_chat_template(..., tools=...), loss on the assistant's text and tool calls
-but not on tool results (checked on a real batch), SFT on stories260K and on the embedded base lowers the loss."""
+but not on tool results (checked on a real batch), SFT on stories260K and on the embedded base lowers the loss, and
+DPO / KTO prompts keep the tools, calls and results, rendered token for token as SFT renders them."""
 
 from __future__ import annotations
 
-from training_fixtures import STORIES, STORIES_BASE, alpaca_examples, make_warehouse, small_config, tool_examples
+import math
 
+from training_fixtures import (
+    STORIES,
+    STORIES_BASE,
+    alpaca_examples,
+    make_warehouse,
+    small_config,
+    tool_examples,
+    tool_pairs,
+)
+
+from tasks.core.warehouse import open_warehouse, preference_pairs
+from tasks.training import dpo, kto
 from tasks.training.base import build_embedded_base
-from tasks.training.sft import build_trainer, check_loss_mask, run_sft
+from tasks.training.sft import build_trainer, check_loss_mask, conversations, run_sft
+from tasks.training.trainer import TrainingJob
 
 # Long enough for the tool schema, the call and the result in stories260K's 512-piece vocabulary (its context).
 TOOL_CFG = {"model.max_length": 512, "sft.max_steps": 20, "sft.per_device_batch_size": 4, "sft.max_eval_examples": 8}
@@ -59,3 +73,46 @@ def test_tool_calling_sft_on_the_embedded_base_lowers_validation_loss(tmp_path):
     print("embedded tool SFT", {k: s[k] for k in ("first_eval_loss", "last_eval_loss", "wall_s")})
     assert s["steps"] == 20
     assert s["last_eval_loss"] < s["first_eval_loss"] - 0.01, s
+
+
+def test_dpo_on_tool_calling_prompts_renders_calls_and_results_as_sft_does_and_trains(tmp_path):
+    cfg = small_config(tmp_path, **{**TOOL_CFG, "sft.max_steps": 2, "sft.max_eval_examples": 4, "dpo.max_steps": 4,
+                                    "dpo.per_device_batch_size": 4, "dpo.eval_steps": 2, "dpo.save_steps": 4,
+                                    "dpo.logging_steps": 1, "dpo.max_eval_pairs": 4, "dpo.train_probe_pairs": 4})
+    pairs = tool_pairs(16)
+    data = make_warehouse(tmp_path / "wh.duckdb", sft={"train": tool_examples(8), "validation": tool_examples(4, 8)},
+                          pairs={"train": pairs[:12], "validation": pairs[12:]})
+    sft = run_sft(cfg, STORIES_BASE, data)
+    with open_warehouse(data["warehouse"], read_only=True) as con:
+        train = preference_pairs(con, "train")  # as the DPO stage reads them
+    assert [m["role"] for m in train[0]["prompt"]] == ["user", "assistant", "tool"] and train[0]["tools"]
+
+    job = TrainingJob(out_dir=str(tmp_path / "probe"), base_path=str(STORIES), train=train, validation=[],
+                      adapter_path=sft["adapter"])
+    trainer = dpo.build_trainer(cfg, job)
+    tokenizer = trainer.processing_class
+    for pair, row in zip(train, trainer.train_dataset):
+        prompt = tokenizer.decode(row["prompt_ids"]).replace(" ", "")
+        call = pair["prompt"][1]["tool_calls"][0]
+        assert f'<tool_call>{{"name":"forecast","arguments":{call["arguments"]}}}</tool_call>'.replace(" ", "") \
+            in prompt.replace("\n", "")
+        assert pair["prompt"][2]["content"].replace(" ", "") in prompt  # the tool result
+        assert '"description":"Rainchancebycity"' in prompt  # the tool schema
+        # The chosen sequence is, token for token, what SFT trains on for the same conversation.
+        whole = [{"messages": [*pair["prompt"], {"role": "assistant", "content": pair["chosen"]}],
+                  "tools": pair["tools"]}]
+        assert row["prompt_ids"] + row["chosen_ids"] == conversations(whole, tokenizer, True)[0]["input_ids"]
+    print("DPO tool prompt tokens", [len(r["prompt_ids"]) for r in trainer.train_dataset][:4])
+
+    # KTO tokenises the same rows' prompts identically.
+    feedback = [{"prompt": p["prompt"], "tools": p["tools"], "completion": p[k], "label": k == "chosen"}
+                for p in train[:4] for k in ("chosen", "rejected")]
+    kto_trainer = kto.build_trainer(cfg, TrainingJob(out_dir=str(tmp_path / "kto"), base_path=str(STORIES),
+                                                     train=feedback, validation=[], adapter_path=sft["adapter"]))
+    assert [r["prompt_ids"] for r in kto_trainer.train_dataset] == \
+        [r["prompt_ids"] for r in trainer.train_dataset.select(range(4)) for _ in range(2)]
+
+    s = dpo.run_dpo(cfg, sft, data)["stats"]
+    print("DPO on tool prompts", {k: s[k] for k in ("steps", "first_loss", "last_loss", "train_pairs")})
+    assert s["steps"] == 4 and s["train_pairs"] == 12
+    assert math.isfinite(s["first_loss"]) and math.isfinite(s["last_loss"])

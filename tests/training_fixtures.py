@@ -80,6 +80,18 @@ def tool_examples(n: int, offset: int = 0) -> list[dict]:
     return out
 
 
+def tool_pairs(n: int, offset: int = 0) -> list[dict]:
+    """tool_examples as preference pairs: the prompt runs through the tool call and its result, the chosen answer
+    reads the result, the rejected one ignores it."""
+    out = []
+    for ex, city in zip(tool_examples(n, offset), (CITIES[i % len(CITIES)] for i in range(offset, offset + n))):
+        *prompt, answer = ex["messages"]
+        out.append({"example_id": ex["example_id"].replace("tool", "tool-pair"), "source": "tool_pairs",
+                    "prompt": prompt, "chosen": answer["content"], "rejected": f"I cannot know the rain in {city}.",
+                    "tools": ex["tools"]})
+    return out
+
+
 def small_config(root: Path, **overrides) -> PipelineConfig:
     """A config sized for a 2-core CPU: short sequences, few steps, stories260K base unless overridden."""
     tree = {

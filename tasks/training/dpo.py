@@ -27,6 +27,7 @@ from tasks.training.trainer import (
     AdapterMethod,
     TrainingJob,
     adapter_stage_task,
+    chat_dataset,
     continued_adapter,
     finish_trainer,
     launched_main,
@@ -40,14 +41,9 @@ log = logging.getLogger("sftpipe.dpo")
 
 
 def preference_dataset(pairs: list[dict]):
-    """Conversational preference rows as trl expects them: prompt turns, chosen / rejected assistant turns."""
-    from datasets import Dataset
-
-    return Dataset.from_list([{
-        "prompt": [{"role": m["role"], "content": m["content"]} for m in p["prompt"]],
-        "chosen": [{"role": "assistant", "content": p["chosen"]}],
-        "rejected": [{"role": "assistant", "content": p["rejected"]}],
-    } for p in pairs])
+    """Conversational preference rows as trl expects them: prompt turns (tool calls and results included) and the
+    row's tools, chosen / rejected assistant turns."""
+    return chat_dataset(pairs, ("chosen", "rejected"))
 
 
 def _dpo_trainer_class():

@@ -13,12 +13,12 @@ from tasks.training.trainer import AdapterMethod, TrainingJob
 
 
 def feedback_dataset(rows: list[dict]):
-    """Unpaired preference rows as trl expects them: prompt turns, one assistant answer, its label."""
-    from datasets import Dataset
+    """Unpaired preference rows as trl expects them: prompt turns (tool calls and results included) and the row's
+    tools, one assistant answer, its label."""
+    from datasets import Value
 
-    return Dataset.from_list([{"prompt": [{"role": m["role"], "content": m["content"]} for m in r["prompt"]],
-                               "completion": [{"role": "assistant", "content": r["completion"]}],
-                               "label": bool(r["label"])} for r in rows])
+    return shared.chat_dataset([{**r, "label": bool(r["label"])} for r in rows], ("completion",),
+                               {"label": Value("bool")})
 
 
 def build_trainer(cfg: PipelineConfig, job: TrainingJob, callbacks=()):

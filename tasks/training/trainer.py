@@ -30,6 +30,7 @@ from tasks.core.caching import retry_unless_deterministic, source_hash, stage_ta
 from tasks.core.config import PipelineConfig, PreferenceSettings, TrainerSettings
 from tasks.core.hashing import files_fingerprint, json_fingerprint
 from tasks.core.storage import read_jsonl
+from tasks.data.chat_template import chat_inputs
 from tasks.training.distributed import (
     ParameterShareReport,
     allow_fsdp_on_cpu,
@@ -132,6 +133,35 @@ def continued_adapter(cfg: PipelineConfig, settings: TrainerSettings, job: Train
     base = load_model(job.base_path, cfg, quantize=True, sharded=fsdp_enabled(settings))
     model = PeftModel.from_pretrained(base, job.adapter_path, is_trainable=True)
     return model, tokenizer, snapshot_trainable_params(model)
+
+
+def chat_dataset(rows: list[dict], answers: tuple[str, ...], extra: dict[str, Any] | None = None):
+    """Rows {prompt: canonical turns, tools, <answer>: text, ...} as the conversational dataset trl's preference
+    trainers tokenise: the prompt and tools are chat_inputs' (what SFT, evaluation and serving render), each answer
+    one assistant turn, tools as JSON text (trl passes a row's tools to apply_chat_template(tools=...)).
+    extra: further columns, {name: datasets feature}, copied from the rows.
+
+    Turns are stored as JSON values (datasets' Json), encoded here by orjson: a struct column would merge every row's
+    keys (and tool-call argument keys) into one type full of NULLs that the template renders, and datasets' own
+    encoder rounds floats to 10 digits."""
+    import orjson
+    from datasets import Dataset, Features, Json, List, Value
+
+    def turns(messages: list[dict]) -> list[str]:
+        return [orjson.dumps(m).decode() for m in messages]
+
+    columns: dict[str, list] = {name: [] for name in ("prompt", "tools", *answers, *(extra or {}))}
+    for row in rows:
+        chat = chat_inputs(row["prompt"], row.get("tools"))
+        columns["prompt"].append(turns(chat["conversation"]))
+        columns["tools"].append(orjson.dumps(chat["tools"]).decode() if chat["tools"] else None)
+        for name in answers:
+            columns[name].append(turns([{"role": "assistant", "content": row[name]}]))
+        for name in extra or {}:
+            columns[name].append(row[name])
+    features = Features({"prompt": List(Json()), "tools": Value("string"), **{a: List(Json()) for a in answers},
+                         **(extra or {})})
+    return Dataset.from_dict(columns, features=features)
 
 
 def preference_eval_sets(settings: PreferenceSettings, job: TrainingJob, to_dataset: Callable) -> dict | None:
