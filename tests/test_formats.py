@@ -166,6 +166,42 @@ SHAREGPT_TOOLS = [
         {"from": "observation", "value": '{"password": "hunter2"}'},
         {"from": "gpt", "value": "I cannot tell you that."}], "tools": GLAIVE_TOOLS},
 ]
+_UMBRELLA_PROMPT = [
+    {"role": "user", "content": "Do I need an umbrella in Berlin tomorrow?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_p1", "type": "function", "function": {
+        "name": "get_forecast", "arguments": '{"city": "Berlin", "days": 1}'}}]},
+    {"role": "tool", "tool_call_id": "call_p1", "content": '{"rain_probability": 0.8, "high_c": 14}'}]
+_ORDER_CALL = {"from": "function_call", "value": '{"name": "lookup_order", "arguments": {"order_id": "B77"}}'}
+PREFERENCE_TOOLS = [
+    # trl's conversational layout: prompt turns through the tool's result, one assistant turn each, a tools column.
+    {"prompt": _UMBRELLA_PROMPT,
+     "chosen": [{"role": "assistant", "content": "Yes: an 80% chance of rain in Berlin tomorrow, so take one."}],
+     "rejected": [{"role": "assistant", "content": "No, Berlin is always sunny."}], "tools": [FORECAST_TOOL]},
+    # Whole conversations (Chinese) sharing the call and its result: the shared prefix is the prompt.
+    {"chosen": [{"role": "user", "content": "我的订单 A1029 到哪了？"},
+                {"role": "assistant", "content": "", "tool_calls": [{"id": "c9", "type": "function", "function": {
+                    "name": "lookup_order", "arguments": '{"order_id": "A1029"}'}}]},
+                {"role": "tool", "tool_call_id": "c9", "content": '{"status": "已发货", "eta": "明天"}'},
+                {"role": "assistant", "content": "您的订单已发货，预计明天送达。"}],
+     "rejected": [{"role": "user", "content": "我的订单 A1029 到哪了？"},
+                  {"role": "assistant", "content": "", "tool_calls": [{"id": "c9", "type": "function", "function": {
+                      "name": "lookup_order", "arguments": '{"order_id": "A1029"}'}}]},
+                  {"role": "tool", "tool_call_id": "c9", "content": '{"status": "已发货", "eta": "明天"}'},
+                  {"role": "assistant", "content": "订单还没有发货。"}],
+     "tools": [ORDER_TOOL]},
+    # LLaMA-Factory's ShareGPT preference layout with function_call / observation turns and tools as JSON text.
+    {"conversations": [{"from": "human", "value": "帮我查一下订单 B77。"}, _ORDER_CALL,
+                       {"from": "observation", "value": '{"status": "派送中"}'}],
+     "chosen": {"from": "gpt", "value": "订单 B77 正在派送中。"}, "rejected": {"from": "gpt", "value": "查不到。"},
+     "tools": json.dumps([ORDER_TOOL["function"]], ensure_ascii=False)},
+    # Malformed: a result nothing asked for; an answer that is a tool call (answers are text).
+    {"conversations": [{"from": "human", "value": "Where is order B78?"},
+                       {"from": "observation", "value": '{"status": "lost"}'}],
+     "chosen": {"from": "gpt", "value": "It was lost; I have filed a claim."},
+     "rejected": {"from": "gpt", "value": "It is fine."}, "tools": [ORDER_TOOL]},
+    {"conversations": [{"from": "human", "value": "Where is order B79?"}], "chosen": _ORDER_CALL,
+     "rejected": {"from": "gpt", "value": "No idea."}, "tools": [ORDER_TOOL]},
+]
 FAQ = [{"question": "How do I reset my router?", "answer": "Hold the reset button for ten seconds.", "category": "net"},
        {"question": "路由器指示灯一直闪烁怎么办？", "answer": "请先重启路由器，再检查网线是否插好。", "category": "net"}]
 SUPPORT_CHATS = [{"dialog": [{"speaker": "customer", "text": "My package arrived damaged."},
@@ -178,7 +214,8 @@ MAPPINGS = {"*faq*": {"columns": {"question": "instruction", "answer": "output"}
 
 FILES = {"hh_rlhf.jsonl": HH, "hh_prompt.jsonl": HH_PROMPT, "content_parts.jsonl": PARTS,
          "sharegpt_parts.json": SHAREGPT_PARTS, "whole_conversations.jsonl": WHOLE_CONVERSATIONS,
-         "openai_tools.jsonl": OPENAI_TOOLS, "sharegpt_tools.json": SHAREGPT_TOOLS, "faq_support.jsonl": FAQ,
+         "openai_tools.jsonl": OPENAI_TOOLS, "sharegpt_tools.json": SHAREGPT_TOOLS,
+         "preference_tools.jsonl": PREFERENCE_TOOLS, "faq_support.jsonl": FAQ,
          "support_chats.jsonl": SUPPORT_CHATS}
 EXPECTED_REASONS = {  # (file, 1-based row) -> reason; every other row is accepted
     ("hh_rlhf", 6): "unparseable_transcript", ("hh_rlhf", 7): "unparseable_transcript",
@@ -187,6 +224,7 @@ EXPECTED_REASONS = {  # (file, 1-based row) -> reason; every other row is accept
     ("openai_tools", 4): "invalid_tool_call", ("openai_tools", 5): "orphan_tool_result",
     ("openai_tools", 6): "orphan_tool_result",
     ("sharegpt_tools", 3): "invalid_tool_call", ("sharegpt_tools", 4): "orphan_tool_result",
+    ("preference_tools", 4): "orphan_tool_result", ("preference_tools", 5): "unsupported_content",
 }
 
 
@@ -305,6 +343,30 @@ def test_sharegpt_function_call_and_observation_turns(plane):
     assert tools == [{"type": "function", "function": json.loads(GLAIVE_TOOLS)[0]}]  # a JSON string in the file
     assert rows[1][4][0]["function"]["description"] == "货币换算"  # a list in the file
     assert "generate_password(length=16)" in rows[2][7]
+
+
+def test_preference_rows_keep_tool_calls_and_results_in_their_prompts(plane):
+    rows = _parsed(plane, "preference_tools")
+    assert [r[5] for r in rows] == ["accepted"] * 3 + ["rejected"] * 2
+    _, kind, prompt, answers, tools, *_ = rows[0]
+    assert (kind, tools, answers[1]) == ("preference", [FORECAST_TOOL], "No, Berlin is always sunny.")
+    assert prompt[1:] == [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_p1", "name": "get_forecast", "arguments": '{"city":"Berlin","days":1}'}]},
+        {"role": "tool", "content": '{"rain_probability": 0.8, "high_c": 14}', "tool_call_id": "call_p1",
+         "name": "get_forecast"}]
+    assert [m["role"] for m in rows[1][2]] == ["user", "assistant", "tool"]
+    assert rows[1][3] == ["您的订单已发货，预计明天送达。", "订单还没有发货。"] and rows[1][4] == [ORDER_TOOL]
+    assert rows[2][2][1]["tool_calls"] == [{"id": None, "name": "lookup_order", "arguments": '{"order_id":"B77"}'}]
+    assert rows[2][2][2]["content"] == '{"status": "派送中"}' and rows[2][4] == [ORDER_TOOL]
+    assert "follows no tool call" in rows[3][7] and "a preference answer with tool calls" in rows[4][7]
+    # What DPO reads: the prompt through the call and its result, the answers, the tools.
+    pairs = query(plane, "SELECT prompt, chosen, tools FROM preference_pairs WHERE source = 'preference_tools' "
+                         "ORDER BY chosen")
+    assert len(pairs) == 3
+    for prompt, chosen, tools in pairs:
+        roles = [m["role"] for m in compact_messages(prompt)]
+        assert roles == ["user", "assistant", "tool"] and json.loads(tools) and chosen
 
 
 def test_column_and_role_mapping_from_config(plane):
