@@ -28,18 +28,27 @@ from eval_fixtures import (
     query,
     servable_model,
 )
+from training_fixtures import FORECAST_TOOL, tool_examples
 
+from tasks.core.warehouse import compact_messages
+from tasks.data import formats
+from tasks.data.chat_template import openai_messages, template_tools
+from tasks.evaluation.generation import split_conversation
 from tasks.evaluation.serve import (
     ParityError,
     ServeSmokeError,
     VLLMServer,
+    chat_request,
     free_port,
     has_cuda,
     live_group_members,
     run_serve_smoke,
     server_command,
+    server_env,
     serve_venv,
 )
+from tasks.training.loading import load_tokenizer
+from tasks.training.sft import conversations
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_vllm = pytest.mark.skipif(
@@ -270,3 +279,66 @@ def test_end_to_end_eval_gate_and_serving_in_a_flow(world):
     assert "PASSED" in arts["serving-smoke-test"].data and "| sft |" in arts["eval-report"].data
     assert _no_vllm_left(world["merged"])
     print(f"eval + gate + serving flow: {time.time() - started:.1f} s")
+
+
+# A Chinese tool-calling conversation in OpenAI's layout: system prompt, text beside the call, non-ASCII and float
+# arguments (JSON serialisers differ on both), the tool's result, the answer.
+ORDER_TOOL = {"type": "function", "function": {"name": "查订单", "description": "查物流",
+              "parameters": {"type": "object", "properties": {"单号": {"type": "string"}, "权重": {"type": "number"}}}}}
+ZH_TOOL_ROW = {"messages": [
+    {"role": "system", "content": "客服"},
+    {"role": "user", "content": "A12到哪了？"},
+    {"role": "assistant", "content": "稍等。", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "查订单", "arguments": '{"单号": "A12", "权重": 0.1234567890123}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": '{"状态": "已发货"}'},
+    {"role": "assistant", "content": "已发货。"}], "tools": [ORDER_TOOL]}
+
+
+def _answer_start(mask: list[int]) -> int:
+    """Where the last trained span (the final answer) starts: everything before it is that answer's prompt."""
+    return max(i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_tool_calling_conversation_is_served_with_the_prompt_tokens_training_used(tmp_path):
+    cfg = eval_config(tmp_path / "runs", serve={"max_model_len": 512})
+    model = servable_model(tmp_path / "model")  # the pipeline's default chat template, which renders tools
+    tokenizer = load_tokenizer(model, cfg)  # as SFT loads it
+    parsed = formats.normalize(ZH_TOOL_ROW, "messages")
+    rows = [tool_examples(1)[0], {"messages": compact_messages(parsed.messages), "tools": json.dumps(parsed.tools)}]
+    assert rows[0]["tools"] and json.loads(rows[0]["tools"]) == [FORECAST_TOOL]
+    trained = [conversations([row], tokenizer, assistant_only=True)[0] for row in rows]  # SFT's own tokenization
+    port = free_port()
+    served_prompts, tokenized = [], []
+    with VLLMServer(server_command(cfg, str(model), port, "merged"), port, server_env(cfg),
+                    tmp_path / "vllm.log") as server:
+        server.start(cfg.serve.startup_timeout_s)
+        import httpx
+
+        with httpx.Client(timeout=cfg.serve.request_timeout_s, trust_env=False) as client:
+            for row in rows:
+                prompt, _ = split_conversation(row["messages"])
+                # The serve stage's own request: what vLLM renders from the OpenAI-shaped turns and tools.
+                body = chat_request("merged", prompt, row["tools"], {"max_tokens": 1, "temperature": 0,
+                                                                      "return_token_ids": True})
+                chat = client.post(f"{server.url}/v1/chat/completions", json=body)
+                assert chat.status_code == 200, chat.text
+                served_prompts.append(chat.json()["prompt_token_ids"])
+                # The whole conversation, answer included, through vLLM's tokenizer endpoint.
+                whole = client.post(f"{server.url}/tokenize", json={
+                    "model": "merged", "messages": openai_messages(row["messages"]),
+                    "tools": template_tools(row["tools"]), "add_generation_prompt": False})
+                assert whole.status_code == 200, whole.text
+                tokenized.append(whole.json()["tokens"])
+    for row, train, served, whole in zip(rows, trained, served_prompts, tokenized):
+        ids, start = train["input_ids"], _answer_start(train["assistant_masks"])
+        print(f"tool conversation: {len(ids)} training tokens, {start} before the answer, vLLM prompt {len(served)}, "
+              f"vLLM /tokenize {len(whole)}")
+        assert served == ids[:start]  # served: the training sequence up to where its final answer starts
+        assert whole == ids  # and the whole conversation tokenizes as trained
+        text = tokenizer.decode(served).replace(" ", "")
+        call, result = (next(m for m in row["messages"] if m["role"] == role) for role in ("assistant", "tool"))
+        assert call["tool_calls"][0]["name"] in text and "<tool_call>" in text
+        assert result["content"].replace(" ", "") in text
+    assert '"权重": 0.1234567890123' in tokenizer.decode(served_prompts[1])  # not rounded, not \u-escaped

@@ -392,18 +392,19 @@ def exercise_server(server: VLLMServer, name: str, refs: list[Reference], stops:
         choice = data["choices"][0]
         check(first, choice.get("token_ids") or [], None, choice["text"])
         for ref in refs:
-            data = call("POST", "/v1/chat/completions", chat_request(name, ref, sampling), ref.example_id)
+            data = call("POST", "/v1/chat/completions", chat_request(name, ref.messages, ref.tools, sampling),
+                        ref.example_id)
             choice = data["choices"][0]
             # [] rather than None when vLLM omits them: a missing rendering must fail, not skip, the prompt check.
             check(ref, choice.get("token_ids") or [], data.get("prompt_token_ids") or [],
                   choice["message"]["content"] or "")
 
 
-def chat_request(name: str, ref: Reference, sampling: dict) -> dict:
-    """The chat request for a reference prompt: its turns in OpenAI's shape and its tools. tool_choice none: the
-    server renders the tools into the prompt as training did, without needing a tool-call parser."""
-    body = {"model": name, "messages": openai_messages(ref.messages), **sampling}
-    if tools := template_tools(ref.tools):
+def chat_request(name: str, messages: list[dict], tools: str | list | None, sampling: dict) -> dict:
+    """The chat request for canonical prompt turns: the turns in OpenAI's shape and the row's tools. tool_choice none:
+    the server renders the tools into the prompt as training did, without needing a tool-call parser."""
+    body = {"model": name, "messages": openai_messages(messages), **sampling}
+    if tools := template_tools(tools):
         body.update(tools=tools, tool_choice="none")
     return body
 
