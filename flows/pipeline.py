@@ -19,6 +19,7 @@ from prefect.deployments import run_deployment
 from flows.stages import BY_NAME, Stage, check_stage_names, load_results, run_stage, run_stages, save_result
 from tasks.core.caching import current_run_id
 from tasks.core.config import PipelineConfig, load_config
+from tasks.core.results import StageResult
 
 
 class StageFailed(RuntimeError):
@@ -28,7 +29,7 @@ class StageFailed(RuntimeError):
 def _dispatcher(cfg: PipelineConfig, run_id: str, config_path: str | None, overrides: Any):
     """Run one stage through the GPU deployment and read its result back from the storage root."""
 
-    def dispatch(stage: Stage, refresh: bool) -> dict[str, Any]:
+    def dispatch(stage: Stage, refresh: bool) -> StageResult:
         child = run_deployment(
             cfg.orchestration.gpu_deployment,
             parameters={"stage": stage.name, "run_id": run_id, "config_path": config_path, "overrides": overrides,
@@ -54,7 +55,7 @@ def sft_pipeline(config_path: str | None = None, overrides: dict[str, Any] | lis
     dispatch = _dispatcher(cfg, run_id, config_path, overrides) if cfg.orchestration.gpu_deployment else None
     results = run_stages(cfg, run_id, until=until, refresh=refresh or [], dispatch=dispatch,
                          report=lambda name, result: get_run_logger().info("stage %s: %s", name,
-                                                                           result.get("stats", "")))
+                                                                           result.stats))
     if "promote" not in results:
         return _summary(results)
     from tasks.evaluation.promote import promotion_state
@@ -65,7 +66,7 @@ def sft_pipeline(config_path: str | None = None, overrides: dict[str, Any] | lis
 
 @flow(name="sft-stage")
 def sft_stage(stage: str, run_id: str, config_path: str | None = None,
-              overrides: dict[str, Any] | list[str] | None = None, refresh: bool = False) -> dict[str, Any]:
+              overrides: dict[str, Any] | list[str] | None = None, refresh: bool = False) -> StageResult:
     """Run one stage against the outputs of pipeline run `run_id` (e.g. rerun DPO with a new beta).
 
     The result is kept under this flow run's own id; the earlier run's outputs are left as they are.
@@ -77,5 +78,5 @@ def sft_stage(stage: str, run_id: str, config_path: str | None = None,
     return result
 
 
-def _summary(results: dict[str, Any]) -> dict[str, Any]:
-    return {name: {k: v for k, v in r.items() if k in ("stage", "fingerprint", "stats")} for name, r in results.items()}
+def _summary(results: dict[str, StageResult]) -> dict[str, Any]:
+    return {name: r.model_dump(include={"stage", "fingerprint", "stats"}) for name, r in results.items()}

@@ -10,11 +10,12 @@ from prefect import flow
 from flows.stages import run_stages
 from tasks.core.caching import current_run_id
 from tasks.core.config import load_config
+from tasks.core.results import DataResult
 
 
 @flow(name="prepare-data")
 def prepare_data(config_path: str | None = None, overrides: dict[str, Any] | list[str] | None = None,
-                 refresh: list[str] | None = None) -> dict[str, Any]:
+                 refresh: list[str] | None = None) -> DataResult:
     """Build the warehouse's training data; returns the split stage's result. `overrides` are dotted `key=value`
     strings or a nested dict; `refresh` names stages to recompute even when cached (or "all")."""
     cfg = load_config(config_path, overrides)

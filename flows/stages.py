@@ -1,7 +1,7 @@
 """The DAG in one table: every stage, the stages whose results it takes, where it runs; and the one loop that runs
 it (refresh, until, the cache check before dispatching a GPU stage, saving each result).
 
-Stage results are small dicts (paths + fingerprint + stats). Each is written to
+Stage results are small typed objects (tasks.core.results: paths + fingerprint + stats). Each is written to
 <storage_root>/pipeline-runs/<flow run id>/<stage>.json, the place both work pools' workers can reach, so a stage
 dispatched to the GPU pool (another process, another machine) finds its inputs there, and any stage can be rerun
 later against an earlier run's outputs.
@@ -9,7 +9,6 @@ later against an earlier run's outputs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -18,6 +17,7 @@ from typing import Any
 from tasks.core import storage
 from tasks.core.caching import for_config
 from tasks.core.config import PipelineConfig
+from tasks.core.results import DataResult, StageResult, load_result
 
 # An input naming this stage gets the result of the preference method the config selects (dpo or kto).
 PREFERENCE = "preference"
@@ -52,7 +52,7 @@ def _ingest(bound, cfg: PipelineConfig):
     return bound(ingest_task)(cfg, input_fingerprint(cfg), warehouse_id(cfg.warehouse_url))
 
 
-def _dedup(bound, cfg: PipelineConfig, clean: dict):
+def _dedup(bound, cfg: PipelineConfig, clean: DataResult):
     from prefect import unmapped
 
     from tasks.data.dedup import dedup_task, signature_shard_task
@@ -93,19 +93,19 @@ def run_dir(cfg: PipelineConfig, run_id: str) -> str:
     return cfg.url("pipeline-runs", run_id)
 
 
-def save_result(cfg: PipelineConfig, run_id: str, stage: str, result: dict[str, Any]) -> None:
+def save_result(cfg: PipelineConfig, run_id: str, stage: str, result: StageResult) -> None:
     # written whole (atomic rename locally, one PUT remotely): a reader never sees half a result
-    storage.write_text(storage.join(run_dir(cfg, run_id), f"{stage}.json"), json.dumps(result, indent=1, default=str))
+    storage.write_text(storage.join(run_dir(cfg, run_id), f"{stage}.json"), result.to_json())
 
 
-def load_results(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
+def load_results(cfg: PipelineConfig, run_id: str) -> dict[str, StageResult]:
     files = storage.list_files(run_dir(cfg, run_id), ".json")
     if not files:
         raise FileNotFoundError(f"no stage results for run {run_id} under {cfg.url('pipeline-runs')}")
-    return {PurePosixPath(f).stem: json.loads(storage.read_text(f)) for f in files}
+    return {PurePosixPath(f).stem: load_result(storage.read_text(f)) for f in files}
 
 
-def _inputs(cfg: PipelineConfig, stage: Stage, results: dict[str, Any]) -> dict[str, Any]:
+def _inputs(cfg: PipelineConfig, stage: Stage, results: dict[str, StageResult]) -> dict[str, StageResult]:
     sources = {arg: cfg.preference.method if src == PREFERENCE else src for arg, src in stage.inputs.items()}
     missing = [src for src in sources.values() if src not in results]
     if missing:
@@ -114,7 +114,7 @@ def _inputs(cfg: PipelineConfig, stage: Stage, results: dict[str, Any]) -> dict[
     return {arg: results[src] for arg, src in sources.items()}
 
 
-def is_cached(cfg: PipelineConfig, stage: Stage, results: dict[str, Any]) -> bool:
+def is_cached(cfg: PipelineConfig, stage: Stage, results: dict[str, StageResult]) -> bool:
     """True when this stage's result for these inputs is already in Prefect's result storage.
 
     A cached GPU stage needs no GPU: the pipeline then takes it from the cache in its own process instead of
@@ -130,7 +130,7 @@ def is_cached(cfg: PipelineConfig, stage: Stage, results: dict[str, Any]) -> boo
     return key is not None and get_result_store().update_for_task(task, _sync=True).exists(key)
 
 
-def run_stage(cfg: PipelineConfig, stage: Stage, results: dict[str, Any], refresh: bool) -> dict[str, Any]:
+def run_stage(cfg: PipelineConfig, stage: Stage, results: dict[str, StageResult], refresh: bool) -> StageResult:
     """Run one stage's cached task in this process with its inputs taken from `results`."""
     def bound(prefect_task):
         prefect_task = for_config(prefect_task, cfg)
@@ -142,12 +142,12 @@ def run_stage(cfg: PipelineConfig, stage: Stage, results: dict[str, Any], refres
     return bound(stage.load_task())(cfg, **inputs)
 
 
-Dispatch = Callable[[Stage, bool], dict[str, Any]]  # (stage, refresh) -> its result, computed elsewhere
+Dispatch = Callable[[Stage, bool], StageResult]  # (stage, refresh) -> its result, computed elsewhere
 
 
-def run_stages(cfg: PipelineConfig, run_id: str, *, results: dict[str, Any] | None = None, until: str | None = None,
-               refresh: list[str] = (), dispatch: Dispatch | None = None,
-               report: Callable[[str, dict], None] = lambda name, result: None) -> dict[str, Any]:
+def run_stages(cfg: PipelineConfig, run_id: str, *, results: dict[str, StageResult] | None = None,
+               until: str | None = None, refresh: list[str] = (), dispatch: Dispatch | None = None,
+               report: Callable[[str, StageResult], None] = lambda name, result: None) -> dict[str, StageResult]:
     """Run the table in order up to `until` (or all of it), each stage from cache when its inputs, config and code
     are unchanged; `refresh` names stages to recompute (or "all"). A GPU stage that is not cached goes to
     `dispatch` when given. Every result is saved under the run; returns them by stage name."""

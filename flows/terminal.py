@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tasks.core.results import PromotionResult, StageResult
+
 SUMMARY_VARIANTS = ("base", "sft", "dpo", "kto", "merged")
 
 
@@ -78,9 +80,11 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def headline(stage: str, result: dict | None) -> str:
+def headline(stage: str, result: StageResult | None) -> str:
     """The one figure that says whether a stage did its job."""
-    s = (result or {}).get("stats") or {}
+    if result is None:
+        return ""
+    s = result.stats
     if stage == "ingest":
         return f"{_num(s.get('new_rows'))} new rows from {_num(s.get('new_files'))} new files " \
                f"({_num(s.get('warehouse_rows'))} rows in the warehouse)"
@@ -98,7 +102,7 @@ def headline(stage: str, result: dict | None) -> str:
         return f"train {_num(s.get('train'))} / validation {_num(s.get('validation'))} / test {_num(s.get('test'))}"
     if stage == "base":
         if s.get("kind") != "embedded":
-            return f"{(result or {}).get('path')}" + (f" @ {s['revision'][:12]}" if s.get("revision") else "")
+            return f"{result.path}" + (f" @ {s['revision'][:12]}" if s.get("revision") else "")
         loss = s.get("warmup_loss") or {}
         return f"embedded, warm-up loss {_num(loss.get('first'))} → {_num(loss.get('last'))}"
     if stage in ("sft", "dpo", "kto"):
@@ -113,14 +117,14 @@ def headline(stage: str, result: dict | None) -> str:
     if stage == "merge":
         return f"logit parity with the adapter: max |Δ| {_num(s.get('max_abs_logit_diff'), 2)}"
     if stage == "evaluate":
-        merged = ((result or {}).get("metrics") or {}).get("merged") or {}
+        merged = result.metrics.get("merged") or {}
         return f"merged: test perplexity {_num(merged.get('perplexity/test'))}, " \
                f"ROUGE-L {_num(merged.get('rougeL/test'))}"
     if stage == "serve":
         parity = ", ".join(f"{k} {v}" for k, v in (s.get("parity") or {}).items())
         return f"vLLM greedy parity {parity}, {_num(s.get('tokens_per_s'))} tokens/s"
     if stage == "promote":
-        return (result or {}).get("decision", "")
+        return result.decision
     return ""
 
 
@@ -135,7 +139,7 @@ class Terminal:
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=True,
                                  redirect_stdout=False, redirect_stderr=False)
         self.tasks: dict[str, Any] = {}
-        self.results: dict[str, dict] = {}
+        self.results: dict[str, StageResult] = {}
         self.failed: dict[str, str] = {}
 
     def __enter__(self) -> Terminal:
@@ -169,7 +173,7 @@ class Terminal:
             self.failed[stage] = fields.get("error", "")
             text = fields.get("error", "")
         else:
-            self.results[stage] = fields.get("result") or {}
+            self.results[stage] = fields.get("result")
             text = headline(stage, self.results[stage])
         style = {"ran": "green", "cached": "blue", "failed": "bold red"}[state]
         self.console.print(f"  {stage:<9} [{style}]{state:<6}[/] {fields.get('seconds', 0):6.1f}s  {text}",
@@ -177,7 +181,7 @@ class Terminal:
 
     def summary(self, final_state, where: list[tuple[str, str]]) -> None:
         """Eval headline per variant against the base, the promotion decision and its reasons, where things are."""
-        metrics = (self.results.get("evaluate") or {}).get("metrics") or {}
+        metrics = ev.metrics if (ev := self.results.get("evaluate")) else {}
         if metrics:
             self.console.print()
             self.console.print(eval_table(metrics))
@@ -208,12 +212,11 @@ def eval_table(metrics: dict[str, dict[str, float]]) -> Table:
     return table
 
 
-def promotion_lines(decision: dict) -> str:
-    against = {"base": "this run's base", "last_promoted": f"the last promoted run {str(decision.get('baseline_run_id'))[:8]}"}
-    baseline = against.get(decision.get("baseline_kind"), "no baseline (first run)")
-    if decision.get("promoted"):
+def promotion_lines(decision: PromotionResult) -> str:
+    against = {"base": "this run's base", "last_promoted": f"the last promoted run {str(decision.baseline_run_id)[:8]}"}
+    baseline = against.get(decision.baseline_kind, "no baseline (first run)")
+    if decision.promoted:
         checks = "; ".join(f"{c['check']} {_num(c['candidate'], 4)} (limit {_num(c['limit'], 4)})"
-                           for c in decision.get("checks", []))
-        return f"[bold green]Promoted[/] {decision.get('variant')} against {baseline}" + (f": {checks}" if checks else "")
-    return f"[bold red]Not promoted[/] {decision.get('variant')} against {baseline}: " + \
-        "; ".join(decision.get("reasons", []))
+                           for c in decision.checks)
+        return f"[bold green]Promoted[/] {decision.variant} against {baseline}" + (f": {checks}" if checks else "")
+    return f"[bold red]Not promoted[/] {decision.variant} against {baseline}: " + "; ".join(decision.reasons)

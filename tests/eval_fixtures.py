@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from tasks.core.config import PipelineConfig, apply_overrides
+from tasks.core.results import DataResult
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -42,7 +43,7 @@ def eval_config(root: Path, **overrides) -> PipelineConfig:
     return apply_overrides(tree, overrides or None)
 
 
-def data_plane(cfg: PipelineConfig) -> dict:
+def data_plane(cfg: PipelineConfig) -> DataResult:
     from tasks.data.clean import run_clean
     from tasks.data.dedup import deduplicate
     from tasks.data.ingest import run_ingest

@@ -184,7 +184,7 @@ def test_groups_that_would_overlap_training_stay_in_train(tmp_path, make_cfg):
     f.write_text(json.dumps(rows + distinct), encoding="utf-8")
     cfg = make_cfg(f"data.ingest.inputs=[{f}]", "data.dedup.threshold=0.99", "data.split.validation=0.3",
                    "data.split.test=0.3")
-    stats = run_data_plane(cfg)["split"]["stats"]
+    stats = run_data_plane(cfg)["split"].stats
     assert stats["groups"] == 120 and stats["kept_in_train_by_overlap"] > 0
     story_splits = query(cfg, "SELECT DISTINCT e.split FROM sft_examples e JOIN clean_rows c ON c.row_id = "
                               "e.example_id WHERE c.dedup_text LIKE 'user: Story %'")
@@ -302,7 +302,7 @@ def test_old_rows_never_move_new_rows_follow_their_group_and_bridges_are_recorde
         *[{"instruction": q, "input": "", "output": a_} for q, a_ in pool[120:140]],
     ]), encoding="utf-8")
     cfg2 = make_cfg(f"data.ingest.inputs=[{first},{second}]", *settings)
-    stats = run_data_plane(cfg2)["split"]["stats"]
+    stats = run_data_plane(cfg2)["split"].stats
     after = dict(query(cfg2, "SELECT cluster_id, split FROM split_assignments"))
     assert {k: after[k] for k in before} == before and len(after) == len(before) + 23
     new = dict(query(cfg2, "SELECT r.row_number, a.split FROM raw_rows r JOIN source_files f USING (file_id) "

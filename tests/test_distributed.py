@@ -37,7 +37,7 @@ def data(tmp_path):
 
 
 def step_losses(result: dict) -> dict[int, float]:
-    rows = [json.loads(line) for line in (Path(result["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(result.out_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["value"] for r in rows if r["metric"] == "loss"}
 
 
@@ -63,7 +63,7 @@ def assert_halves(shares: list[dict], kind: str) -> None:
 def test_fsdp_lora_shards_the_model_and_matches_one_process(tmp_path, data):
     sharded = run_sft(small_config(tmp_path / "fsdp", **{**SMALL, **FSDP, "model.quantization": "none",
                                                          "sft.per_device_batch_size": 4}), STORIES_BASE, data)
-    s = sharded["stats"]
+    s = sharded.stats
     assert s["world_size"] == 2 and s["distributed"] == "fsdp" and s["distributed_backend"] == "gloo"
     assert s["steps"] == 6 and s["last_eval_loss"] < s["first_eval_loss"], s
     shares = s["parameters_per_process"]
@@ -80,7 +80,7 @@ def test_fsdp_lora_shards_the_model_and_matches_one_process(tmp_path, data):
     # differently by the distributed sampler.)
     single = run_sft(small_config(tmp_path / "single", **{**SMALL, "model.quantization": "none",
                                                           "sft.per_device_batch_size": 8}), STORIES_BASE, data)
-    assert single["stats"]["distributed"] == "single"
+    assert single.stats["distributed"] == "single"
     losses, single_losses = step_losses(sharded), step_losses(single)
     assert sorted(losses) == sorted(single_losses) == list(range(1, 7))
     for step, loss in losses.items():
@@ -89,12 +89,12 @@ def test_fsdp_lora_shards_the_model_and_matches_one_process(tmp_path, data):
     # error measured at <1e-3. It exceeds the losses' 1e-7 because Adam turns fp32 noise in a near-zero gradient
     # component into a learning-rate-sized step. Tolerance 1e-2: 10x the measured error, and 10x below what a real
     # mismatch costs: the same run stopped one step earlier differs by 0.13, one fed other batches by 0.68.
-    a = load_file(Path(sharded["adapter"]) / "adapter_model.safetensors")
-    b = load_file(Path(single["adapter"]) / "adapter_model.safetensors")
+    a = load_file(Path(sharded.adapter) / "adapter_model.safetensors")
+    b = load_file(Path(single.adapter) / "adapter_model.safetensors")
     assert sorted(a) == sorted(b) and len(a) == 2 * 5 * 7  # lora_A and lora_B of every linear layer
     assert max(update_error(a, b, name) for name in a if "lora_A" in name) < 1e-2
     for name in ("adapter_config.json", "tokenizer.json", "chat_template.jinja"):
-        assert (Path(sharded["adapter"]) / name).is_file(), name
+        assert (Path(sharded.adapter) / name).is_file(), name
 
 
 def _stage_in_subprocess(cfg_tree: dict, data: dict, log_path: Path) -> subprocess.Popen:
@@ -130,9 +130,9 @@ def test_fsdp_qlora_resumes_after_a_kill_then_dpo_and_merge(tmp_path, data):
     assert (checkpoints[0] / "pytorch_model_fsdp_0").is_dir()  # the adapter's shards, not a gathered copy
 
     result = run_sft(cfg, STORIES_BASE, data)  # the retry: same inputs, same folder, same number of processes
-    s = result["stats"]
+    s = result.stats
     assert s["distributed"] == "fsdp" and s["resumed_from_step"] == done[-1] and s["steps"] == 10
-    rows = [json.loads(line) for line in (Path(result["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(result.out_dir) / "metrics.jsonl").read_text().splitlines()]
     loss_rows = [r for r in rows if r["metric"] == "loss"]
     assert [r["step"] for r in loss_rows] == list(range(1, 11))  # nothing lost, nothing logged twice
     assert all((r["time"] < killed_at) == (r["step"] <= done[-1]) for r in loss_rows)
@@ -145,16 +145,16 @@ def test_fsdp_qlora_resumes_after_a_kill_then_dpo_and_merge(tmp_path, data):
                                     "dpo.launcher": "torchrun", "dpo.max_steps": 6, "dpo.eval_steps": 6,
                                     "dpo.per_device_batch_size": 4, "dpo.max_eval_pairs": 8})
     dpo = run_dpo(cfg, result, data)
-    d = dpo["stats"]
+    d = dpo.stats
     assert d["distributed"] == "fsdp" and d["world_size"] == 2 and d["steps"] == 6
     assert_halves(d["parameters_per_process"], "adapter")
     assert_halves(d["parameters_per_process"], "base")
     assert d["probe_reward_margin"] > d["probe_reward_margin_start"], d  # the chosen answers gain on the rejected
 
     merged = run_merge(cfg, dpo)  # a plain peft adapter: merge checks the merged model's logits against it
-    assert merged["stats"]["max_abs_logit_diff"] <= merged["stats"]["parity_atol"]
-    assert merged["stats"]["adapter_effect_max_abs_logit"] > 0.01
-    saved = load_file(Path(dpo["adapter"]) / "adapter_model.safetensors")
+    assert merged.stats["max_abs_logit_diff"] <= merged.stats["parity_atol"]
+    assert merged.stats["adapter_effect_max_abs_logit"] > 0.01
+    saved = load_file(Path(dpo.adapter) / "adapter_model.safetensors")
     assert len(saved) == 2 * 5 * 7  # only the trained adapter, not trl's reference copy
 
 

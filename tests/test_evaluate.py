@@ -16,6 +16,7 @@ from eval_fixtures import (
     query,
 )
 
+from tasks.core.results import ModelResult
 from tasks.evaluation.evaluate import run_eval
 from tasks.evaluation.generation import (
     encode_for_loss,
@@ -32,9 +33,10 @@ def setup(tmp_path_factory):
     base = chat_model(root / "base")
     adapter = lora_adapter(base, root / "adapter")
     merged = merge(base, adapter, root / "merged")
-    variants = {"base": {"fingerprint": "b", "path": str(STORIES)},  # no template of its own: the default applies
-                "sft": {"fingerprint": "s", "adapter": str(adapter), "base": str(base)},
-                "merged": {"fingerprint": "m", "path": str(merged), "adapter": str(adapter), "base": str(base)}}
+    variants = {"base": ModelResult(stage="base", fingerprint="b", path=str(STORIES)),  # the default template applies
+                "sft": ModelResult(stage="sft", fingerprint="s", adapter=str(adapter), base=str(base)),
+                "merged": ModelResult(stage="merge", fingerprint="m", path=str(merged), adapter=str(adapter),
+                                      base=str(base))}
     return cfg, data, variants
 
 
@@ -48,7 +50,7 @@ def test_loss_tokens_are_the_assistant_turns(setup):
     from tasks.training.loading import load_tokenizer
 
     cfg, _, variants = setup
-    tok = load_tokenizer(variants["merged"]["path"], cfg)
+    tok = load_tokenizer(variants["merged"].path, cfg)
     messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
                 {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Red."}]
     enc = encode_for_loss(tok, messages, 512, "assistant")
@@ -75,8 +77,8 @@ def test_split_conversation_uses_last_assistant_turn():
 def test_run_eval_records_every_variant_on_the_same_examples(setup):
     cfg, data, variants = setup
     result = run_eval(cfg, data, variants)
-    wh, run = data["warehouse"], result["run_id"]
-    assert result["stage"] == "evaluate" and run.startswith("local-")
+    wh, run = data.warehouse, result.run_id
+    assert result.stage == "evaluate" and run.startswith("local-")
 
     rows = query(wh, "SELECT variant, split, source, metric, value, n FROM eval_results WHERE run_id = ?", [run])
     sources = {r[0] for r in query(wh, "SELECT DISTINCT source FROM sft_examples WHERE split = 'test'")}
@@ -121,12 +123,12 @@ def test_run_eval_records_every_variant_on_the_same_examples(setup):
                        "GROUP BY ALL", [run])
     assert dict(counts) == dict.fromkeys(("base", "sft", "merged"), cfg.eval.max_generate_examples)
 
-    report = open(result["report_path"], encoding="utf-8").read()
+    report = open(result.report_path, encoding="utf-8").read()
     assert "| merged |" in report and "Δ against the base" in report and "No run has been promoted yet" in report
     excluded = dict(query(wh, "SELECT split, rows FROM eval_exclusions WHERE kind = 'sft'"))
     assert (f"rows excluded for overlapping training (validation/test): {excluded.get('validation', 0)}/"
             f"{excluded.get('test', 0)}") in report
-    assert result["artifacts"] == []  # outside a flow run: nothing published, nothing fails
+    assert result.artifacts == []  # outside a flow run: nothing published, nothing fails
     assert query(wh, "SELECT count(*) FROM eval_summary WHERE run_id = ?", [run])[0][0] == 3
 
 
@@ -144,10 +146,10 @@ def test_eval_task_publishes_report_and_samples_in_a_flow(setup):
 
     state = evaluate_only(return_state=True)
     result = state.result()
-    assert result["run_id"] == str(state.state_details.flow_run_id)  # rows are keyed by the flow run
+    assert result.run_id == str(state.state_details.flow_run_id)  # rows are keyed by the flow run
     arts = flow_run_artifacts(state.state_details.flow_run_id)
     assert {"eval-report", "eval-samples"} <= set(arts)
     assert "| merged |" in arts["eval-report"].data and "| base |" in arts["eval-report"].data
     assert "reference" in arts["eval-samples"].data and "merged" in arts["eval-samples"].data
-    assert query(data["warehouse"], "SELECT count(DISTINCT variant) FROM eval_results WHERE run_id = ?",
-                 [result["run_id"]])[0][0] == 2
+    assert query(data.warehouse, "SELECT count(DISTINCT variant) FROM eval_results WHERE run_id = ?",
+                 [result.run_id])[0][0] == 2

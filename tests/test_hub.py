@@ -41,19 +41,19 @@ def test_hub_id_resolves_to_a_commit_that_keys_the_cache(hub_cache, make_cfg):
     cfg = make_cfg(f"model.base={REPO}")
     assert hub.is_hub_id(REPO) and not hub.is_hub_id(str(STORIES)) and not hub.is_hub_id("embedded")
     base = resolve_base(cfg)
-    assert base["path"] == str(hub_cache / "snapshots" / COMMIT_A)
-    assert base["stats"]["revision"] == COMMIT_A and base["stats"]["requested_revision"] == "main"
-    assert base["stats"]["model_type"] == "llama" and base["stats"]["tensors"] > 0
+    assert base.path == str(hub_cache / "snapshots" / COMMIT_A)
+    assert base.stats["revision"] == COMMIT_A and base.stats["requested_revision"] == "main"
+    assert base.stats["model_type"] == "llama" and base.stats["tensors"] > 0
     key_a = _base_config(cfg)
 
     (hub_cache / "refs" / "main").write_text(COMMIT_B)  # upstream moved on
     hub.resolve_revision.cache_clear()
     moved = resolve_base(cfg)
-    assert moved["stats"]["revision"] == COMMIT_B and moved["fingerprint"] != base["fingerprint"]
+    assert moved.stats["revision"] == COMMIT_B and moved.fingerprint != base.fingerprint
     assert _base_config(cfg) != key_a  # so the base stage (and everything after it) runs again
 
     pinned = make_cfg(f"model.base={REPO}", f"model.revision={COMMIT_A}")
-    assert resolve_base(pinned)["fingerprint"] == base["fingerprint"]
+    assert resolve_base(pinned).fingerprint == base.fingerprint
 
 
 def test_broken_weights_fail_the_base_stage(hub_cache, make_cfg):

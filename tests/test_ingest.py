@@ -37,7 +37,7 @@ def test_shared_files_ingest_in_their_format(make_cfg, rel):
     fmt, n = SHARED_FILES[rel]
     cfg = make_cfg(f"data.ingest.inputs=[{SHARED_DATA / rel}]")
     result = run_ingest(cfg)
-    assert result["stats"]["new_rows"] == n
+    assert result.stats["new_rows"] == n
     [(data_format, n_rows, status)] = query(cfg, "SELECT data_format, n_rows, status FROM source_files")
     assert (data_format, n_rows, status) == (fmt, n, "ingested")
     # Verbatim raw rows with provenance, and each parsed into the canonical roles.
@@ -157,11 +157,11 @@ def test_a_run_with_nothing_usable_fails_naming_the_file(tmp_path, make_cfg):
 def test_reingest_is_idempotent_and_a_changed_file_is_a_new_version(tmp_path, make_cfg):
     f = _write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)])
     cfg = make_cfg(f"data.ingest.inputs=[{f}]")
-    assert run_ingest(cfg)["stats"]["new_rows"] == 5
-    assert run_ingest(cfg)["stats"]["new_rows"] == 0
+    assert run_ingest(cfg).stats["new_rows"] == 5
+    assert run_ingest(cfg).stats["new_rows"] == 0
     assert query(cfg, "SELECT count(*) FROM raw_rows")[0][0] == 5
     _write_jsonl(f, [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(6)])
-    assert run_ingest(cfg)["stats"]["new_rows"] == 6
+    assert run_ingest(cfg).stats["new_rows"] == 6
     assert query(cfg, "SELECT count(DISTINCT content_sha256), count(DISTINCT path) FROM source_files")[0] == (2, 1)
     # The unchanged rows of the new version are exact duplicates of the first version's rows.
     from tasks.data.clean import run_clean
@@ -191,7 +191,7 @@ def test_a_crash_mid_file_leaves_no_partial_rows(tmp_path, make_cfg, monkeypatch
     monkeypatch.undo()
     assert query(cfg, "SELECT count(*) FROM source_files")[0][0] == 0
     assert query(cfg, "SELECT count(*) FROM raw_rows")[0][0] == 0
-    assert run_ingest(cfg)["stats"]["new_rows"] == 50
+    assert run_ingest(cfg).stats["new_rows"] == 50
 
 
 def test_outputs_under_a_storage_root_inside_the_input_folder_are_not_ingested(tmp_path, make_cfg):
@@ -199,7 +199,7 @@ def test_outputs_under_a_storage_root_inside_the_input_folder_are_not_ingested(t
     cfg = make_cfg(f"data.ingest.inputs=[{tmp_path}]", root=tmp_path / "runs")
     run_data_plane(cfg)  # writes Parquet signature shards under tmp_path/runs
     assert list((tmp_path / "runs").rglob("*.parquet"))
-    assert run_ingest(cfg)["stats"]["files"] == 1
+    assert run_ingest(cfg).stats["files"] == 1
     assert [p for (p,) in query(cfg, "SELECT path FROM source_files")] == [str(tmp_path / "a.jsonl")]
 
 
@@ -209,7 +209,7 @@ def test_an_input_folder_inside_the_storage_root_is_read(tmp_path, make_cfg):
     _write_jsonl(raw / "b.jsonl", [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)])
     cfg = make_cfg(f"data.ingest.inputs=[{raw}]", root=tmp_path / "runs")
     run_data_plane(cfg)
-    assert run_ingest(cfg)["stats"]["files"] == 1  # the outputs now under runs/ are not inputs
+    assert run_ingest(cfg).stats["files"] == 1  # the outputs now under runs/ are not inputs
     assert [p for (p,) in query(cfg, "SELECT path FROM source_files")] == [str(raw / "b.jsonl")]
 
 
@@ -217,7 +217,7 @@ INGEST_AND_REPORT = """
 import json, sys
 from tasks.core.config import load_config
 from tasks.data.ingest import run_ingest
-print(json.dumps(run_ingest(load_config(None, sys.argv[1:]))["stats"]))
+print(json.dumps(run_ingest(load_config(None, sys.argv[1:])).stats))
 """
 
 
@@ -349,6 +349,6 @@ def test_a_sigkill_mid_file_leaves_whole_files_and_the_rerun_completes(tmp_path,
                        "USING (file_id) GROUP BY ALL ORDER BY 1")
     assert [(p.rsplit("/", 1)[1], n, c) for p, n, c in files] == [("part0.jsonl", 200, 200), ("part1.jsonl", 200, 200)]
     assert query(cfg, "SELECT count(*) FROM parsed_rows")[0][0] == 400
-    assert run_ingest(cfg)["stats"]["new_rows"] == 400
+    assert run_ingest(cfg).stats["new_rows"] == 400
     assert query(cfg, "SELECT count(*), count(DISTINCT file_id) FROM raw_rows")[0] == (800, 4)
     assert query(cfg, "SELECT count(*) FROM parsed_rows")[0][0] == 800

@@ -38,16 +38,16 @@ def test_undesirable_answers_reach_the_warehouse_but_not_sft(kto_run):
 
 def test_kto_loss_falls_and_rewards_separate_held_out_answers(kto_run):
     cfg, data, sft, kto = kto_run
-    s = kto["stats"]
+    s = kto.stats
     assert s["steps"] == 30 and s["last_loss"] < s["first_loss"], s
     # At step 0 the policy is the reference (the SFT model): every reward is 0.
     assert s["eval_reward_margin_start"] == pytest.approx(0.0, abs=1e-6)
     # Held-out rows (the validation split, never trained on): desirable answers now score above undesirable ones.
     assert s["eval_reward_chosen"] > 0 > s["eval_reward_rejected"] and s["eval_reward_margin"] > 1.0, s
     assert s["probe_reward_margin"] > s["probe_reward_margin_start"] + 0.5, s
-    adapter = Path(kto["adapter"])
+    adapter = Path(kto.adapter)
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "ref").exists()
-    assert kto["stage"] == "kto" and kto["base"] == sft["base"]
+    assert kto.stage == "kto" and kto.base == sft.base
 
     held_out_loss = query(cfg, "SELECT value FROM training_curves WHERE stage = 'kto' AND metric = "
                                "'eval_validation_loss' ORDER BY step")

@@ -18,6 +18,7 @@ from training_fixtures import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tasks.core.results import ModelResult
 from tasks.core.warehouse import open_warehouse
 from tasks.training.merge import (
     AdapterError,
@@ -56,27 +57,27 @@ def test_merged_model_matches_adapter_model(sft_run, dtype):
     cfg, data, sft = sft_run
     cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"dtype": dtype})})
     result = run_merge(cfg, sft)
-    s = result["stats"]
+    s = result.stats
     assert s["dtype"] == dtype and s["parity_examples"] == 4
     assert s["max_abs_logit_diff"] <= s["parity_atol"] and s["max_abs_logit_diff_saved"] <= s["parity_atol"]
     assert s["parity_atol"] == {"float32": 1e-3, "float16": 0.25}[dtype]
     assert s["adapter_effect_max_abs_logit"] > 100 * s["max_abs_logit_diff"]  # a real adapter, not a no-op
-    model_dir = Path(result["path"])
+    model_dir = Path(result.path)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"):
         assert (model_dir / name).is_file(), name
     assert not list(model_dir.glob("adapter*"))  # a plain model: no peft needed to serve it
-    assert (model_dir / "chat_template.jinja").read_text() == (Path(sft["adapter"]) / "chat_template.jinja").read_text()
+    assert (model_dir / "chat_template.jinja").read_text() == (Path(sft.adapter) / "chat_template.jinja").read_text()
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert model.dtype == getattr(torch, dtype)
     # Parity checked here, not taken from the stage's own report: the saved model against the adapter on the base.
-    diff, adapter_effect = _saved_merged_vs_adapter_logits(model_dir, Path(sft["adapter"]))
+    diff, adapter_effect = _saved_merged_vs_adapter_logits(model_dir, Path(sft.adapter))
     assert diff <= {"float32": 1e-3, "float16": 0.25}[dtype] and adapter_effect > 100 * diff
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt = tokenizer.apply_chat_template(VALID[0]["messages"][:1], add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
-    with open_warehouse(data["warehouse"], read_only=True) as con:
+    with open_warehouse(data.warehouse, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM training_runs WHERE stage = 'merge'").fetchone()[0] >= 1
 
 
@@ -84,12 +85,12 @@ def test_parity_mismatch_fails_and_writes_nothing(sft_run, tmp_path):
     cfg, data, sft = sft_run
     strict = small_config(tmp_path, **{"merge.parity_atol": 1e-12, "merge.dtype": "float16"})
     with pytest.raises(MergeParityError, match="differ from the adapter model's"):
-        merge_adapter(strict, STORIES, sft["adapter"], VALID, tmp_path / "out")
+        merge_adapter(strict, STORIES, sft.adapter, VALID, tmp_path / "out")
     assert not (tmp_path / "out" / "model").exists()
 
 
-def _copy_adapter(sft: dict, dest: Path) -> Path:
-    shutil.copytree(sft["adapter"], dest)
+def _copy_adapter(sft: ModelResult, dest: Path) -> Path:
+    shutil.copytree(sft.adapter, dest)
     return dest
 
 
@@ -107,7 +108,7 @@ def test_corrupted_adapters_are_rejected(sft_run, tmp_path):
     raw[-100] ^= 0xFF
     (flipped / "adapter_model.safetensors").write_bytes(bytes(raw))
     with pytest.raises(AdapterError, match="changed since training"):
-        merge_adapter(cfg, STORIES, flipped, VALID, tmp_path / "o2", expected_sha=sft["adapter_sha"])
+        merge_adapter(cfg, STORIES, flipped, VALID, tmp_path / "o2", expected_sha=sft.adapter_sha)
 
     partial = _copy_adapter(sft, tmp_path / "partial")
     tensors = load_file(str(partial / "adapter_model.safetensors"))
@@ -130,7 +131,7 @@ def test_corrupted_adapters_are_rejected(sft_run, tmp_path):
     # The stage checks the checksum training recorded (a merge config not run before, so nothing is reused).
     fresh = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"parity_examples": 3})})
     with pytest.raises(AdapterError, match="changed since training"):
-        run_merge(fresh, dict(sft, adapter=str(flipped)))
+        run_merge(fresh, sft.model_copy(update={"adapter": str(flipped)}))
     for out in ("o1", "o2", "o3", "o4", "o5"):
         assert not (tmp_path / out / "model").exists()
 
@@ -145,7 +146,7 @@ def test_adapter_for_another_base_is_rejected(tmp_path):
     base = build_embedded_base(cfg, [m["content"] for ex in train for m in ex["messages"]], tmp_path / "base")
     sft = run_sft(cfg, base, make_warehouse(tmp_path / "wh.duckdb", sft={"train": train}))
     with pytest.raises(AdapterError, match="does not fit this base model"):
-        merge_adapter(cfg, STORIES, sft["adapter"], VALID, tmp_path / "out")
+        merge_adapter(cfg, STORIES, sft.adapter, VALID, tmp_path / "out")
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,7 @@ def test_training_tasks_are_cached_and_rerun_only_downstream_of_a_change(prefect
                                     "dpo.eval_steps": 6, "dpo.train_probe_pairs": 0})
     first = training(cfg)
     assert {k: name for k, (name, _) in first.items()} == dict.fromkeys(first, "Completed")
-    assert Path(first["merge"][1]["path"], "model.safetensors").is_file()
+    assert Path(first["merge"][1].path, "model.safetensors").is_file()
 
     # Unchanged inputs: every stage is served from the cache and nothing trains or writes.
     def files():
@@ -208,4 +209,4 @@ def test_training_tasks_are_cached_and_rerun_only_downstream_of_a_change(prefect
     third = training(new_beta)
     assert {k: name for k, (name, _) in third.items()} == {"base": "Cached", "sft": "Cached", "dpo": "Completed",
                                                             "merge": "Completed"}
-    assert third["dpo"][1]["stats"]["beta"] == 0.5 and third["merge"][1]["path"] != first["merge"][1]["path"]
+    assert third["dpo"][1].stats["beta"] == 0.5 and third["merge"][1].path != first["merge"][1].path

@@ -11,6 +11,7 @@ from training_fixtures import STORIES, alpaca_examples, make_warehouse, small_co
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
+from tasks.core.results import load_result
 from tasks.data.sample_data import CORPUS_FILE, pretraining_corpus
 from tasks.training.base import build_embedded_base, resolve_base
 from tasks.training.loading import (
@@ -98,9 +99,9 @@ def _file_versions(folder) -> dict[str, int]:
 
 def test_embedded_base_builds_and_learns(embedded):
     cfg, train, result = embedded
-    stats = result["stats"]
+    stats = result.stats
     assert stats["warmup_loss"]["last"] < stats["warmup_loss"]["first"] - 1.0  # warm-up really trained
-    path = result["path"]
+    path = result.path
     for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "base.json"):
         assert Path(path, name).is_file(), name
 
@@ -122,27 +123,27 @@ def test_embedded_base_builds_and_learns(embedded):
 
 def test_embedded_base_reuses_a_finished_build(embedded):
     cfg, train, result = embedded
-    before = _file_versions(result["path"])
-    again = build_embedded_base(cfg, plain_text(train), result["path"])
-    assert again == result and _file_versions(result["path"]) == before and before  # nothing rebuilt or rewritten
+    before = _file_versions(result.path)
+    again = build_embedded_base(cfg, plain_text(train), result.path)
+    assert again == result and _file_versions(result.path) == before and before  # nothing rebuilt or rewritten
 
 
 def test_resolve_base(tmp_path):
     cfg = small_config(tmp_path)
     pretrained = resolve_base(cfg)
-    assert pretrained["path"] == str(STORIES) and pretrained == resolve_base(cfg)  # stable fingerprint
+    assert pretrained.path == str(STORIES) and pretrained == resolve_base(cfg)  # stable fingerprint
 
     data = make_warehouse(tmp_path / "wh.duckdb", sft={"train": alpaca_examples(120)})
     ecfg = small_config(tmp_path, **{"model.base": "embedded", "model.embedded_warmup_steps": 10})
     base = resolve_base(ecfg, data)
     # Pretrained on the sample data's plain-text corpus, not on the fine-tuning conversations.
     corpus = (tmp_path / "sample_data" / CORPUS_FILE).read_text().splitlines()
-    assert base["stats"]["kind"] == "embedded" and base["stats"]["corpus_documents"] == len(corpus)
-    assert str(tmp_path / "models" / "base") in base["path"]
+    assert base.stats["kind"] == "embedded" and base.stats["corpus_documents"] == len(corpus)
+    assert str(tmp_path / "models" / "base") in base.path
     from tasks.core.warehouse import open_warehouse
 
-    with open_warehouse(data["warehouse"], read_only=True) as con:
+    with open_warehouse(data.warehouse, read_only=True) as con:
         runs = con.execute("SELECT stage, fingerprint FROM training_runs").fetchall()
         losses = con.execute("SELECT count(*) FROM training_curves WHERE stage = 'base' AND metric = 'loss'").fetchone()
-    assert runs == [("base", base["fingerprint"])] and losses[0] >= 1
-    assert json.loads(Path(base["path"], "base.json").read_text()) == base
+    assert runs == [("base", base.fingerprint)] and losses[0] >= 1
+    assert load_result(Path(base.path, "base.json").read_text()) == base

@@ -31,7 +31,7 @@ def test_rerun_is_served_from_cache_and_a_config_change_reruns_only_downstream(m
 
     first = prepare_data(overrides=overrides, return_state=True)
     assert first.is_completed()
-    stats = first.result()["stats"]
+    stats = first.result().stats
     assert stats["train"] > 0 and stats["validation"] > 0 and stats["test"] > 0
     states = stage_states(first.state_details.flow_run_id)
     assert states["ingest"] == states["clean"] == states["quality"] == states["dedup"] == states["split"] == {"Completed"}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from eval_fixtures import eval_config, flow_run_artifacts, query
 
+from tasks.core.results import EvalResult, VariantRecord
 from tasks.core.warehouse import open_warehouse
 from tasks.evaluation.promote import (
     PromotionRejected,
@@ -24,9 +25,10 @@ def _evaluation(warehouse, run_id: str, metrics: dict[str, tuple[float, float]])
                                          ("test", "rougeL", rouge_l), ("test", "rouge1", rouge_l + 0.05)):
                 con.execute("INSERT INTO eval_results (run_id, variant, split, source, metric, value, n) "
                             "VALUES (?, ?, ?, 'all', ?, ?, 10)", [run_id, variant, split, metric, value])
-    variants = {v: {"fingerprint": v, "model": f"/models/{run_id}/{v}", "path": f"/models/{run_id}/{v}"}
+    variants = {v: VariantRecord(fingerprint=v, model=f"/models/{run_id}/{v}", path=f"/models/{run_id}/{v}")
                 for v in metrics}
-    return {"stage": "evaluate", "run_id": run_id, "warehouse": str(warehouse), "variants": variants}
+    return EvalResult(stage="evaluate", fingerprint=run_id, run_id=run_id, warehouse=str(warehouse),
+                      report_path="", variants=variants, metrics={})
 
 
 def test_gate_thresholds():
@@ -97,25 +99,26 @@ def test_promotions_against_base_then_last_promoted(tmp_path):
     # First run: nothing promoted yet, so the merged model must beat this run's base.
     first = run_promote(cfg, _evaluation(wh, "run-1", {"base": (20.0, 0.10), "sft": (12.0, 0.2),
                                                         "merged": (12.0, 0.20)}))
-    assert first["promoted"] and first["variant"] == "merged" and first["baseline_kind"] == "base"
-    assert first["model_path"] == "/models/run-1/merged"
+    assert first.promoted and first.variant == "merged" and first.baseline_kind == "base"
+    assert first.model_path == "/models/run-1/merged"
     assert query(wh, "SELECT run_id, model_path FROM current_model") == [("run-1", "/models/run-1/merged")]
 
     # Second run: worse perplexity than run-1's promoted model (though better than its own base): rejected.
     second = run_promote(cfg, _evaluation(wh, "run-2", {"base": (20.0, 0.10), "merged": (13.0, 0.25)}))
-    assert not second["promoted"] and second["baseline_kind"] == "last_promoted"
-    assert second["baseline_run_id"] == "run-1"
-    assert second["reasons"] == ["perplexity (test) rose from 12.0000 to 13.0000 (limit 12.0000)"]
+    assert not second.promoted and second.baseline_kind == "last_promoted"
+    assert second.baseline_run_id == "run-1"
+    assert second.reasons == ["perplexity (test) rose from 12.0000 to 13.0000 (limit 12.0000)"]
     assert query(wh, "SELECT run_id FROM current_model") == [("run-1",)]  # the pointer did not move
     with pytest.raises(PromotionRejected, match="rose from 12.0000"):
         raise_if_rejected(second)
 
     # A better run is promoted against run-1 (rejected runs are never a baseline).
     again = run_promote(cfg, _evaluation(wh, "run-2b", {"merged": (11.0, 0.25)}))
-    assert again["promoted"] and again["baseline_run_id"] == "run-1"
+    assert again.promoted and again.baseline_run_id == "run-1"
     # Deciding a run again is idempotent: the recorded decision comes back, no second row.
-    assert run_promote(cfg, {**again, "variants": {"merged": {"path": "/x"}}})["model_path"] == \
-        "/models/run-2b/merged"
+    other_path = {"merged": VariantRecord(model="/x", path="/x")}
+    assert run_promote(cfg, _evaluation(wh, "run-2b", {}).model_copy(update={"variants": other_path})).model_path \
+        == "/models/run-2b/merged"
     rows = query(wh, "SELECT run_id, decision FROM promotion_history ORDER BY decided_at")
     assert rows == [("run-1", "promoted"), ("run-2", "rejected"), ("run-2b", "promoted")]
     assert query(wh, "SELECT run_id FROM current_model") == [("run-2b",)]
@@ -124,7 +127,7 @@ def test_promotions_against_base_then_last_promoted(tmp_path):
     cfg_none = eval_config(tmp_path / "runs", promote={"first_run_baseline": "none", "candidate": "dpo"})
     wh2 = tmp_path / "other.duckdb"
     lone = run_promote(cfg_none, _evaluation(wh2, "solo", {"sft": (9.0, 0.1)}))
-    assert lone["promoted"] and lone["variant"] == "sft" and lone["checks"] == [] and lone["baseline_kind"] is None
+    assert lone.promoted and lone.variant == "sft" and lone.checks == [] and lone.baseline_kind is None
 
 
 def test_rejected_flow_ends_in_named_state_with_outputs_kept(tmp_path):

@@ -141,7 +141,7 @@ def test_quality_stage_redacts_rejects_and_keeps_every_row_accounted_for(quality
         (True, 1, "prompt")]
     mix = {lang: (rows, kept) for _, lang, rows, _, kept, _ in query(cfg, "SELECT * FROM language_mix")}
     assert mix == {"en": (4, 2), "zh": (2, 2), "fr": (1, 0)}
-    assert results["quality"]["stats"]["rejected_by_reason"] == {
+    assert results["quality"].stats["rejected_by_reason"] == {
         "benchmark_contamination": 1, "language_not_allowed": 1, "pii_credit_card": 1}
 
     markdown, _ = build_quality_report(cfg.warehouse_url)
@@ -177,7 +177,7 @@ def test_a_rerun_detects_no_language_it_has_already_stored(quality_run, monkeypa
     detect = quality.detect_languages
     monkeypatch.setattr(quality, "detect_languages", lambda texts: asked.append(len(texts)) or detect(texts))
     again = quality.run_quality(cfg, results["clean"])
-    assert asked == [0] and again["fingerprint"] == results["quality"]["fingerprint"]
+    assert asked == [0] and again.fingerprint == results["quality"].fingerprint
     assert query(cfg, "SELECT count(*) FROM language_ids")[0][0] == stored
 
 

@@ -30,6 +30,7 @@ from eval_fixtures import (
 )
 from training_fixtures import FORECAST_TOOL, tool_examples
 
+from tasks.core.results import ModelResult
 from tasks.core.warehouse import compact_messages
 from tasks.data import formats
 from tasks.data.chat_template import openai_messages, template_tools
@@ -152,11 +153,11 @@ def world(tmp_path_factory):
 
 def test_server_that_cannot_start_fails_the_stage_and_is_recorded(world):
     cfg = eval_config(world["root"] / "runs", serve={"command": "false {model}"})
-    merged = {"fingerprint": "m", "path": str(world["merged"]), "adapter": str(world["adapter"]),
-              "base": str(world["base"])}
+    merged = ModelResult(stage="merge", fingerprint="m", path=str(world["merged"]), adapter=str(world["adapter"]),
+                         base=str(world["base"]))
     with pytest.raises(ServeSmokeError, match="exited with 1 before becoming healthy"):
         run_serve_smoke(cfg, merged, data=world["data"])
-    rows = query(world["data"]["warehouse"], "SELECT target, passed, startup_s, reason FROM serve_smoke_runs "
+    rows = query(world["data"].warehouse, "SELECT target, passed, startup_s, reason FROM serve_smoke_runs "
                  "WHERE command LIKE 'false %'")
     assert rows and rows[-1][:3] == ("merged", False, None) and "exited with 1" in rows[-1][3]
 
@@ -174,7 +175,7 @@ def test_real_vllm_dies_with_a_killed_pipeline(world, tmp_path):
 def test_unsupported_model_shape_is_refused_before_the_server_starts(world, tmp_path):
     cfg = eval_config(world["root"] / "runs", serve={"command": "false {model}"})
     model = chat_model(tmp_path / "head_dim_8")  # the pretrained stories260K: 8-dim attention heads
-    merged = {"fingerprint": "h8", "path": str(model)}
+    merged = ModelResult(stage="merge", fingerprint="h8", path=str(model))
     # serve.command `false` would fail the start ("exited with 1"): this message says nothing was started.
     with pytest.raises(ServeSmokeError, match=r"head_dim=8.*32, 64.*serve.preflight=false"):
         run_serve_smoke(cfg, merged, data=world["data"])
@@ -186,7 +187,7 @@ def test_serving_failure_names_the_root_cause_and_the_server_log(world, tmp_path
     cfg = eval_config(world["root"] / "runs", serve={"preflight": False, "parity_prompts": 1})
     model = chat_model(tmp_path / "head_dim_8")
     with pytest.raises(ServeSmokeError) as failure:
-        run_serve_smoke(cfg, {"fingerprint": "h8", "path": str(model)}, data=world["data"])
+        run_serve_smoke(cfg, ModelResult(stage="merge", fingerprint="h8", path=str(model)), data=world["data"])
     message = str(failure.value)
     assert "head_dim=8" in message.split("root cause in the server log: ")[1].splitlines()[0]
     log_path = message.split("server log: ")[-1].strip()
@@ -198,17 +199,17 @@ def test_serving_failure_names_the_root_cause_and_the_server_log(world, tmp_path
 @pytest.mark.slow
 def test_merged_model_serves_with_parity_and_lora(world):
     cfg = eval_config(world["root"] / "runs", serve={"check_lora": True})
-    merged = {"fingerprint": "m", "path": str(world["merged"]), "adapter": str(world["adapter"]),
-              "base": str(world["base"])}
+    merged = ModelResult(stage="merge", fingerprint="m", path=str(world["merged"]), adapter=str(world["adapter"]),
+                         base=str(world["base"]))
     result = run_serve_smoke(cfg, merged, data=world["data"])
-    assert result["passed"] and result["stats"]["parity"] == {"merged": "3/3", "lora": "3/3"}
+    assert result.passed and result.stats["parity"] == {"merged": "3/3", "lora": "3/3"}
     assert _no_vllm_left(world["merged"]) and _no_vllm_left(world["base"])
 
-    runs = query(world["data"]["warehouse"], "SELECT smoke_id, target, passed, startup_s, parity_passed FROM "
-                 "serve_smoke_runs WHERE run_id = ? ORDER BY target", [result["run_id"]])
+    runs = query(world["data"].warehouse, "SELECT smoke_id, target, passed, startup_s, parity_passed FROM "
+                 "serve_smoke_runs WHERE run_id = ? ORDER BY target", [result.run_id])
     assert [(r[1], r[2], r[4]) for r in runs] == [("lora", True, 3), ("merged", True, 3)]
     assert all(0 < r[3] < cfg.serve.startup_timeout_s for r in runs)
-    reqs = query(world["data"]["warehouse"], "SELECT endpoint, latency_s, completion_tokens, tokens_per_s, parity "
+    reqs = query(world["data"].warehouse, "SELECT endpoint, latency_s, completion_tokens, tokens_per_s, parity "
                  "FROM serve_smoke_requests WHERE smoke_id = ? ORDER BY seq", [runs[1][0]])
     assert [r[0] for r in reqs] == ["/v1/models", "/v1/completions", "/v1/chat/completions",
                                     "/v1/chat/completions"]
@@ -228,11 +229,12 @@ def test_broken_merged_model_fails_parity(world, broken):
         model = chat_model(root)
         shutil.copytree(world["base"], root, dirs_exist_ok=True)
         expected = "greedy tokens differ with identical prompt tokens"
-    merged = {"fingerprint": broken, "path": str(model), "adapter": str(world["adapter"]), "base": str(world["base"])}
+    merged = ModelResult(stage="merge", fingerprint=broken, path=str(model), adapter=str(world["adapter"]),
+                         base=str(world["base"]))
     with pytest.raises(ParityError, match=expected):
         run_serve_smoke(world["cfg"], merged, data=world["data"])
     assert _no_vllm_left(model)
-    row = query(world["data"]["warehouse"], "SELECT passed, parity_passed, parity_total, reason FROM "
+    row = query(world["data"].warehouse, "SELECT passed, parity_passed, parity_total, reason FROM "
                 "serve_smoke_runs WHERE model_path = ?", [str(model)])
     assert row and row[0][0] is False and row[0][1] < row[0][2] and expected in row[0][3]
 
@@ -247,9 +249,10 @@ def test_end_to_end_eval_gate_and_serving_in_a_flow(world):
     from tasks.evaluation.serve import serve_task
 
     cfg, data = world["cfg"], world["data"]
-    base = {"fingerprint": "base", "path": str(world["base"])}
-    sft = {"fingerprint": "sft", "adapter": str(world["adapter"]), "base": str(world["base"])}
-    merged = {"fingerprint": "merged", "path": str(world["merged"]), **{k: sft[k] for k in ("adapter", "base")}}
+    base = ModelResult(stage="base", fingerprint="base", path=str(world["base"]))
+    sft = ModelResult(stage="sft", fingerprint="sft", adapter=str(world["adapter"]), base=str(world["base"]))
+    merged = ModelResult(stage="merge", fingerprint="merged", path=str(world["merged"]), adapter=sft.adapter,
+                         base=sft.base)
 
     @flow
     def eval_gate_serve():
@@ -262,16 +265,16 @@ def test_end_to_end_eval_gate_and_serving_in_a_flow(world):
     state = eval_gate_serve(return_state=True)
     run_id = str(state.state_details.flow_run_id)
     assert state.name in ("Promoted", "PromotionRejected"), state
-    decision = query(data["warehouse"], "SELECT decision, baseline_kind, model_path FROM promotions WHERE run_id = ?",
+    decision = query(data.warehouse, "SELECT decision, baseline_kind, model_path FROM promotions WHERE run_id = ?",
                      [run_id])
     assert decision and decision[0][1] == "base"
     assert (decision[0][0] == "promoted") == (state.name == "Promoted")
     if decision[0][0] == "promoted":
         assert decision[0][2] == str(world["merged"])
 
-    assert query(data["warehouse"], "SELECT count(DISTINCT variant) FROM eval_results WHERE run_id = ?",
+    assert query(data.warehouse, "SELECT count(DISTINCT variant) FROM eval_results WHERE run_id = ?",
                  [run_id])[0][0] == 3
-    smoke = query(data["warehouse"], "SELECT passed, parity_passed, parity_total FROM serve_smoke_runs "
+    smoke = query(data.warehouse, "SELECT passed, parity_passed, parity_total FROM serve_smoke_runs "
                   "WHERE run_id = ?", [run_id])
     assert smoke == [(True, 3, 3)]
     arts = flow_run_artifacts(state.state_details.flow_run_id)

@@ -43,34 +43,34 @@ def data(tmp_path):
 def test_qlora_sft_on_stories260k_lowers_validation_loss(tmp_path, data):
     cfg = small_config(tmp_path)
     result = run_sft(cfg, STORIES_BASE, data)
-    s = result["stats"]
+    s = result.stats
     assert s["steps"] == 30 and s["quantization"] == "4bit" and s["resumed_from_step"] is None
     assert s["last_eval_loss"] < s["first_eval_loss"] - 0.5, s  # learns the chat format and the answers
     assert s["last_loss"] < s["first_loss"]
     assert s["tokens_per_s"] > 0 and s["versions"]["trl"] and s["seed"] == 42
     assert 0 < s["loss_mask_first_batch"]["loss_tokens"] < s["loss_mask_first_batch"]["tokens"]
-    adapter = Path(result["adapter"])
+    adapter = Path(result.adapter)
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json"):
         assert (adapter / name).is_file(), name
     assert (adapter / "chat_template.jinja").read_text() == DEFAULT_CHAT_TEMPLATE  # serving formats like training
-    assert Path(result["out_dir"]).name == stage_key(cfg, STORIES_BASE, data)
-    assert not (Path(result["out_dir"]) / "checkpoints").exists()
+    assert Path(result.out_dir).name == stage_key(cfg, STORIES_BASE, data)
+    assert not (Path(result.out_dir) / "checkpoints").exists()
 
-    with open_warehouse(data["warehouse"], read_only=True) as con:
+    with open_warehouse(data.warehouse, read_only=True) as con:
         run = con.execute("SELECT stage, fingerprint, tokens_per_s, json_extract(versions, '$.peft') FROM "
                           "training_runs").fetchall()
         curve = con.execute("SELECT step, value FROM training_curves WHERE stage = 'sft' AND metric = 'eval_loss' "
                             "ORDER BY step").fetchall()
         summary = con.execute("SELECT first_eval_loss, last_eval_loss FROM training_summary").fetchone()
-    assert run[0][:2] == ("sft", result["fingerprint"]) and run[0][2] > 0 and run[0][3]
+    assert run[0][:2] == ("sft", result.fingerprint) and run[0][2] > 0 and run[0][3]
     assert [step for step, _ in curve] == [0, 10, 20, 30] and curve[-1][1] < curve[0][1]
     assert summary == (curve[0][1], curve[-1][1])
 
     # Same inputs again: the finished run is reused, nothing is trained or rewritten.
-    before = {str(p): p.stat().st_mtime_ns for p in Path(result["out_dir"]).rglob("*") if p.is_file()}
+    before = {str(p): p.stat().st_mtime_ns for p in Path(result.out_dir).rglob("*") if p.is_file()}
     assert run_sft(cfg, STORIES_BASE, data) == result
-    assert before == {str(p): p.stat().st_mtime_ns for p in Path(result["out_dir"]).rglob("*") if p.is_file()}
-    with open_warehouse(data["warehouse"], read_only=True) as con:
+    assert before == {str(p): p.stat().st_mtime_ns for p in Path(result.out_dir).rglob("*") if p.is_file()}
+    with open_warehouse(data.warehouse, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM training_runs WHERE stage = 'sft'").fetchone()[0] == 1
 
 
@@ -123,7 +123,7 @@ def test_sft_on_embedded_base_lowers_validation_loss(tmp_path):
                                     "sft.learning_rate": 1e-2})
     base = build_embedded_base(cfg, [m["content"] for ex in train for m in ex["messages"]], tmp_path / "base")
     data = make_warehouse(tmp_path / "wh.duckdb", sft={"train": train, "validation": valid})
-    s = run_sft(cfg, base, data)["stats"]
+    s = run_sft(cfg, base, data).stats
     assert s["quantization"] == "4bit" and s["steps"] == 30
     assert s["last_eval_loss"] < s["first_eval_loss"] - 0.01, s
 
@@ -155,7 +155,7 @@ def test_killed_sft_resumes_from_its_last_checkpoint(tmp_path, data):
 
     # The retry (same inputs, so same folder) continues from the last complete checkpoint.
     result = run_sft(cfg, STORIES_BASE, data)
-    s = result["stats"]
+    s = result.stats
     assert s["resumed_from_step"] == checkpoints[-1] and s["steps"] == 40
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     loss_steps = [r["step"] for r in rows if r["metric"] == "loss"]
@@ -163,7 +163,7 @@ def test_killed_sft_resumes_from_its_last_checkpoint(tmp_path, data):
     for r in rows:
         if r["metric"] == "loss":  # steps up to the checkpoint come from the killed attempt, later ones from the retry
             assert (r["time"] < killed_at) == (r["step"] <= checkpoints[-1]), r
-    with open_warehouse(data["warehouse"], read_only=True) as con:
+    with open_warehouse(data.warehouse, read_only=True) as con:
         points = con.execute("SELECT count(*), count(DISTINCT (step, metric)) FROM training_curves").fetchone()
     assert points[0] == points[1] > 0  # one point per (step, metric)
 
@@ -176,9 +176,9 @@ def test_curves_keep_one_point_per_step_and_metric_the_last_logged(tmp_path, dat
               (10, "eval_loss", 1.9), (10, "eval_num_tokens", 0.0), (15, "loss", 1.4)]  # a resume redid 10 and 15
     curves.write_text("".join(json.dumps({"step": s, "epoch": 0.0, "metric": m, "value": v, "time": 1.0 + i}) + "\n"
                               for i, (s, m, v) in enumerate(logged)))
-    record_training_run(data["warehouse"], run_id="sft-x", stage="sft", fingerprint="f", base="b", data_fingerprint="d",
+    record_training_run(data.warehouse, run_id="sft-x", stage="sft", fingerprint="f", base="b", data_fingerprint="d",
                         output_dir=str(tmp_path), stats={}, config={}, curves_path=curves)
-    with open_warehouse(data["warehouse"], read_only=True) as con:
+    with open_warehouse(data.warehouse, read_only=True) as con:
         got = con.execute("SELECT step, metric, value FROM training_curves ORDER BY ALL").fetchall()
     assert got == [(10, "eval_loss", 1.9), (10, "eval_num_tokens", 0.0), (15, "loss", 1.4)]
 
@@ -187,15 +187,15 @@ def test_two_process_sft(tmp_path, data):
     cfg = small_config(tmp_path, **{"sft.num_processes": 2, "sft.max_steps": 10, "sft.per_device_batch_size": 4,
                                     "sft.eval_steps": 5, "sft.save_steps": 5})
     result = run_sft(cfg, STORIES_BASE, data)
-    s = result["stats"]
+    s = result.stats
     assert s["world_size"] == 2 and s["distributed_backend"] == ("nccl" if torch.cuda.is_available() else "gloo")
     assert s["steps"] == 10
     assert s["last_eval_loss"] < s["first_eval_loss"]
-    assert (Path(result["adapter"]) / "adapter_model.safetensors").is_file()
+    assert (Path(result.adapter) / "adapter_model.safetensors").is_file()
 
 
 def test_two_process_sft_with_torchrun(tmp_path, data):
     cfg = small_config(tmp_path, **{"sft.num_processes": 2, "sft.launcher": "torchrun", "sft.max_steps": 6,
                                     "sft.per_device_batch_size": 4, "sft.eval_steps": 3, "sft.save_steps": 3})
-    s = run_sft(cfg, STORIES_BASE, data)["stats"]
+    s = run_sft(cfg, STORIES_BASE, data).stats
     assert s["world_size"] == 2 and s["steps"] == 6 and s["distributed_backend"] is not None

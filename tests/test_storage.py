@@ -19,6 +19,7 @@ from conftest import ROOT, SHARED_DATA, query, run_data_plane
 
 from tasks.core import storage
 from tasks.core.config import ConfigError, load_config
+from tasks.core.results import ModelResult
 from tasks.core.warehouse import WarehouseBusy, open_warehouse
 
 
@@ -82,8 +83,9 @@ def test_unpublished_stage_output_is_not_finished(root, tmp_path, monkeypatch):
     assert out.finished() is None  # so the stage trains again instead of trusting half a folder
     (out.dir / "adapter").mkdir(parents=True, exist_ok=True)
     (out.dir / "adapter" / "w.bin").write_bytes(b"w")
-    assert out.finish({"stage": "dpo"}) == {"stage": "dpo"}
-    assert out.finished() == {"stage": "dpo"} and out.url_of(out.dir / "adapter") == storage.join(out.url, "adapter")
+    result = ModelResult(stage="dpo", fingerprint="f", adapter=out.url_of(out.dir / "adapter"))
+    assert out.finish(result) == result
+    assert out.finished() == result and out.url_of(out.dir / "adapter") == storage.join(out.url, "adapter")
 
 
 def test_a_model_folder_from_elsewhere_is_fetched_again_when_it_changes(s3_root, tmp_path, monkeypatch):
@@ -233,11 +235,11 @@ def test_data_plane_on_s3_matches_the_local_one(tmp_path, s3_root, monkeypatch):
     local = load_config(None, [f"storage_root={tmp_path / 'runs'}", f"data.ingest.inputs=[{inputs}]"])
     remote = load_config(None, [f"storage_root={s3_root}", f"data.ingest.inputs=[{s3_root}/raw]"])
     a, b = run_data_plane(local), run_data_plane(remote)
-    assert len(b["ingest"]["files"]) == len(a["ingest"]["files"]) == 6
-    assert all(f["path"].startswith(f"{s3_root}/raw/") for f in b["ingest"]["files"])
-    assert a["split"]["fingerprint"] == b["split"]["fingerprint"]
-    assert a["split"]["stats"] == b["split"]["stats"] and b["split"]["stats"]["train"] > 2000
-    assert b["split"]["warehouse"] == f"{s3_root}/warehouse.duckdb" and storage.exists(b["split"]["warehouse"])
+    assert len(b["ingest"].files) == len(a["ingest"].files) == 6
+    assert all(f["path"].startswith(f"{s3_root}/raw/") for f in b["ingest"].files)
+    assert a["split"].fingerprint == b["split"].fingerprint
+    assert a["split"].stats == b["split"].stats and b["split"].stats["train"] > 2000
+    assert b["split"].warehouse == f"{s3_root}/warehouse.duckdb" and storage.exists(b["split"].warehouse)
 
     _other_machine(monkeypatch, tmp_path)  # another machine reads the same answers from the bucket
     sql = "SELECT split, count(*) FROM sft_examples GROUP BY ALL ORDER BY ALL"
@@ -262,12 +264,12 @@ def test_training_on_a_base_model_and_root_in_a_bucket(s3_root, tmp_path, monkey
     cfg = small_config(s3_root, **{"model.base": base_url, "sft.max_steps": 4, "sft.eval_steps": 2,
                                    "sft.save_steps": 2, "sft.logging_steps": 1})
     base = resolve_base(cfg, data)
-    assert base["path"] == base_url
+    assert base.path == base_url
     sft = run_sft(cfg, base, data)
-    assert sft["adapter"].startswith(f"{s3_root}/models/sft/") and storage.is_published(sft["out_dir"])
+    assert sft.adapter.startswith(f"{s3_root}/models/sft/") and storage.is_published(sft.out_dir)
 
     _other_machine(monkeypatch, tmp_path, "merger")  # nothing local: base and adapter come from the bucket
     merged = run_merge(cfg, sft)
-    assert merged["path"].startswith(f"{s3_root}/models/merged/")
-    assert merged["stats"]["max_abs_logit_diff"] <= merged["stats"]["parity_atol"]
+    assert merged.path.startswith(f"{s3_root}/models/merged/")
+    assert merged.stats["max_abs_logit_diff"] <= merged.stats["parity_atol"]
     assert (tmp_path / "merger" / "s3" / base_url.removeprefix("s3://") / "config.json").is_file()

@@ -55,7 +55,7 @@ def test_tool_calling_sft_on_stories260k_lowers_validation_loss(tmp_path):
     valid = tool_examples(16, offset=64)
     data = make_warehouse(tmp_path / "warehouse.duckdb", sft={"train": train, "validation": valid})
     cfg = small_config(tmp_path, **TOOL_CFG)
-    s = run_sft(cfg, STORIES_BASE, data)["stats"]
+    s = run_sft(cfg, STORIES_BASE, data).stats
     print("stories260K tool SFT", {k: s[k] for k in ("first_eval_loss", "last_eval_loss", "wall_s")})
     assert s["steps"] == 20 and s["train_examples"] == 128
     assert s["last_eval_loss"] < s["first_eval_loss"] - 0.5, s
@@ -69,7 +69,7 @@ def test_tool_calling_sft_on_the_embedded_base_lowers_validation_loss(tmp_path):
     base = build_embedded_base(cfg, [m["content"] for ex in train for m in ex["messages"] if m["content"]],
                                tmp_path / "base")
     data = make_warehouse(tmp_path / "wh.duckdb", sft={"train": train, "validation": valid})
-    s = run_sft(cfg, base, data)["stats"]
+    s = run_sft(cfg, base, data).stats
     print("embedded tool SFT", {k: s[k] for k in ("first_eval_loss", "last_eval_loss", "wall_s")})
     assert s["steps"] == 20
     assert s["last_eval_loss"] < s["first_eval_loss"] - 0.01, s

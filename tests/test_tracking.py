@@ -30,10 +30,10 @@ def test_sft_curves_go_to_tensorboard_under_the_storage_root(tmp_path):
     cfg = small_config(tmp_path / "runs", **{"sft.max_steps": 10, "sft.eval_steps": 5, "sft.save_steps": 5})
     result = run_sft(cfg, STORIES_BASE, data)
     runs = list((tmp_path / "runs" / "tensorboard" / "sft").iterdir())
-    assert [r.name for r in runs] == [result["out_dir"].rsplit("/", 1)[1]]  # one folder per run, named by its key
+    assert [r.name for r in runs] == [result.out_dir.rsplit("/", 1)[1]]  # one folder per run, named by its key
     scalars = _scalars(runs[0])
 
-    with open_warehouse(data["warehouse"], read_only=True) as con:
+    with open_warehouse(data.warehouse, read_only=True) as con:
         curves = {metric: con.execute("SELECT step, value FROM training_curves WHERE metric = ? ORDER BY step",
                                       [metric]).fetchall() for metric in ("loss", "eval_loss", "learning_rate")}
     for metric, tag in (("loss", "train/loss"), ("eval_loss", "eval/loss"), ("learning_rate", "train/learning_rate")):
@@ -43,7 +43,7 @@ def test_sft_curves_go_to_tensorboard_under_the_storage_root(tmp_path):
     assert scalars["eval/loss"][-1][1] < scalars["eval/loss"][0][1]
 
     # the Prefect summary shows the same curves compactly
-    md = summary_markdown("SFT", result, read_curves(Path(result["out_dir"]) / "metrics.jsonl"), tracker_hint(cfg))
+    md = summary_markdown("SFT", result, read_curves(Path(result.out_dir) / "metrics.jsonl"), tracker_hint(cfg))
     assert re.search(r"\| eval_loss \| `[▁▂▃▄▅▆▇█]{3}` \|", md) and "tensorboard --logdir" in md
     assert sparkline([3, 2, 1]) == "█▅▁" and len(sparkline(list(range(100)))) == 24
 

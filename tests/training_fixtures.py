@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tasks.core.config import PipelineConfig, apply_overrides
+from tasks.core.results import DataResult, ModelResult
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -117,8 +118,8 @@ def small_config(root: Path, **overrides) -> PipelineConfig:
 
 
 def make_warehouse(path: Path, sft: dict[str, list[dict]] | None = None,
-                   pairs: dict[str, list[dict]] | None = None) -> dict:
-    """Write examples into the data plane's tables of a real warehouse; returns a data-stage-like result dict."""
+                   pairs: dict[str, list[dict]] | None = None) -> DataResult:
+    """Write examples into the data plane's tables of a real warehouse; returns a split-stage result for it."""
     from tasks.core.warehouse import open_warehouse
 
     now = datetime.now(timezone.utc).replace(tzinfo=None)
@@ -141,13 +142,13 @@ def make_warehouse(path: Path, sft: dict[str, list[dict]] | None = None,
                          hashlib.sha256(text.encode()).hexdigest(), len(text)])
                     con.execute("INSERT INTO cluster_members VALUES (?, ?, 'representative', 1.0)", [row_id, row_id])
                     con.execute("INSERT INTO split_assignments VALUES (?, ?, 'test', ?)", [row_id, split, now])
-    return {"stage": "split", "fingerprint": digest.hexdigest()[:16], "warehouse": str(path), "stats": {}}
+    return DataResult(stage="split", fingerprint=digest.hexdigest()[:16], warehouse=str(path))
 
 
-STORIES_BASE = {"stage": "base", "fingerprint": "stories260K", "path": str(STORIES)}
+STORIES_BASE = ModelResult(stage="base", fingerprint="stories260K", path=str(STORIES))
 
 
-def sft_on_stories(root: Path, **overrides) -> tuple[PipelineConfig, dict, dict]:
+def sft_on_stories(root: Path, **overrides) -> tuple[PipelineConfig, DataResult, ModelResult]:
     """A warehouse with Alpaca conversations and dpo_en_demo pairs, and a finished SFT run on stories260K."""
     from tasks.training.sft import run_sft
 

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                                               train=read_jsonl(job["train"]), validation=[]), callbacks=[timer, memory])
     rank = int(os.environ.get("RANK", 0))
     shares = json.loads((Path(job["out_dir"]) / "parameter_shares" / f"rank-{rank}.json").read_text())
-    stats = run.get("stats") or {}  # the main process's
+    stats = run.stats if run else {}  # the main process's
     row = {**shares, **timer.result(), "peak_gpu_gib": memory.peak_gib,
            "adapter_saved": rank != 0 or (Path(job["out_dir"]) / "adapter" / "adapter_model.safetensors").is_file(),
            "first_loss": stats.get("first_loss"), "last_loss": stats.get("last_loss")}

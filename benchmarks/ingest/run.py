@@ -80,7 +80,7 @@ def child(method: str, path: str) -> dict:
             t0 = time.perf_counter()
             result = run_ingest(cfg, run_id="bench")
             elapsed = time.perf_counter() - t0
-            rows = result["stats"]["new_rows"]
+            rows = result.stats["new_rows"]
         return {"seconds": elapsed, "rows": rows}
     finally:
         shutil.rmtree(work, ignore_errors=True)

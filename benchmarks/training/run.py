@@ -78,7 +78,7 @@ def embedded_base(a: argparse.Namespace) -> Path:
 
     cfg = bench_config(a, "embedded")
     out = WORK / f"embedded_base_{a.rows}_{a.max_length}"
-    return Path(build_embedded_base(cfg, conversations(a.rows), out)["path"])
+    return Path(build_embedded_base(cfg, conversations(a.rows), out).path)
 
 
 # ------------------------------------------------------------------------------------------------------ workers
@@ -112,7 +112,7 @@ def run_ours(a: argparse.Namespace, base: str, examples: list[dict], out_dir: Pa
 
     job = TrainingJob(out_dir=str(out_dir), base_path=base, train=examples, validation=[])
     run = train_adapter(SFT, bench_config(a, base), job, callbacks=[timer])
-    return {"first_loss": run["stats"]["first_loss"], "last_loss": run["stats"]["last_loss"]}
+    return {"first_loss": run.stats["first_loss"], "last_loss": run.stats["last_loss"]}
 
 
 def run_plain(a: argparse.Namespace, base: str, examples: list[dict], out_dir: Path, timer, fp32_lora: bool) -> dict:

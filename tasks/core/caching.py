@@ -5,8 +5,8 @@ Prefect task whose key is built from what actually determines its output:
 
     stage name + hash of the stage's source file + the config the stage reads + fingerprints of its inputs
 
-Stages return a small dict (`StageResult`) with a `fingerprint` of what they wrote; the next stage receives that dict
-as an argument, so a changed upstream output changes every downstream key. A stage's outputs live in the
+Stages return a small typed result (tasks.core.results) with a `fingerprint` of what they wrote; the next stage
+receives that result as an argument, so a changed upstream output changes every downstream key. A stage's outputs live in the
 warehouse or under the storage root, never only in the Prefect result, so the result stays tiny.
 """
 
@@ -26,8 +26,7 @@ from prefect.cache_policies import CachePolicy
 
 from tasks.core import progress, storage
 from tasks.core.config import PipelineConfig
-
-StageResult = dict[str, Any]  # {"stage": str, "fingerprint": str, "stats": {...}, ...}
+from tasks.core.results import StageResult
 
 
 def sha256_text(*parts: str) -> str:
@@ -44,8 +43,8 @@ def source_hash(fn: Callable) -> str:
 
 
 def _fingerprint_of(value: Any) -> str | None:
-    if isinstance(value, dict) and "fingerprint" in value:
-        return str(value["fingerprint"])
+    if isinstance(value, StageResult):
+        return value.fingerprint
     if isinstance(value, (str, int, float, bool)) or value is None:
         return json.dumps(value)
     if isinstance(value, (list, tuple)):

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import duckdb
 
 from tasks.core import storage
+from tasks.core.results import PromotedRun
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 # The storage format a new warehouse file is written in. DuckDB otherwise writes its own newest format, which older
@@ -259,19 +260,20 @@ def feedback_examples(con: duckdb.DuckDBPyConnection, split: str, limit: int | N
                        split, limit)
 
 
-def last_promoted(con, exclude_run: str | None = None) -> dict | None:
-    """{"run_id", "variant", "model_path", "rows", "scores"} of the most recently promoted run (other than
-    exclude_run): its eval_results rows and the promoted variant's per-example scores."""
+def last_promoted(con, exclude_run: str | None = None) -> PromotedRun | None:
+    """The most recently promoted run (other than exclude_run), with its eval_results rows and the promoted
+    variant's per-example scores."""
     row = con.execute(
         "SELECT run_id, variant, model_path FROM promotions WHERE decision = 'promoted' AND run_id IS DISTINCT FROM ? "
         "ORDER BY decided_at DESC LIMIT 1", [exclude_run]).fetchone()
     if row is None:
         return None
+    run_id, variant, model_path = row
     cols = ["variant", "split", "source", "metric", "value", "n", "examples", "ci_low", "ci_high"]
     rows = [dict(zip(cols, r)) for r in con.execute(
-        f"SELECT {', '.join(cols)} FROM eval_results WHERE run_id = ?", [row[0]]).fetchall()]
-    return {"run_id": row[0], "variant": row[1], "model_path": row[2], "rows": rows,
-            "scores": example_scores(con, row[0], row[1])}
+        f"SELECT {', '.join(cols)} FROM eval_results WHERE run_id = ?", [run_id]).fetchall()]
+    return PromotedRun(run_id=run_id, variant=variant, model_path=model_path, rows=rows,
+                       scores=example_scores(con, run_id, variant))
 
 
 def example_scores(con, run_id: str, variant: str) -> list[dict]:

@@ -19,13 +19,13 @@ The table is rebuilt on every run, so a changed threshold re-judges old rows too
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import polars as pl
 
 from tasks.core import storage
 from tasks.core.caching import current_run_id, stage_task
 from tasks.core.config import PipelineConfig
+from tasks.core.results import DataResult
 from tasks.core.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
 from tasks.data.chat_template import DEFAULT_CHAT_TEMPLATE, tools_problem
 
@@ -193,7 +193,7 @@ def template_tools_problem(cfg: PipelineConfig) -> str | None:
     return tools_problem(render)
 
 
-def run_clean(cfg: PipelineConfig, ingest: dict[str, Any], run_id: str = "local") -> dict[str, Any]:
+def run_clean(cfg: PipelineConfig, ingest: DataResult, run_id: str = "local") -> DataResult:
     started = utcnow()
     with open_warehouse(cfg.warehouse_url) as con:
         rows = con.sql(
@@ -216,10 +216,10 @@ def run_clean(cfg: PipelineConfig, ingest: dict[str, Any], run_id: str = "local"
         stats = {"rows": len(cleaned), "passed": by_reason.pop("passed", 0), "rejected_by_reason": by_reason}
         fingerprint = table_fingerprint(con, "SELECT row_id, content_hash, dedup_text, reason FROM clean_rows")
         record_stage(con, run_id, "clean", started, stats)
-    return {"stage": "clean", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats}
+    return DataResult(stage="clean", fingerprint=fingerprint, warehouse=cfg.warehouse_url, stats=stats)
 
 
 @stage_task("clean", lambda c: {"clean": c.data.clean.model_dump(), "warehouse": c.warehouse_url,
                                 "tokenizer": c.model.base, "chat_template": c.model.chat_template})
-def clean_task(cfg: PipelineConfig, ingest: dict[str, Any]) -> dict[str, Any]:
+def clean_task(cfg: PipelineConfig, ingest: DataResult) -> DataResult:
     return run_clean(cfg, ingest, current_run_id())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import polars as pl
@@ -26,6 +25,7 @@ import pyarrow.parquet as pq
 from tasks.core import storage
 from tasks.core.caching import current_run_id, source_hash, stage_task
 from tasks.core.config import DedupConfig, PipelineConfig
+from tasks.core.results import DataResult, SignatureShard
 from tasks.core.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
 from tasks.data import minhash
 
@@ -48,13 +48,13 @@ def _shard_texts(con, cfg: PipelineConfig, shard: int) -> pl.DataFrame:
     ).pl()
 
 
-def compute_signature_shard(cfg: PipelineConfig, clean: dict[str, Any], shard: int) -> dict[str, Any]:
+def compute_signature_shard(cfg: PipelineConfig, clean: DataResult, shard: int) -> SignatureShard:
     """Sign the not-yet-signed texts of one shard; writes a Parquet file the dedup stage loads."""
     d = cfg.data.dedup
     with open_warehouse(cfg.warehouse_url, read_only=True) as con:
         todo = _shard_texts(con, cfg, shard)
     sigs = minhash.signatures(todo["dedup_text"].to_list(), d.num_perm, d.seed, d.ngram)
-    url = cfg.url("dedup", signature_params(d), f"{clean['fingerprint']}-shard{shard}.parquet")
+    url = cfg.url("dedup", signature_params(d), f"{clean.fingerprint}-shard{shard}.parquet")
     out = storage.local_path(url)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written under a private name and moved into place: a concurrent run signing the same shard (same URL) may be
@@ -65,8 +65,8 @@ def compute_signature_shard(cfg: PipelineConfig, clean: dict[str, Any], shard: i
         "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs.reshape(-1), pa.uint64()), d.num_perm),
     })
     pq.write_table(table, private)
-    return {"stage": "minhash", "fingerprint": f"{clean['fingerprint']}-{signature_params(d)}-{shard}",
-            "path": storage.publish(url, source=private), "signed": len(todo)}
+    return SignatureShard(stage="minhash", fingerprint=f"{clean.fingerprint}-{signature_params(d)}-{shard}",
+                          path=storage.publish(url, source=private), signed=len(todo))
 
 
 def clusters(rows: pl.DataFrame, sigs: np.ndarray, d: DedupConfig,
@@ -107,8 +107,8 @@ def clusters(rows: pl.DataFrame, sigs: np.ndarray, d: DedupConfig,
     )
 
 
-def run_dedup(cfg: PipelineConfig, clean: dict[str, Any], shards: list[dict[str, Any]],
-              run_id: str = "local") -> dict[str, Any]:
+def run_dedup(cfg: PipelineConfig, clean: DataResult, shards: list[SignatureShard],
+              run_id: str = "local") -> DataResult:
     d = cfg.data.dedup
     params = signature_params(d)
     started = utcnow()
@@ -117,7 +117,7 @@ def run_dedup(cfg: PipelineConfig, clean: dict[str, Any], shards: list[dict[str,
         for s in shards:
             con.execute(
                 "INSERT INTO minhash_signatures SELECT content_hash, ?, signature FROM read_parquet(?) "
-                "ON CONFLICT DO NOTHING", [params, str(storage.fetch(s["path"]))])
+                "ON CONFLICT DO NOTHING", [params, str(storage.fetch(s.path))])
         rows = con.sql(f"SELECT row_id, kind, row_seq, content_hash FROM ({ACCEPTED_SQL}) ORDER BY row_seq").pl()
         rep_hashes = rows.unique(["kind", "content_hash"], keep="first", maintain_order=True)["content_hash"]
         sigs, missing = load_signatures(con, rep_hashes.to_list(), d)
@@ -133,10 +133,10 @@ def run_dedup(cfg: PipelineConfig, clean: dict[str, Any], shards: list[dict[str,
         stats = {"accepted_rows": len(rows), "kept": counts.get("representative", 0),
                  "exact_duplicates": counts.get("exact", 0), "near_duplicates": counts.get("near", 0),
                  "clusters_with_duplicates": con.execute("SELECT count(*) FROM duplicate_clusters").fetchone()[0],
-                 "newly_signed": sum(s.get("signed", 0) for s in shards)}
+                 "newly_signed": sum(s.signed for s in shards)}
         fingerprint = table_fingerprint(con, "SELECT row_id, cluster_id, method FROM cluster_members")
         record_stage(con, run_id, "dedup", started, stats)
-    return {"stage": "dedup", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats}
+    return DataResult(stage="dedup", fingerprint=fingerprint, warehouse=cfg.warehouse_url, stats=stats)
 
 
 def load_signatures(con, content_hashes: list[str], d: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +185,7 @@ def _texts(con, content_hashes: list[str]) -> list[str]:
     return [r[0] for r in rows]
 
 
-def deduplicate(cfg: PipelineConfig, clean: dict[str, Any], run_id: str = "local") -> dict[str, Any]:
+def deduplicate(cfg: PipelineConfig, clean: DataResult, run_id: str = "local") -> DataResult:
     """The whole stage in one process (no Prefect): sign every shard, then cluster."""
     shards = [compute_signature_shard(cfg, clean, i) for i in range(cfg.data.dedup.shards)]
     return run_dedup(cfg, clean, shards, run_id)
@@ -197,10 +197,10 @@ def _dedup_config(c: PipelineConfig) -> dict:
 
 
 @stage_task("minhash-shard", _dedup_config)
-def signature_shard_task(cfg: PipelineConfig, clean: dict[str, Any], shard: int) -> dict[str, Any]:
+def signature_shard_task(cfg: PipelineConfig, clean: DataResult, shard: int) -> SignatureShard:
     return compute_signature_shard(cfg, clean, shard)
 
 
 @stage_task("dedup", _dedup_config)
-def dedup_task(cfg: PipelineConfig, clean: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:
+def dedup_task(cfg: PipelineConfig, clean: DataResult, shards: list[SignatureShard]) -> DataResult:
     return run_dedup(cfg, clean, shards, current_run_id())

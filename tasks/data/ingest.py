@@ -27,6 +27,7 @@ import pyarrow as pa
 from tasks.core import storage
 from tasks.core.caching import current_run_id, sha256_text, stage_task
 from tasks.core.config import FieldMapping, PipelineConfig
+from tasks.core.results import IngestResult
 from tasks.core.warehouse import (
     insert_columns,
     open_warehouse,
@@ -413,7 +414,7 @@ def input_paths(cfg: PipelineConfig) -> list[str]:
     return paths
 
 
-def run_ingest(cfg: PipelineConfig, run_id: str = "local") -> dict[str, Any]:
+def run_ingest(cfg: PipelineConfig, run_id: str = "local") -> IngestResult:
     """Ingest every input file not yet in the warehouse. Fails only when no input yields a usable row."""
     paths = input_paths(cfg)
     started = utcnow()
@@ -439,8 +440,8 @@ def run_ingest(cfg: PipelineConfig, run_id: str = "local") -> dict[str, Any]:
         }
         fingerprint = table_fingerprint(con, "SELECT row_id, kind, messages, responses, tools, label, reason FROM parsed_rows")
         record_stage(con, run_id, "ingest", started, stats)
-    return {"stage": "ingest", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats,
-            "files": files}
+    return IngestResult(stage="ingest", fingerprint=fingerprint, warehouse=cfg.warehouse_url, stats=stats,
+                        files=files)
 
 
 def input_fingerprint(cfg: PipelineConfig) -> str:
@@ -458,6 +459,6 @@ def input_fingerprint(cfg: PipelineConfig) -> str:
 
 
 @stage_task("ingest", lambda c: {"ingest": c.data.ingest.model_dump(), "warehouse": c.warehouse_url})
-def ingest_task(cfg: PipelineConfig, inputs_fingerprint: str, warehouse_id: str) -> dict[str, Any]:
+def ingest_task(cfg: PipelineConfig, inputs_fingerprint: str, warehouse_id: str) -> IngestResult:
     """Cached on the inputs' content and the warehouse's identity: unchanged files are not even opened."""
     return run_ingest(cfg, current_run_id())

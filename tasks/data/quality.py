@@ -28,6 +28,7 @@ import xxhash
 
 from tasks.core.caching import current_run_id, stage_task
 from tasks.core.config import PipelineConfig
+from tasks.core.results import DataResult
 from tasks.core.warehouse import insert_columns, open_warehouse, record_stage, table_fingerprint, utcnow
 from tasks.data import decontaminate, pii
 from tasks.data.clean import turn_text
@@ -229,7 +230,7 @@ def judge(rows: pl.DataFrame, cfg: PipelineConfig, index: decontaminate.Benchmar
             "benchmark": benchmark}
 
 
-def run_quality(cfg: PipelineConfig, clean: dict[str, Any], run_id: str = "local") -> dict[str, Any]:
+def run_quality(cfg: PipelineConfig, clean: DataResult, run_id: str = "local") -> DataResult:
     started = utcnow()
     d = cfg.data.decontaminate
     index, unreadable = None, 0
@@ -263,7 +264,7 @@ def run_quality(cfg: PipelineConfig, clean: dict[str, Any], run_id: str = "local
                  "benchmark_parts": len(index.parts) if index else 0, "unreadable_benchmark_items": unreadable}
         fingerprint = table_fingerprint(con, "SELECT row_id, content_hash, dedup_text, reason FROM curated_rows")
         record_stage(con, run_id, "quality", started, stats)
-    return {"stage": "quality", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats}
+    return DataResult(stage="quality", fingerprint=fingerprint, warehouse=cfg.warehouse_url, stats=stats)
 
 
 def _quality_config(c: PipelineConfig) -> dict:
@@ -272,5 +273,5 @@ def _quality_config(c: PipelineConfig) -> dict:
 
 
 @stage_task("quality", _quality_config)
-def quality_task(cfg: PipelineConfig, clean: dict[str, Any]) -> dict[str, Any]:
+def quality_task(cfg: PipelineConfig, clean: DataResult) -> DataResult:
     return run_quality(cfg, clean, current_run_id())

@@ -8,6 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.core.config import PipelineConfig
+from tasks.core.results import DataResult, ReportResult
 from tasks.core.warehouse import open_warehouse
 
 
@@ -58,13 +59,13 @@ def build_quality_report(warehouse: str) -> tuple[str, list[dict[str, Any]]]:
     return "\n\n".join(md), table
 
 
-def publish_quality_report(cfg: PipelineConfig, split: dict[str, Any]) -> dict[str, Any]:
+def publish_quality_report(cfg: PipelineConfig, split: DataResult) -> ReportResult:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     markdown, table = build_quality_report(cfg.warehouse_url)
     create_markdown_artifact(markdown=markdown, key="data-quality-report", description="Data quality summary")
     create_table_artifact(table=table, key="data-quality-by-source", description="Rows per source and outcome")
-    return {"stage": "quality-report", "fingerprint": split["fingerprint"], "markdown": markdown}
+    return ReportResult(stage="quality-report", fingerprint=split.fingerprint, markdown=markdown)
 
 
 # Never cached: the artifacts belong to the flow run that shows them.

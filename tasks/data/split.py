@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from typing import Any
 
 import numpy as np
 import polars as pl
@@ -35,6 +34,7 @@ from scipy.sparse.csgraph import connected_components
 
 from tasks.core.caching import current_run_id, stage_task
 from tasks.core.config import DedupConfig, PipelineConfig, SplitConfig
+from tasks.core.results import DataResult
 from tasks.core.warehouse import (
     insert_columns,
     open_warehouse,
@@ -222,7 +222,7 @@ def _store(con, table: str, frame: pl.DataFrame, **constants) -> None:
                                 **{k: [v] * len(frame) for k, v in constants.items()}})
 
 
-def run_split(cfg: PipelineConfig, dedup: dict[str, Any], run_id: str = "local") -> dict[str, Any]:
+def run_split(cfg: PipelineConfig, dedup: DataResult, run_id: str = "local") -> DataResult:
     s = cfg.data.split
     started = utcnow()
     with open_warehouse(cfg.warehouse_url) as con:
@@ -260,10 +260,10 @@ def run_split(cfg: PipelineConfig, dedup: dict[str, Any], run_id: str = "local")
                  "JOIN split_assignments a USING (cluster_id) LEFT JOIN contamination k ON k.row_id = m.row_id "
                  "WHERE m.method = 'representative'")
         record_stage(con, run_id, "split", started, stats)
-    return {"stage": "split", "fingerprint": fingerprint, "warehouse": cfg.warehouse_url, "stats": stats}
+    return DataResult(stage="split", fingerprint=fingerprint, warehouse=cfg.warehouse_url, stats=stats)
 
 
 @stage_task("split", lambda c: {"split": c.data.split.model_dump(), "dedup": c.data.dedup.model_dump(),
                                 "warehouse": c.warehouse_url})
-def split_task(cfg: PipelineConfig, dedup: dict[str, Any]) -> dict[str, Any]:
+def split_task(cfg: PipelineConfig, dedup: DataResult) -> DataResult:
     return run_split(cfg, dedup, current_run_id())

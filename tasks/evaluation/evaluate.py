@@ -30,6 +30,7 @@ from tasks.core import storage
 from tasks.core.artifacts import publish_artifacts
 from tasks.core.caching import source_hash, stage_task
 from tasks.core.config import PipelineConfig
+from tasks.core.results import DataResult, EvalResult, ModelFiles, ModelResult, VariantRecord
 from tasks.core.warehouse import (
     last_promoted,
     open_warehouse,
@@ -40,12 +41,9 @@ from tasks.core.warehouse import (
     utcnow,
 )
 from tasks.evaluation.generation import (
-    adapter_of,
-    describe_variant,
     encode_for_loss,
     encode_prompt,
     free,
-    full_model_dir,
     greedy_generate,
     load_variant,
     new_run_id,
@@ -141,7 +139,7 @@ def score_variant(name: str, model, tokenizer, chosen: dict[str, list[dict]], pa
     return scores, gens
 
 
-def evaluate_variants(cfg: PipelineConfig, examples: dict[str, list[dict]], variants: dict[str, dict],
+def evaluate_variants(cfg: PipelineConfig, examples: dict[str, list[dict]], variants: dict[str, ModelFiles],
                       pairs: list[dict] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """Score every variant on the same examples. examples: {"validation": [...], "test": [...]} as returned by
     tasks.core.warehouse.sft_examples; pairs: test preference pairs (tasks.core.warehouse.preference_pairs).
@@ -163,19 +161,44 @@ def evaluate_variants(cfg: PipelineConfig, examples: dict[str, list[dict]], vari
 
 
 # ------------------------------------------------------------------------------------------------- warehouse
-def _variant_record(result: dict) -> dict:
+def _variant_record(result: ModelResult) -> VariantRecord:
     """The paths and fingerprint of a variant (what the promotion pointer and the report need)."""
-    record = {"fingerprint": result.get("fingerprint"), "model": describe_variant(result)}
-    if full_model_dir(result):
-        record["path"] = str(full_model_dir(result))
-    if adapter_of(result):
-        record["adapter"], record["base"] = adapter_of(result)
-    return record
+    pair = result.adapter_pair()
+    return VariantRecord(fingerprint=result.fingerprint, model=result.describe(), path=result.path,
+                         adapter=pair[0] if pair else None, base=pair[1] if pair else None)
 
 
-# ---------------------------------------------------------------------------------------------- Prefect bits
+def _write_rows(con, run_id: str, rows: list[dict], scores: list[dict], generations: list[dict]) -> None:
+    """Replace the run's eval_results, eval_example_scores and eval_generations rows and clear its eval_runs row
+    (inside the caller's transaction)."""
+    for table in ("eval_results", "eval_example_scores", "eval_generations", "eval_runs"):
+        con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+    con.executemany("INSERT INTO eval_results (run_id, variant, split, source, metric, value, n, examples, "
+                    "ci_low, ci_high) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [[run_id, r["variant"], r["split"], r["source"], r["metric"], r["value"], r["n"],
+                      r["examples"], r["ci_low"], r["ci_high"]] for r in rows])
+    con.executemany("INSERT INTO eval_example_scores VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [[run_id, s["variant"], s["split"], s["example_id"], s["source"], s["metric"], s["value"],
+                      s["weight"]] for s in scores])
+    con.executemany("INSERT INTO eval_generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [[run_id, g["variant"], g["split"], g["example_id"], g["source"], g["prompt"],
+                      g["reference"], g["prediction"], g["prompt_tokens"], g["new_tokens"]] for g in generations])
+
+
+def _settings(cfg: PipelineConfig, excluded: dict[str, int]) -> dict:
+    """What every variant was evaluated with, as the report and eval_runs show it."""
+    return {"examples per split": cfg.eval.max_examples, "generated": cfg.eval.max_generate_examples,
+            "preference pairs": cfg.eval.max_preference_pairs, "max_new_tokens": cfg.eval.max_new_tokens,
+            "decoding": "greedy", "seed": cfg.eval.seed, "perplexity tokens": perplexity_scope(cfg),
+            "dtype": cfg.eval.dtype, "confidence": cfg.eval.confidence,
+            "bootstrap resamples": cfg.eval.bootstrap_resamples,
+            # sft_examples leaves out held-out rows the split stage found overlapping training.
+            "rows excluded for overlapping training (validation/test)":
+                f"{excluded.get('validation', 0)}/{excluded.get('test', 0)}"}
+
+
 # ------------------------------------------------------------------------------------------------- the stage
-def run_eval(cfg: PipelineConfig, data: dict, variants: dict[str, dict]) -> dict:
+def run_eval(cfg: PipelineConfig, data: DataResult, variants: dict[str, ModelResult | None]) -> EvalResult:
     """Evaluate every variant ("base", "sft", "dpo" or "kto", "merged": stage results holding a model folder or an adapter
     on a base) on data's validation/test splits; record and report. Returns the stage result."""
     started_at, started = utcnow(), time.time()
@@ -183,46 +206,28 @@ def run_eval(cfg: PipelineConfig, data: dict, variants: dict[str, dict]) -> dict
     variants = {k: v for k, v in variants.items() if v}
     if not variants:
         raise ValueError("run_eval needs at least one model variant")
-    with open_warehouse(data["warehouse"], read_only=True) as con:
+    with open_warehouse(data.warehouse, read_only=True) as con:
         examples = {split: sft_examples(con, split) for split in SPLITS}
         excluded = dict(con.execute("SELECT split, rows FROM eval_exclusions WHERE kind = 'sft'").fetchall())
         pairs = preference_pairs(con, "test")
     if not examples["test"]:
-        raise ValueError(f"the test split of {data['warehouse']} is empty: nothing to evaluate")
+        raise ValueError(f"the test split of {data.warehouse} is empty: nothing to evaluate")
 
     rows, scores, generations = evaluate_variants(cfg, examples, variants, pairs)
-    settings = {"examples per split": cfg.eval.max_examples, "generated": cfg.eval.max_generate_examples,
-                "preference pairs": cfg.eval.max_preference_pairs, "max_new_tokens": cfg.eval.max_new_tokens,
-                "decoding": "greedy", "seed": cfg.eval.seed, "perplexity tokens": perplexity_scope(cfg),
-                "dtype": cfg.eval.dtype, "confidence": cfg.eval.confidence,
-                "bootstrap resamples": cfg.eval.bootstrap_resamples,
-                # sft_examples leaves out held-out rows the split stage found overlapping training.
-                "rows excluded for overlapping training (validation/test)":
-                    f"{excluded.get('validation', 0)}/{excluded.get('test', 0)}"}
+    settings = _settings(cfg, excluded)
     report_path = cfg.url("reports", f"eval-{run_id}.md")
     variant_records = {k: _variant_record(v) for k, v in variants.items()}
 
     # One short write: DuckDB allows a single writing process.
-    with open_warehouse(data["warehouse"]) as con:
+    with open_warehouse(data.warehouse) as con:
         previous = last_promoted(con, exclude_run=run_id)
-        report = eval_report_markdown(run_id, rows, settings, previous, scores)
+        report = eval_report_markdown(run_id, rows, settings, previous.model_dump() if previous else None, scores)
         con.execute("BEGIN TRANSACTION")
-        for table in ("eval_results", "eval_example_scores", "eval_generations", "eval_runs"):
-            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
-        con.executemany("INSERT INTO eval_results (run_id, variant, split, source, metric, value, n, examples, "
-                        "ci_low, ci_high) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [[run_id, r["variant"], r["split"], r["source"], r["metric"], r["value"], r["n"],
-                          r["examples"], r["ci_low"], r["ci_high"]] for r in rows])
-        con.executemany("INSERT INTO eval_example_scores VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [[run_id, s["variant"], s["split"], s["example_id"], s["source"], s["metric"], s["value"],
-                          s["weight"]] for s in scores])
-        con.executemany("INSERT INTO eval_generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [[run_id, g["variant"], g["split"], g["example_id"], g["source"], g["prompt"],
-                          g["reference"], g["prediction"], g["prompt_tokens"], g["new_tokens"]]
-                         for g in generations])
+        _write_rows(con, run_id, rows, scores, generations)
         con.execute("INSERT INTO eval_runs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [run_id, data.get("fingerprint"), json.dumps(variant_records), json.dumps(settings),
-                     str(report_path), started_at, utcnow()])
+                    [run_id, data.fingerprint,
+                     json.dumps({k: v.model_dump(exclude_none=True) for k, v in variant_records.items()}),
+                     json.dumps(settings), str(report_path), started_at, utcnow()])
         fingerprint = table_fingerprint(con, f"SELECT * FROM eval_results WHERE run_id = '{run_id}'")
         stats = {"variants": list(ordered_variants(variants)), "rows": len(rows), "generations": len(generations),
                  "preference_pairs": len({s["example_id"] for s in scores if s["metric"] == "preference_accuracy"}),
@@ -241,9 +246,9 @@ def run_eval(cfg: PipelineConfig, data: dict, variants: dict[str, dict]) -> dict
     metrics = {v: {f"{r['metric']}/{r['split']}": r["value"] for r in rows if r["variant"] == v and
                    r["source"] == "all"} for v in ordered_variants(variants)}
     log.info("eval run %s: %s", run_id, json.dumps(metrics))
-    return {"stage": "evaluate", "fingerprint": fingerprint, "run_id": run_id, "warehouse": data["warehouse"],
-            "report_path": str(report_path), "variants": variant_records, "metrics": metrics,
-            "artifacts": artifacts, "stats": stats}
+    return EvalResult(stage="evaluate", fingerprint=fingerprint, run_id=run_id, warehouse=data.warehouse,
+                      report_path=str(report_path), variants=variant_records, metrics=metrics, artifacts=artifacts,
+                      stats=stats)
 
 
 def _eval_config(cfg: PipelineConfig) -> dict[str, Any]:
@@ -252,9 +257,10 @@ def _eval_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 @stage_task("evaluate", _eval_config)
-def evaluate_task(cfg: PipelineConfig, data: dict, base: dict | None = None, sft: dict | None = None,
-                  preference: dict | None = None, merged: dict | None = None) -> dict:
+def evaluate_task(cfg: PipelineConfig, data: DataResult, base: ModelResult | None = None,
+                  sft: ModelResult | None = None, preference: ModelResult | None = None,
+                  merged: ModelResult | None = None) -> EvalResult:
     """Prefect task: variants as separate arguments so each one's fingerprint enters the cache key. `preference`
     (the DPO or KTO result) is evaluated under its stage's name."""
-    tuned = {preference["stage"]: preference} if preference else {}
+    tuned = {preference.stage: preference} if preference else {}
     return run_eval(cfg, data, {"base": base, "sft": sft, **tuned, "merged": merged})

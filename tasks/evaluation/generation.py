@@ -1,7 +1,7 @@
 """What every evaluation and the serving parity check share: loading a variant, prompts, greedy decoding, scoring.
 
-A model variant is a stage result holding either a full model folder (`path`) or a LoRA adapter on a base
-(`adapter` + `base`), the one spelling every stage result uses. Prompts are rendered with
+A model variant is a `ModelFiles` (a stage's ModelResult, or a variant put together by hand): a full model folder
+(`path`) or a LoRA adapter on a base (`adapter` + `base`). Prompts are rendered with
 the chat template the pipeline trains with (tasks.training.loading.load_tokenizer: config override, else the tokenizer's
 own, else the ChatML-style default), tokenised without extra special tokens (the template places BOS itself),
 exactly as trl does in training and vLLM does for /v1/chat/completions.
@@ -22,34 +22,18 @@ import torch
 from tasks.core import storage
 from tasks.core.caching import current_run_id
 from tasks.core.config import PipelineConfig
+from tasks.core.results import ModelFiles
 from tasks.data.chat_template import chat_inputs
 
 
 # ------------------------------------------------------------------------------------------------- variants
-def full_model_dir(result: dict) -> str | None:
-    return result.get("path")
-
-
-def adapter_of(result: dict) -> tuple[str, str] | None:
-    """(adapter dir, base dir) when the result is (or was made from) a LoRA adapter."""
-    adapter, base = result.get("adapter"), result.get("base")
-    return (str(adapter), str(base)) if adapter and base else None
-
-
-def describe_variant(result: dict) -> str:
-    if full_model_dir(result):
-        return str(full_model_dir(result))
-    pair = adapter_of(result)
-    return f"{pair[0]} on {pair[1]}" if pair else "?"
-
-
 def torch_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
 
 
-def load_variant(result: dict, cfg: PipelineConfig, dtype: str = "float32", prefer_adapter: bool = False):
+def load_variant(result: ModelFiles, cfg: PipelineConfig, dtype: str = "float32", prefer_adapter: bool = False):
     """(model, tokenizer) of a stage result, in eval mode. prefer_adapter: apply the adapter to the base at run
     time even when a merged folder is known (the serving parity reference must not trust the merge)."""
     from transformers import AutoModelForCausalLM
@@ -58,9 +42,9 @@ def load_variant(result: dict, cfg: PipelineConfig, dtype: str = "float32", pref
 
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": cfg.model.trust_remote_code}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pair = adapter_of(result)
-    if full_model_dir(result) and not (prefer_adapter and pair):
-        path = storage.fetched(full_model_dir(result))
+    pair = result.adapter_pair()
+    if result.path and not (prefer_adapter and pair):
+        path = storage.fetched(result.path)
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         tokenizer = load_tokenizer(path, cfg)
     elif pair:
@@ -72,7 +56,7 @@ def load_variant(result: dict, cfg: PipelineConfig, dtype: str = "float32", pref
         has_tokenizer = any((Path(adapter) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
         tokenizer = load_tokenizer(adapter if has_tokenizer else base, cfg)
     else:
-        raise ValueError(f"stage result has neither a model folder nor an adapter + base: {sorted(result)}")
+        raise ValueError(f"stage result has neither a model folder nor an adapter + base: {result}")
     model.to(device).eval()
     return model, tokenizer
 

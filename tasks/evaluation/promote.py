@@ -32,6 +32,7 @@ from evals.stats import estimate, paired_delta
 from tasks.core.artifacts import publish_artifacts
 from tasks.core.caching import stage_task
 from tasks.core.config import PipelineConfig
+from tasks.core.results import EvalResult, PromotionResult
 from tasks.core.warehouse import example_scores, last_promoted, open_warehouse, record_stage, utcnow
 
 log = logging.getLogger("sftpipe.promote")
@@ -43,8 +44,8 @@ REL_TOLERANCE = 1e-9  # the same model scored twice must compare equal, not "ris
 class PromotionRejected(RuntimeError):
     """The promotion gate rejected the run; .decision holds the recorded decision (checks and reasons)."""
 
-    def __init__(self, decision: dict):
-        super().__init__("not promoted: " + "; ".join(decision["reasons"]))
+    def __init__(self, decision: PromotionResult):
+        super().__init__("not promoted: " + "; ".join(decision.reasons))
         self.decision = decision
 
 
@@ -146,12 +147,12 @@ def _overall(con, run_id: str, variant: str) -> dict[tuple[str, str], float]:
     return {(s, m): v for s, m, v in rows}
 
 
-def run_promote(cfg: PipelineConfig, evaluation: dict) -> dict:
+def run_promote(cfg: PipelineConfig, evaluation: EvalResult) -> PromotionResult:
     """Decide, record and report whether evaluation's run is promoted. Idempotent per run."""
-    run_id, warehouse = evaluation["run_id"], evaluation["warehouse"]
-    variant = candidate_variant(cfg, evaluation["variants"])
-    info = evaluation["variants"][variant]
-    model_path = info.get("path") or info.get("model")
+    run_id, warehouse = evaluation.run_id, evaluation.warehouse
+    variant = candidate_variant(cfg, evaluation.variants)
+    info = evaluation.variants[variant]
+    model_path = info.path or info.model
     started_at = utcnow()
     with open_warehouse(warehouse) as con:
         existing = con.execute("SELECT decision FROM promotions WHERE run_id = ?", [run_id]).fetchone()
@@ -159,8 +160,8 @@ def run_promote(cfg: PipelineConfig, evaluation: dict) -> dict:
             candidate = _overall(con, run_id, variant)
             previous = last_promoted(con, exclude_run=run_id)
             if previous:
-                kind, base_run, base_variant = "last_promoted", previous["run_id"], previous["variant"]
-            elif cfg.promote.first_run_baseline == "base" and "base" in evaluation["variants"]:
+                kind, base_run, base_variant = "last_promoted", previous.run_id, previous.variant
+            elif cfg.promote.first_run_baseline == "base" and "base" in evaluation.variants:
                 kind, base_run, base_variant = "base", run_id, "base"
             else:
                 kind = base_run = base_variant = None
@@ -174,34 +175,35 @@ def run_promote(cfg: PipelineConfig, evaluation: dict) -> dict:
                          reasons, utcnow()])
             record_stage(con, run_id, "promote", started_at, {"decision": decision, "reasons": reasons})
             con.execute("COMMIT")
-        row = con.execute("SELECT variant, decision, model_path, baseline_kind, baseline_run_id, baseline_variant, "
-                          "checks, reasons FROM promotions WHERE run_id = ?", [run_id]).fetchone()
-    result = {"stage": "promote", "fingerprint": f"{run_id}:{row[1]}", "run_id": run_id, "variant": row[0],
-              "decision": row[1], "promoted": row[1] == "promoted", "model_path": row[2], "baseline_kind": row[3],
-              "baseline_run_id": row[4], "baseline_variant": row[5], "checks": json.loads(row[6]),
-              "reasons": list(row[7]), "warehouse": warehouse}
-    markdown = promotion_markdown(result)
-    result["artifacts"] = publish_artifacts(markdown={"promotion-decision": (markdown, f"Promotion of run {run_id}")})
-    log.info("run %s: %s%s", run_id, result["decision"], f" ({'; '.join(result['reasons'])})" if result["reasons"]
-             else "")
+        columns = ["variant", "decision", "model_path", "baseline_kind", "baseline_run_id", "baseline_variant",
+                   "checks", "reasons"]
+        row = dict(zip(columns, con.execute(f"SELECT {', '.join(columns)} FROM promotions WHERE run_id = ?",
+                                            [run_id]).fetchone()))
+    result = PromotionResult(stage="promote", fingerprint=f"{run_id}:{row['decision']}", run_id=run_id,
+                             promoted=row["decision"] == "promoted", warehouse=warehouse,
+                             **{**row, "checks": json.loads(row["checks"]), "reasons": list(row["reasons"])})
+    markdown = promotion_markdown(result.model_dump())
+    result = result.model_copy(update={"artifacts": publish_artifacts(
+        markdown={"promotion-decision": (markdown, f"Promotion of run {run_id}")})})
+    log.info("run %s: %s%s", run_id, result.decision, f" ({'; '.join(result.reasons)})" if result.reasons else "")
     return result
 
 
-def raise_if_rejected(decision: dict) -> dict:
-    if not decision["promoted"]:
+def raise_if_rejected(decision: PromotionResult) -> PromotionResult:
+    if not decision.promoted:
         raise PromotionRejected(decision)
     return decision
 
 
-def promotion_state(decision: dict):
+def promotion_state(decision: PromotionResult):
     """The flow's final Prefect state: Completed named "Promoted", or Failed named "PromotionRejected" whose
     message gives the reasons. Return it from the flow after every other stage ran, so nothing is lost."""
     from prefect.states import Completed, Failed
 
-    if decision["promoted"]:
-        return Completed(name="Promoted", message=f"run {decision['run_id']} promoted: {decision['model_path']}",
+    if decision.promoted:
+        return Completed(name="Promoted", message=f"run {decision.run_id} promoted: {decision.model_path}",
                          data=decision)
-    return Failed(name="PromotionRejected", message="not promoted: " + "; ".join(decision["reasons"]), data=decision)
+    return Failed(name="PromotionRejected", message="not promoted: " + "; ".join(decision.reasons), data=decision)
 
 
 def _promote_config(cfg: PipelineConfig) -> dict:

@@ -39,13 +39,12 @@ from tasks.core import storage
 from tasks.core.artifacts import publish_artifacts
 from tasks.core.caching import stage_task
 from tasks.core.config import PipelineConfig
+from tasks.core.results import DataResult, ModelFiles, ModelResult, ServeResult
 from tasks.core.warehouse import open_warehouse, record_stage, sft_examples, utcnow
 from tasks.data.chat_template import openai_messages, template_tools
 from tasks.evaluation.generation import (
-    adapter_of,
     encode_prompt,
     free,
-    full_model_dir,
     greedy_generate,
     load_variant,
     new_run_id,
@@ -314,7 +313,7 @@ def parity_examples(cfg: PipelineConfig, warehouse: str | Path, tokenizer, max_p
     return picked
 
 
-def reference_outputs(cfg: PipelineConfig, reference: dict, examples: list[dict], max_len: int):
+def reference_outputs(cfg: PipelineConfig, reference: ModelFiles, examples: list[dict], max_len: int):
     """transformers greedy outputs of the trained model (adapter applied at run time when known), one prompt at a
     time (no padding: the exact computation vLLM does). Returns (references, stop ids, chat template)."""
     model, tokenizer = load_variant(reference, cfg, cfg.serve.dtype if cfg.serve.dtype != "auto" else "float32",
@@ -457,7 +456,8 @@ def _record(warehouse: str | Path, run_id: str, results: list[TargetResult], sta
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-def run_serve_smoke(cfg: PipelineConfig, merged: dict, adapter: dict | None = None, data: dict | None = None) -> dict:
+def run_serve_smoke(cfg: PipelineConfig, merged: ModelResult, adapter: ModelResult | None = None,
+                    data: DataResult | None = None) -> ServeResult:
     """Serve the merged model with vLLM and check it; raises ParityError / ServeSmokeError after recording.
 
     merged: the merge stage's result (model folder as path; adapter/base of the merge when it names
@@ -467,18 +467,18 @@ def run_serve_smoke(cfg: PipelineConfig, merged: dict, adapter: dict | None = No
     """
     started_at, started = utcnow(), time.time()
     run_id = new_run_id()
-    model = full_model_dir(merged)
+    model = merged.path
     if not model:
-        raise ValueError(f"merged result has no model folder: {sorted(merged)}")
+        raise ValueError(f"merged result has no model folder: {merged}")
     model_url, model = model, storage.fetched(model)
     python = serve_venv(cfg) / "bin" / "python"
     if not cfg.serve.command and not python.exists():
         raise ServeSmokeError(f"no serving environment at {serve_venv(cfg)}: run .ci/setup-serve")
     preflight(cfg, model)
-    warehouse = (data or {}).get("warehouse") or merged.get("warehouse") or cfg.warehouse_url
-    pair = adapter_of(merged) or (adapter_of(adapter) if adapter else None)
+    warehouse = (data.warehouse if data else None) or merged.warehouse or cfg.warehouse_url
+    pair = merged.adapter_pair() or (adapter.adapter_pair() if adapter else None)
     pair = tuple(storage.fetched(p) for p in pair) if pair else None
-    reference = {"path": model, **({"adapter": pair[0], "base": pair[1]} if pair else {})}
+    reference = ModelFiles(path=str(model), adapter=pair[0] if pair else None, base=pair[1] if pair else None)
     limit = max_model_len(cfg, model)
 
     from tasks.training.loading import load_tokenizer
@@ -518,11 +518,11 @@ def run_serve_smoke(cfg: PipelineConfig, merged: dict, adapter: dict | None = No
     if failed:
         error = ParityError if failed[0].mismatches else ServeSmokeError
         raise error(f"serving smoke test failed ({failed[0].target}): {failed[0].reason}")
-    fingerprint = hashlib.sha256(json.dumps([merged.get("fingerprint"), stats["parity"]]).encode()).hexdigest()[:16]
-    return {"stage": "serve", "fingerprint": fingerprint, "run_id": run_id, "passed": True, "path": model_url,
-            "report_path": storage.join(log_url, "report.md"), "artifacts": artifacts, "stats": stats,
-            "targets": [{k: v for k, v in r.summary().items() if k not in ("requests", "mismatches")}
-                        for r in results]}
+    fingerprint = hashlib.sha256(json.dumps([merged.fingerprint, stats["parity"]]).encode()).hexdigest()[:16]
+    return ServeResult(stage="serve", fingerprint=fingerprint, run_id=run_id, passed=True, path=model_url,
+                       report_path=storage.join(log_url, "report.md"), artifacts=artifacts, stats=stats,
+                       targets=[{k: v for k, v in r.summary().items() if k not in ("requests", "mismatches")}
+                                for r in results])
 
 
 def _serve_config(cfg: PipelineConfig) -> dict[str, Any]:
@@ -530,5 +530,6 @@ def _serve_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 @stage_task("serve", _serve_config)
-def serve_task(cfg: PipelineConfig, merged: dict, adapter: dict | None = None, data: dict | None = None) -> dict:
+def serve_task(cfg: PipelineConfig, merged: ModelResult, adapter: ModelResult | None = None,
+               data: DataResult | None = None) -> ServeResult:
     return run_serve_smoke(cfg, merged, adapter, data)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tasks.core.config import PipelineConfig
 from tasks.core.hashing import json_fingerprint
+from tasks.core.results import DataResult, ModelResult
 from tasks.training.distributed import fsdp_enabled
 from tasks.training.loading import compute_dtype, use_cuda
 from tasks.training.trainer import (
@@ -133,10 +134,10 @@ def _read_pairs(warehouse: str, split: str) -> list[dict]:
         return preference_pairs(con, split)
 
 
-def ref_cache_salt(cfg: PipelineConfig, sft: dict) -> str:
+def ref_cache_salt(cfg: PipelineConfig, sft: ModelResult) -> str:
     """What the reference log-probs depend on besides the tokenized pairs: the SFT model and how it is loaded."""
     m = cfg.model
-    return json_fingerprint({"sft": sft["fingerprint"], "quantization": [m.quantization, m.bnb_4bit_quant_type,
+    return json_fingerprint({"sft": sft.fingerprint, "quantization": [m.quantization, m.bnb_4bit_quant_type,
                              m.bnb_4bit_use_double_quant, str(compute_dtype(cfg))], "attn": m.attn_implementation})
 
 
@@ -145,7 +146,7 @@ DPO = AdapterMethod(name="dpo", title="DPO", module="tasks.training.dpo", read_r
                     job_extra=lambda cfg, sft: {"ref_cache_salt": ref_cache_salt(cfg, sft)})
 
 
-def run_dpo(cfg: PipelineConfig, sft: dict, data: dict) -> dict:
+def run_dpo(cfg: PipelineConfig, sft: ModelResult, data: DataResult) -> ModelResult:
     """The DPO stage: continue the SFT adapter on data's training preference pairs."""
     return run_adapter_stage(DPO, cfg, sft, data)
 

@@ -8,6 +8,7 @@ evaluated on the validation split and on a fixed sample of training rows at star
 from __future__ import annotations
 
 from tasks.core.config import PipelineConfig
+from tasks.core.results import DataResult, ModelResult
 from tasks.training import trainer as shared
 from tasks.training.trainer import AdapterMethod, TrainingJob
 
@@ -52,7 +53,7 @@ KTO = AdapterMethod(name="kto", title="KTO", module="tasks.training.kto", read_r
                     stats=_stats)
 
 
-def run_kto(cfg: PipelineConfig, sft: dict, data: dict) -> dict:
+def run_kto(cfg: PipelineConfig, sft: ModelResult, data: DataResult) -> ModelResult:
     """The KTO stage: continue the SFT adapter on data's training split of labelled answers."""
     return shared.run_adapter_stage(KTO, cfg, sft, data)
 

@@ -15,7 +15,6 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -24,6 +23,7 @@ from tasks.core.artifacts import publish_markdown
 from tasks.core.caching import stage_task
 from tasks.core.config import PipelineConfig
 from tasks.core.hashing import files_fingerprint, json_fingerprint
+from tasks.core.results import ModelResult
 from tasks.core.storage import read_jsonl
 from tasks.data.chat_template import chat_inputs
 from tasks.training.loading import (
@@ -121,8 +121,9 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def merge_adapter(cfg: PipelineConfig, base_path: str | Path, adapter_dir: str | Path, examples: list[dict],
-                  out_dir: str | Path, expected_sha: str | None = None) -> dict[str, Any]:
-    """Verify, merge, check parity, save; returns {"path", "stats"}. out_dir/model is written only on success."""
+                  out_dir: str | Path, expected_sha: str | None = None) -> ModelResult:
+    """Verify, merge, check parity, save; returns the merged model (path: out_dir/model, written only on
+    success)."""
     from transformers import AutoModelForCausalLM
 
     configure_threads()
@@ -162,29 +163,28 @@ def merge_adapter(cfg: PipelineConfig, base_path: str | Path, adapter_dir: str |
              "adapter_effect_max_abs_logit": adapter_effect, "wall_s": round(time.time() - started, 2),
              "parameters": sum(p.numel() for p in reloaded.parameters()), "versions": library_versions()}
     log.info("merged %s into %s: parity %.3g (saved %.3g) <= %g", adapter_dir, final, diff, diff_saved, atol)
-    return {"path": str(final.resolve()), "stats": stats}
+    return ModelResult(stage="merge", fingerprint=files_fingerprint(final), path=str(final.resolve()), stats=stats)
 
 
-def run_merge(cfg: PipelineConfig, dpo_or_sft: dict) -> dict:
+def run_merge(cfg: PipelineConfig, dpo_or_sft: ModelResult) -> ModelResult:
     """The merge stage: merge the upstream (DPO or SFT) adapter into its base; returns the merged model's path."""
     from tasks.core.caching import source_hash
 
     upstream = dpo_or_sft
-    key = json_fingerprint({"adapter": upstream["fingerprint"], "model": cfg.model.model_dump(),
+    key = json_fingerprint({"adapter": upstream.fingerprint, "model": cfg.model.model_dump(),
                             "merge": cfg.merge.model_dump(), "code": [training_code_hash(), source_hash(run_merge)]})
     out = StageOutput(cfg, "merged", key)
     if (done := out.finished()) is not None:
         return done
-    merged = merge_adapter(cfg, storage.fetched(upstream["base"]), storage.fetched(upstream["adapter"]),
-                           read_jsonl(upstream.get("validation_sample")), out.dir,
-                           expected_sha=upstream.get("adapter_sha"))
-    result = {"stage": "merge", "fingerprint": files_fingerprint(merged["path"]), "path": out.url_of(merged["path"]),
-              "from_stage": upstream["stage"], "adapter": upstream["adapter"], "base": upstream["base"],
-              "warehouse": upstream.get("warehouse"), "stats": merged["stats"]}
-    record_training_run(upstream.get("warehouse"), run_id=f"merge-{key}", stage="merge",
-                        fingerprint=result["fingerprint"], base=upstream["base"],
-                        data_fingerprint=upstream.get("data_fingerprint", ""), output_dir=out.url,
-                        stats=merged["stats"], config={"merge": cfg.merge.model_dump()},
+    merged = merge_adapter(cfg, storage.fetched(upstream.base), storage.fetched(upstream.adapter),
+                           read_jsonl(upstream.validation_sample), out.dir, expected_sha=upstream.adapter_sha)
+    result = merged.model_copy(update={"path": out.url_of(merged.path), "from_stage": upstream.stage,
+                                       "adapter": upstream.adapter, "base": upstream.base,
+                                       "warehouse": upstream.warehouse})
+    record_training_run(upstream.warehouse, run_id=f"merge-{key}", stage="merge",
+                        fingerprint=result.fingerprint, base=upstream.base,
+                        data_fingerprint=upstream.data_fingerprint or "", output_dir=out.url,
+                        stats=merged.stats, config={"merge": cfg.merge.model_dump()},
                         curves_path=out.dir / "no-curves.jsonl")
     publish_markdown("merge-summary", summary_markdown("Merge", result), "LoRA merge summary")
     return out.finish(result)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tasks.core import storage
 from tasks.core.config import PipelineConfig
+from tasks.core.results import ModelResult, load_result
 
 
 class StageOutput:
@@ -18,17 +18,17 @@ class StageOutput:
         self.url = cfg.url("models", kind, key)
         self.dir = storage.local_path(self.url)
 
-    def finished(self) -> dict | None:
+    def finished(self) -> ModelResult | None:
         if not storage.is_published(self.url):
             return None
-        return json.loads(storage.read_text(storage.join(self.url, "result.json")))
+        return load_result(storage.read_text(storage.join(self.url, "result.json")))
 
     def url_of(self, local: str | Path) -> str:
         """The URL a file or folder written under self.dir will have."""
         return storage.join(self.url, Path(local).resolve().relative_to(self.dir.resolve()).as_posix())
 
-    def finish(self, result: dict) -> dict:
-        (self.dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    def finish(self, result: ModelResult) -> ModelResult:
+        (self.dir / "result.json").write_text(result.to_json())
         storage.publish(self.url)
         return result
 

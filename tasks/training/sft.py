@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from tasks.core.config import PipelineConfig
+from tasks.core.results import DataResult, ModelResult
 from tasks.data.chat_template import chat_inputs
 from tasks.training.distributed import fsdp_enabled
 from tasks.training.loading import (
@@ -173,11 +174,11 @@ SFT = AdapterMethod(
 )
 
 
-def stage_key(cfg: PipelineConfig, base: dict, data: dict) -> str:
+def stage_key(cfg: PipelineConfig, base: ModelResult, data: DataResult) -> str:
     return adapter_stage_key(SFT, cfg, base, data)
 
 
-def run_sft(cfg: PipelineConfig, base: dict, data: dict) -> dict:
+def run_sft(cfg: PipelineConfig, base: ModelResult, data: DataResult) -> ModelResult:
     """The SFT stage: train on data's training split from base; returns paths, fingerprint and stats."""
     return run_adapter_stage(SFT, cfg, base, data)
 

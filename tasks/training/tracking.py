@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 
 from tasks.core import progress
 from tasks.core.artifacts import in_prefect_run
+from tasks.core.results import ModelResult
 from tasks.training.loading import library_versions
 
 log = logging.getLogger("sftpipe.train")
@@ -247,16 +248,16 @@ def curves_markdown(rows: list[dict]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def summary_markdown(title: str, result: dict, curves: list[dict] | None = None, tracker: str | None = None) -> str:
+def summary_markdown(title: str, result: ModelResult, curves: list[dict] | None = None, tracker: str | None = None) -> str:
     """A training stage's Prefect summary: its curves as sparklines (where it has any), then its stats.
     `tracker`: where the full curves are (a TensorBoard command, an MLflow run URL)."""
-    s = result["stats"]
+    s = result.stats
     keep = ["steps", "resumed_from_step", "train_examples", "eval_examples", "first_loss", "last_loss",
             "first_eval_loss", "last_eval_loss", "wall_s", "train_tokens", "tokens_per_s", "quantization",
             "packing", "world_size", "device", "ref_logps_computed", "ref_logps_cache_hits", "train_reward_accuracy",
             "probe_reward_accuracy", "probe_reward_margin", "eval_reward_accuracy", "eval_reward_margin",
             "max_abs_logit_diff", "parity_atol", "dtype"]
-    lines = [f"## {title}", "", f"`{result.get('adapter') or result.get('path')}`", ""]
+    lines = [f"## {title}", "", f"`{result.adapter or result.path}`", ""]
     if curve_lines := curves_markdown(curves or []):
         lines += [*curve_lines, ""]
     if tracker:

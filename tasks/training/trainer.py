@@ -29,6 +29,7 @@ from tasks.core.artifacts import publish_markdown
 from tasks.core.caching import retry_unless_deterministic, source_hash, stage_task
 from tasks.core.config import PipelineConfig, PreferenceSettings, TrainerSettings
 from tasks.core.hashing import files_fingerprint, json_fingerprint
+from tasks.core.results import DataResult, ModelResult, Record
 from tasks.core.storage import read_jsonl
 from tasks.data.chat_template import chat_inputs
 from tasks.training.distributed import (
@@ -82,6 +83,14 @@ class TrainingJob:
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific values (e.g. DPO's ref cache salt)
 
 
+class TrainedAdapter(Record):
+    """What one training run leaves (its train.json): the adapter folder, its checksum and the run's stats."""
+
+    adapter: str
+    adapter_sha: str
+    stats: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class AdapterMethod:
     """What one adapter-training method adds to the shared path.
@@ -95,7 +104,7 @@ class AdapterMethod:
     read_rows: Callable[[str, str], list[dict]]  # (warehouse, split) -> rows
     build: Callable[..., Any]
     stats: Callable[..., dict[str, Any]]
-    job_extra: Callable[[PipelineConfig, dict], dict[str, Any]] = lambda cfg, upstream: {}
+    job_extra: Callable[[PipelineConfig, ModelResult], dict[str, Any]] = lambda cfg, upstream: {}
     continues_adapter: bool = True  # train the upstream result's adapter further (False: a new adapter on a base)
 
     def settings(self, cfg: PipelineConfig) -> TrainerSettings:
@@ -210,9 +219,10 @@ def save_adapter(trainer, adapter_dir: Path) -> None:
         trainer.processing_class.save_pretrained(str(adapter_dir))
 
 
-def train_adapter(method: AdapterMethod, cfg: PipelineConfig, job: TrainingJob, callbacks=()) -> dict[str, Any]:
+def train_adapter(method: AdapterMethod, cfg: PipelineConfig, job: TrainingJob,
+                  callbacks=()) -> TrainedAdapter | None:
     """Train (or resume) one run in this process; writes adapter/, metrics.jsonl and train.json under job.out_dir.
-    Returns {adapter, adapter_sha, stats} on the main process, {} on the others."""
+    Returns what it trained on the main process, None on the others."""
     settings, out_dir = method.settings(cfg), Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -234,7 +244,7 @@ def train_adapter(method: AdapterMethod, cfg: PipelineConfig, job: TrainingJob, 
     adapter_dir = out_dir / "adapter"
     save_adapter(trainer, adapter_dir)
     if not trainer.is_world_process_zero():
-        return {}
+        return None
 
     rows = read_curves(out_dir / "metrics.jsonl")
     first_loss, last_loss = first_and_last(rows, "loss")
@@ -254,20 +264,21 @@ def train_adapter(method: AdapterMethod, cfg: PipelineConfig, job: TrainingJob, 
         "device": str(trainer.args.device), "versions": library_versions(),
         **method.stats(cfg, trainer, job, rows),
     }
-    run = {"adapter": str(adapter_dir.resolve()), "adapter_sha": files_fingerprint(adapter_dir), "stats": stats}
-    (out_dir / "train.json").write_text(json.dumps(run, indent=2, default=str))
+    run = TrainedAdapter(adapter=str(adapter_dir.resolve()), adapter_sha=files_fingerprint(adapter_dir), stats=stats)
+    (out_dir / "train.json").write_text(run.to_json())
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # finished: the adapter is the artifact now
     return run
 
 
-def stage_key(method: AdapterMethod, cfg: PipelineConfig, upstream: dict, data: dict) -> str:
+def stage_key(method: AdapterMethod, cfg: PipelineConfig, upstream: ModelResult, data: DataResult) -> str:
     """Where a run lives: a function of everything that determines its output (so reruns never clobber)."""
-    return json_fingerprint({upstream["stage"]: upstream["fingerprint"], "data": data["fingerprint"],
+    return json_fingerprint({upstream.stage: upstream.fingerprint, "data": data.fingerprint,
                              "model": cfg.model.model_dump(), method.name: method.settings(cfg).model_dump(),
                              "code": [training_code_hash(), source_hash(method.build)]})
 
 
-def run_adapter_stage(method: AdapterMethod, cfg: PipelineConfig, upstream: dict, data: dict) -> dict:
+def run_adapter_stage(method: AdapterMethod, cfg: PipelineConfig, upstream: ModelResult,
+                      data: DataResult) -> ModelResult:
     """The stage: train `method` on data's training split from `upstream` (the base model for SFT, the SFT result
     for the preference methods); returns where the adapter is, its fingerprint and stats."""
     settings = method.settings(cfg)
@@ -275,35 +286,36 @@ def run_adapter_stage(method: AdapterMethod, cfg: PipelineConfig, upstream: dict
     out = StageOutput(cfg, method.name, key)
     if (done := out.finished()) is not None:  # finished earlier with these exact inputs: nothing to train
         return done
-    base_url = upstream["base"] if method.continues_adapter else upstream["path"]
-    train = method.read_rows(data["warehouse"], "train")[: settings.max_train_examples]
+    base_url = upstream.base if method.continues_adapter else upstream.path
+    train = method.read_rows(data.warehouse, "train")[: settings.max_train_examples]
     job = TrainingJob(out_dir=str(out.dir), base_path=str(storage.fetched(base_url)), train=train,
-                      validation=method.read_rows(data["warehouse"], "validation"),
-                      adapter_path=str(storage.fetched(upstream["adapter"])) if method.continues_adapter else None,
+                      validation=method.read_rows(data.warehouse, "validation"),
+                      adapter_path=str(storage.fetched(upstream.adapter)) if method.continues_adapter else None,
                       extra=method.job_extra(cfg, upstream))
     out.dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if needs_launcher(settings):
-        run = train_in_processes(cfg, settings, method.module, out.dir, job.train, job.validation,
-                                 base_path=job.base_path, adapter_path=job.adapter_path, extra=job.extra)
+        run = TrainedAdapter.model_validate(train_in_processes(
+            cfg, settings, method.module, out.dir, job.train, job.validation, base_path=job.base_path,
+            adapter_path=job.adapter_path, extra=job.extra))
     else:
         run = train_adapter(method, cfg, job)
-    stats = {**run["stats"], "wall_s": round(time.time() - started, 2)}
+    stats = {**run.stats, "wall_s": round(time.time() - started, 2)}
     sample = out.dir / "validation_sample.jsonl"
     if not method.continues_adapter:  # the examples merge checks its parity on, kept with the first adapter
         sample.write_text("".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in job.validation[:16]))
-    result = {
-        "stage": method.name,
-        "fingerprint": json_fingerprint({"adapter": run["adapter_sha"], upstream["stage"]: upstream["fingerprint"]}),
-        "adapter": out.url_of(run["adapter"]), "adapter_sha": run["adapter_sha"], "base": base_url,
-        "base_fingerprint": upstream["base_fingerprint"] if method.continues_adapter else upstream["fingerprint"],
-        "upstream_fingerprint": upstream["fingerprint"], "out_dir": out.url, "warehouse": data["warehouse"],
-        "data_fingerprint": data["fingerprint"],
-        "validation_sample": upstream.get("validation_sample") if method.continues_adapter else out.url_of(sample),
-        "stats": stats,
-    }
-    record_training_run(data["warehouse"], run_id=f"{method.name}-{key}", stage=method.name,
-                        fingerprint=result["fingerprint"], base=base_url, data_fingerprint=data["fingerprint"],
+    result = ModelResult(
+        stage=method.name,
+        fingerprint=json_fingerprint({"adapter": run.adapter_sha, upstream.stage: upstream.fingerprint}),
+        adapter=out.url_of(run.adapter), adapter_sha=run.adapter_sha, base=base_url,
+        base_fingerprint=upstream.base_fingerprint if method.continues_adapter else upstream.fingerprint,
+        upstream_fingerprint=upstream.fingerprint, out_dir=out.url, warehouse=data.warehouse,
+        data_fingerprint=data.fingerprint,
+        validation_sample=upstream.validation_sample if method.continues_adapter else out.url_of(sample),
+        stats=stats,
+    )
+    record_training_run(data.warehouse, run_id=f"{method.name}-{key}", stage=method.name,
+                        fingerprint=result.fingerprint, base=base_url, data_fingerprint=data.fingerprint,
                         output_dir=out.url, stats=stats,
                         config={"model": cfg.model.model_dump(), method.name: settings.model_dump()},
                         curves_path=out.dir / "metrics.jsonl")
