@@ -193,12 +193,8 @@ def _write_jsonl(path: Path, rows: list) -> None:
     path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
 
 
-def write_sample_data(out: Path, seed: int = 0, n: int = 600) -> list[Path]:
-    """Write the sample files into `out` (replacing any there) and return their paths."""
-    rng = random.Random(seed)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # Alpaca JSON array, with exact copies, near copies and a few rows the clean stage must reject.
+def _alpaca_rows(rng: random.Random, n: int) -> list:
+    """Alpaca rows, with exact copies, near copies and a few rows the clean stage must reject."""
     alpaca = []
     for _ in range(n):
         q, a = _english_pair(rng)
@@ -210,50 +206,67 @@ def write_sample_data(out: Path, seed: int = 0, n: int = 600) -> list[Path]:
                 "talked every night under the moon, shared berries and stories, and learned that friends can be "
                 f"very different. Story number {i} ends with the fox and the owl watching the sunrise together."}
         alpaca.append(base)
-    alpaca += [{"instruction": "Say nothing.", "input": "", "output": "   "},  # empty answer
-               {"instruction": "What is 2 plus 2?", "input": "", "output": 4}]  # wrong type
-    (out / "instructions_alpaca.json").write_text(json.dumps(alpaca, ensure_ascii=False, indent=1), encoding="utf-8")
+    return alpaca + [{"instruction": "Say nothing.", "input": "", "output": "   "},  # empty answer
+                     {"instruction": "What is 2 plus 2?", "input": "", "output": 4}]  # wrong type
 
-    # Chinese Alpaca JSON Lines, with a near duplicate.
-    zh = [{"instruction": q, "input": "", "output": a} for q, a in (_zh_pair(rng) for _ in range(n // 4))]
+
+def _chinese_rows(rng: random.Random, n: int) -> list[dict]:
+    """Chinese Alpaca rows, with a near duplicate."""
+    zh = [{"instruction": q, "input": "", "output": a} for q, a in (_zh_pair(rng) for _ in range(n))]
     story = "从前有一只小狐狸住在森林里，它每天早上都去河边喝水，然后和朋友们一起在草地上玩耍，直到太阳下山才回家。"
-    zh += [{"instruction": "讲一个关于小狐狸的故事。", "input": "", "output": story},
-           {"instruction": "讲一个关于小狐狸的故事。", "input": "", "output": story.replace("每天早上", "每天清晨")}]
-    _write_jsonl(out / "instructions_zh.jsonl", zh)
+    return zh + [{"instruction": "讲一个关于小狐狸的故事。", "input": "", "output": story},
+                 {"instruction": "讲一个关于小狐狸的故事。", "input": "", "output": story.replace("每天早上", "每天清晨")}]
 
-    # ShareGPT multi-turn JSON.
+
+def _sharegpt_rows(rng: random.Random, n: int) -> list[dict]:
+    """Two-turn ShareGPT conversations, and one with two human turns in a row."""
     sharegpt = []
-    for i in range(n // 4):
+    for i in range(n):
         (q1, a1), (q2, a2) = _english_pair(rng), _english_pair(rng)
         sharegpt.append({"id": f"chat-{i}", "conversations": [
             {"from": "human", "value": q1}, {"from": "gpt", "value": a1},
             {"from": "human", "value": q2}, {"from": "gpt", "value": a2}]})
     sharegpt.append({"id": "bad-order", "conversations": [{"from": "human", "value": "Hello?"},
                                                           {"from": "human", "value": "Anyone?"}]})
-    (out / "chat_sharegpt.json").write_text(json.dumps(sharegpt, ensure_ascii=False), encoding="utf-8")
+    return sharegpt
 
-    # OpenAI messages, gzipped JSON Lines, with a system prompt, a malformed line and a KTO-negative row.
+
+def _openai_rows(rng: random.Random, n: int) -> list:
+    """OpenAI messages with a system prompt, a malformed line and a KTO-negative row."""
     msgs = []
-    for _ in range(n // 4):
+    for _ in range(n):
         q, a = _english_pair(rng)
         msgs.append({"messages": [{"role": "system", "content": "You answer in one short sentence."},
                                   {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     msgs.append('{"messages": [{"role": "user", "content": "truncated')
     msgs.append({"messages": [{"role": "user", "content": "What is 1 plus 1?"},
                               {"role": "assistant", "content": "1 plus 1 is 3."}], "label": False})
-    _write_jsonl(out / "chat_messages.jsonl.gz", msgs)
+    return msgs
 
-    # Preference pairs: the answer-first phrasing is chosen; one ranked list; one chosen == rejected.
-    prefs = _style_preferences(rng, n // 2)
+
+def _preference_rows(rng: random.Random, n: int) -> list[dict]:
+    """Preference pairs: the answer-first phrasing is chosen; one ranked list; one chosen == rejected."""
+    prefs = _style_preferences(rng, n)
     prefs.append({"instruction": "What is the capital of Peru?", "input": "",
                   "output": ["The capital of Peru is Lima.", "Peru's capital is Cusco.", "I don't know."]})
     prefs.append({"prompt": "What is 3 plus 3?", "chosen": "3 plus 3 is 6.", "rejected": "3 plus 3 is 6."})
-    _write_jsonl(out / "preferences.jsonl", prefs)
+    return prefs
 
+
+def write_sample_data(out: Path, seed: int = 0, n: int = 600) -> list[Path]:
+    """Write the sample files into `out` (replacing any there) and return their paths."""
+    rng = random.Random(seed)  # drawn from in this order, so the same seed writes the same bytes
+    out.mkdir(parents=True, exist_ok=True)
+    alpaca = _alpaca_rows(rng, n)
+    (out / "instructions_alpaca.json").write_text(json.dumps(alpaca, ensure_ascii=False, indent=1), encoding="utf-8")
+    _write_jsonl(out / "instructions_zh.jsonl", _chinese_rows(rng, n // 4))
+    sharegpt = _sharegpt_rows(rng, n // 4)
+    (out / "chat_sharegpt.json").write_text(json.dumps(sharegpt, ensure_ascii=False), encoding="utf-8")
+    _write_jsonl(out / "chat_messages.jsonl.gz", _openai_rows(rng, n // 4))
+    _write_jsonl(out / "preferences.jsonl", _preference_rows(rng, n // 2))
     # A Parquet file of plain Alpaca rows (a typical export from another tool).
     rows = [dict(zip(("instruction", "output"), _english_pair(rng))) for _ in range(n // 6)]
     pq.write_table(pa.Table.from_pylist(rows), out / "instructions_export.parquet")
-
     (out / CORPUS_FILE).write_text("\n".join(pretraining_corpus(seed)) + "\n", encoding="utf-8")
     write_feedback_sample(out)
     return sorted(out.iterdir())
