@@ -455,6 +455,27 @@ def _record(warehouse: str | Path, run_id: str, results: list[TargetResult], sta
         con.execute("COMMIT")
 
 
+def lora_target(cfg: PipelineConfig, pair: tuple[str, str], refs: list[Reference], stops: list[int],
+                template: str | None, log_url: str) -> TargetResult:
+    """The base served with the adapter as a LoRA module (--enable-lora), prompted with the training template."""
+    adapter_dir, base_dir = pair
+    rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("r", 16)
+    template_file = storage.local_path(log_url) / "chat_template.jinja"
+    template_file.write_text(template or "")
+    extra = ["--enable-lora", "--lora-modules", f"adapter={adapter_dir}", "--max-lora-rank",
+             str(min(r for r in LORA_RANKS if r >= rank)), "--chat-template", str(template_file)]
+    return smoke_target(cfg, "lora", str(Path(base_dir).resolve()), refs, stops, extra, "adapter", log_url)
+
+
+def _timings(results: list[TargetResult]) -> dict:
+    """Startup per target; mean latency and tokens/s over the requests that generated."""
+    gen_requests = [q for r in results for q in r.requests if q["completion_tokens"]]
+    latency = sum(q["latency_s"] for q in gen_requests)
+    return {"startup_s": {r.target: r.startup_s for r in results},
+            "mean_latency_s": round(latency / len(gen_requests), 4) if gen_requests else None,
+            "tokens_per_s": round(sum(q["completion_tokens"] for q in gen_requests) / latency, 1) if latency else None}
+
+
 # ------------------------------------------------------------------------------------------------ the stage
 def run_serve_smoke(cfg: PipelineConfig, merged: ModelResult, adapter: ModelResult | None = None,
                     data: DataResult | None = None) -> ServeResult:
@@ -490,26 +511,12 @@ def run_serve_smoke(cfg: PipelineConfig, merged: ModelResult, adapter: ModelResu
     log_dir = storage.local_path(log_url)
     results = [smoke_target(cfg, "merged", model, refs, stops, [], "merged", log_url)]
     if cfg.serve.check_lora and pair:
-        adapter_dir, base_dir = pair
-        rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("r", 16)
-        template_file = log_dir / "chat_template.jinja"
-        template_file.write_text(template or "")
-        extra = ["--enable-lora", "--lora-modules", f"adapter={adapter_dir}", "--max-lora-rank",
-                 str(min(r for r in LORA_RANKS if r >= rank)), "--chat-template", str(template_file)]
-        results.append(smoke_target(cfg, "lora", str(Path(base_dir).resolve()), refs, stops, extra, "adapter",
-                                    log_url))
+        results.append(lora_target(cfg, pair, refs, stops, template, log_url))
     _record(warehouse, run_id, results, started_at, started)
 
     summary = {"run_id": run_id, "passed": all(r.passed for r in results), "targets": [r.summary() for r in results]}
-    gen_requests = [q for r in results for q in r.requests if q["completion_tokens"]]
-    latency = sum(q["latency_s"] for q in gen_requests)
-    stats = {
-        "startup_s": {r.target: r.startup_s for r in results},
-        "mean_latency_s": round(latency / len(gen_requests), 4) if gen_requests else None,
-        "tokens_per_s": round(sum(q["completion_tokens"] for q in gen_requests) / latency, 1) if latency else None,
-        "parity": {r.target: f"{r.parity_passed}/{r.parity_total}" for r in results},
-        "wall_s": round(time.time() - started, 2),
-    }
+    stats = {**_timings(results), "parity": {r.target: f"{r.parity_passed}/{r.parity_total}" for r in results},
+             "wall_s": round(time.time() - started, 2)}
     markdown = serve_markdown(summary)
     (log_dir / "report.md").write_text(markdown, encoding="utf-8")
     storage.publish(log_url)  # the server logs and report, also (especially) when the check failed
