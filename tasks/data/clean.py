@@ -32,6 +32,9 @@ from tasks.data.chat_template import DEFAULT_CHAT_TEMPLATE, tools_problem
 ROLE_CODE = {"system": "S", "user": "U", "assistant": "A", "tool": "T"}  # C: an assistant turn with tool calls
 _CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufeff\u200b]"  # keeps \t \n \r; drops BOMs and zero-width spaces
 _LATIN_STOPWORDS = r"\b(the|and|is|of|to|in|a|you|that|it|for|what|with)\b"
+PARSED_ROWS = ("SELECT p.row_id, p.kind, f.source, r.row_seq, p.messages, p.responses, p.tools, p.label "
+               "FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f USING (file_id) "
+               "WHERE p.reason IS NULL ORDER BY r.row_seq")  # what ingest parsed without error, in file order
 
 
 def normalize_text(expr: pl.Expr, form: str) -> pl.Expr:
@@ -196,11 +199,7 @@ def template_tools_problem(cfg: PipelineConfig) -> str | None:
 def run_clean(cfg: PipelineConfig, ingest: DataResult, run_id: str = "local") -> DataResult:
     started = utcnow()
     with open_warehouse(cfg.warehouse_url) as con:
-        rows = con.sql(
-            "SELECT p.row_id, p.kind, f.source, r.row_seq, p.messages, p.responses, p.tools, p.label "
-            "FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f USING (file_id) "
-            "WHERE p.reason IS NULL ORDER BY r.row_seq"
-        ).pl()
+        rows = con.sql(PARSED_ROWS).pl()
         cleaned = clean_frame(rows, cfg, _token_counter(cfg), lambda: template_tools_problem(cfg))
         con.begin()
         con.execute("DELETE FROM clean_rows")
