@@ -196,8 +196,8 @@ def warehouse_id(path: str | Path) -> str:
 
 def table_fingerprint(con: duckdb.DuckDBPyConnection, query: str) -> str:
     """Order-independent content hash of a query's rows: what a stage wrote, for downstream cache keys."""
-    row = con.execute(f"SELECT count(*), coalesce(bit_xor(hash(q)), 0) FROM ({query}) q").fetchone()
-    return f"{row[0]}-{row[1]:016x}"
+    count, digest = con.execute(f"SELECT count(*), coalesce(bit_xor(hash(q)), 0) FROM ({query}) q").fetchone()
+    return f"{count}-{digest:016x}"
 
 
 def record_stage(con: duckdb.DuckDBPyConnection, run_id: str, stage: str, started: datetime, stats: dict[str, Any]):
