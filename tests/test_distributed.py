@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from training_fixtures import ROOT, STORIES_BASE, alpaca_examples, make_warehouse, preference_pairs, small_config
 
 from tasks.core.config import ConfigError, apply_overrides
+from tasks.core.results import DataResult
 from tasks.training.dpo import run_dpo
 from tasks.training.launch import launch_command
 from tasks.training.merge import run_merge
@@ -97,13 +98,13 @@ def test_fsdp_lora_shards_the_model_and_matches_one_process(tmp_path, data):
         assert (Path(sharded.adapter) / name).is_file(), name
 
 
-def _stage_in_subprocess(cfg_tree: dict, data: dict, log_path: Path) -> subprocess.Popen:
+def _stage_in_subprocess(cfg_tree: dict, data: DataResult, log_path: Path) -> subprocess.Popen:
     """The SFT stage as a worker would run it, in its own process group (so the kill takes the launched ranks too)."""
     script = ("import json, sys; from tasks.core.config import apply_overrides; from tasks.training.sft import run_sft;"
-              "from training_fixtures import STORIES_BASE;"
-              "cfg, data = json.loads(sys.argv[1]); run_sft(apply_overrides(cfg), STORIES_BASE, data)")
+              "from tasks.core.results import load_result; from training_fixtures import STORIES_BASE;"
+              "cfg, data = json.loads(sys.argv[1]); run_sft(apply_overrides(cfg), STORIES_BASE, load_result(data))")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    return subprocess.Popen([sys.executable, "-c", script, json.dumps([cfg_tree, data])], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-c", script, json.dumps([cfg_tree, data.model_dump()])], cwd=ROOT, env=env,
                             stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -83,12 +83,12 @@ def test_dpo_on_tool_calling_prompts_renders_calls_and_results_as_sft_does_and_t
     data = make_warehouse(tmp_path / "wh.duckdb", sft={"train": tool_examples(8), "validation": tool_examples(4, 8)},
                           pairs={"train": pairs[:12], "validation": pairs[12:]})
     sft = run_sft(cfg, STORIES_BASE, data)
-    with open_warehouse(data["warehouse"], read_only=True) as con:
+    with open_warehouse(data.warehouse, read_only=True) as con:
         train = preference_pairs(con, "train")  # as the DPO stage reads them
     assert [m["role"] for m in train[0]["prompt"]] == ["user", "assistant", "tool"] and train[0]["tools"]
 
     job = TrainingJob(out_dir=str(tmp_path / "probe"), base_path=str(STORIES), train=train, validation=[],
-                      adapter_path=sft["adapter"])
+                      adapter_path=sft.adapter)
     trainer = dpo.build_trainer(cfg, job)
     tokenizer = trainer.processing_class
     for pair, row in zip(train, trainer.train_dataset):
@@ -108,11 +108,11 @@ def test_dpo_on_tool_calling_prompts_renders_calls_and_results_as_sft_does_and_t
     feedback = [{"prompt": p["prompt"], "tools": p["tools"], "completion": p[k], "label": k == "chosen"}
                 for p in train[:4] for k in ("chosen", "rejected")]
     kto_trainer = kto.build_trainer(cfg, TrainingJob(out_dir=str(tmp_path / "kto"), base_path=str(STORIES),
-                                                     train=feedback, validation=[], adapter_path=sft["adapter"]))
+                                                     train=feedback, validation=[], adapter_path=sft.adapter))
     assert [r["prompt_ids"] for r in kto_trainer.train_dataset] == \
         [r["prompt_ids"] for r in trainer.train_dataset.select(range(4)) for _ in range(2)]
 
-    s = dpo.run_dpo(cfg, sft, data)["stats"]
+    s = dpo.run_dpo(cfg, sft, data).stats
     print("DPO on tool prompts", {k: s[k] for k in ("steps", "first_loss", "last_loss", "train_pairs")})
     assert s["steps"] == 4 and s["train_pairs"] == 12
     assert math.isfinite(s["first_loss"]) and math.isfinite(s["last_loss"])
