@@ -106,9 +106,8 @@ def test_csv_parquet_and_gzip(tmp_path, make_cfg):
     assert query(cfg, "SELECT count(*) FROM sft_examples")[0][0] == 4
 
 
-def test_bad_input_is_quarantined_with_reasons_and_the_run_goes_on(tmp_path, make_cfg):
-    d = tmp_path / "in"
-    d.mkdir()
+def _write_bad_inputs(d):
+    """One file per way an input goes wrong; returns the lines of mixed.jsonl."""
     good = {"instruction": "What is 1 plus 1?", "input": "", "output": "2"}
     lines = [json.dumps(good).encode(), b'{"instruction": "truncated", "outp',
              json.dumps({"instruction": "caf\u00e9", "input": "", "output": "ok"}).encode().replace(b"caf\\u00e9", b"caf\xe9"),
@@ -122,6 +121,13 @@ def test_bad_input_is_quarantined_with_reasons_and_the_run_goes_on(tmp_path, mak
     _write_jsonl(d / "wrongtypes.jsonl", [{"conversations": "not a list"}, {"conversations": [{"from": "human", "value": 3}]},
                                          {"conversations": [{"from": "alien", "value": "hi"}]}])
     (d / "truncated.json").write_text('[{"instruction": "a", "input": "", "output": "b"}, {"instr', encoding="utf-8")
+    return lines
+
+
+def test_bad_input_is_quarantined_with_reasons_and_the_run_goes_on(tmp_path, make_cfg):
+    d = tmp_path / "in"
+    d.mkdir()
+    lines = _write_bad_inputs(d)
     cfg = make_cfg(f"data.ingest.inputs=[{d}]")
     run_data_plane(cfg)
 
@@ -173,7 +179,7 @@ def test_reingest_is_idempotent_and_a_changed_file_is_a_new_version(tmp_path, ma
 
 def test_a_crash_mid_file_leaves_no_partial_rows(tmp_path, make_cfg, monkeypatch):
     f = _write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(50)])
-    cfg = make_cfg(f"data.ingest.inputs=[{f}]")
+    cfg = make_cfg(f"data.ingest.inputs=[{f}]", "data.ingest.bulk=false")  # the per-line path normalises per row
     from tasks.data import formats as fmt_module
 
     real_normalize = fmt_module.normalize
@@ -185,13 +191,18 @@ def test_a_crash_mid_file_leaves_no_partial_rows(tmp_path, make_cfg, monkeypatch
             raise RuntimeError("simulated crash mid-file")
         return real_normalize(record, fmt)
 
-    monkeypatch.setattr(fmt_module, "normalize", crash_at_row_30)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    assert _crash_then_rerun(cfg, monkeypatch, fmt_module, "normalize", crash_at_row_30).stats["new_rows"] == 50
+
+
+def _crash_then_rerun(cfg, monkeypatch, module, name, crashing) -> dict:
+    """Ingest with module.name replaced by a crashing one: nothing of the file is kept; then ingest again."""
+    monkeypatch.setattr(module, name, crashing)
+    with pytest.raises(Exception, match="simulated crash"):
         run_ingest(cfg)
     monkeypatch.undo()
     assert query(cfg, "SELECT count(*) FROM source_files")[0][0] == 0
     assert query(cfg, "SELECT count(*) FROM raw_rows")[0][0] == 0
-    assert run_ingest(cfg).stats["new_rows"] == 50
+    return run_ingest(cfg)
 
 
 def test_outputs_under_a_storage_root_inside_the_input_folder_are_not_ingested(tmp_path, make_cfg):
@@ -341,7 +352,7 @@ def test_a_sigkill_mid_file_leaves_whole_files_and_the_rerun_completes(tmp_path,
                                             for i in range(200)])
     cfg = make_cfg(f"data.ingest.inputs=[{d}]")
     killed = subprocess.run([sys.executable, "-c", SIGKILLED_MID_FILE, f"storage_root={cfg.root}",
-                             f"data.ingest.inputs=[{d}]"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             f"data.ingest.inputs=[{d}]", "data.ingest.bulk=false"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     # Only the two committed files, each whole; the lease of the dead process is broken by the next writer.
@@ -352,3 +363,127 @@ def test_a_sigkill_mid_file_leaves_whole_files_and_the_rerun_completes(tmp_path,
     assert run_ingest(cfg).stats["new_rows"] == 400
     assert query(cfg, "SELECT count(*), count(DISTINCT file_id) FROM raw_rows")[0] == (800, 4)
     assert query(cfg, "SELECT count(*) FROM parsed_rows")[0][0] == 800
+
+
+# ------------------------------------------------------------------ bulk path == per-line path
+BULK_SHARED = ["instruct_alpaca_en/alpaca_en_demo.json", "instruct_alpaca_en/alpaca_tiny.json",
+               "instruct_alpaca_zh/alpaca_zh_demo.json", "chat_sharegpt/fastchat_dummy_conversation.json",
+               "chat_messages/kto_en_demo.json", "preference_sharegpt/dpo_en_demo.json"]
+ALPACA = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+
+
+def _write_bulk_edges(d):
+    """Files that test where the bulk path's certainty ends: {name: whether the bulk path takes it}."""
+    rows = [{**ALPACA, "instruction": f"q{i}"} for i in range(3)]
+    text = [json.dumps(r, ensure_ascii=False) for r in rows]
+    (d / "crlf_blank_lines.jsonl").write_bytes(
+        ("\r\n".join([text[0], "", "  \t", text[1]]) + "\r\n\n" + text[2]).encode())
+    _write_jsonl(d / "optional_fields.jsonl", [
+        {**ALPACA, "input": None, "system": ""}, {**ALPACA, "input": " \u3000\x1c", "system": "Be brief."},
+        {**ALPACA, "input": "extra", "text": "pre-rendered", "id": 7, "meta": {"tags": ["a"], "score": 1.5}},
+        {**ALPACA, "instruction": "Escapes \u0000 😀 \\/ 中文", "history": None, "tools": None}])
+    (d / "unicode_escapes.jsonl").write_text(
+        '{"instruction": "\\ud83d\\ude00 \\u4e2d \\/ \\"q\\"", "input": "\\t", "output": "a\\nb"}\n', encoding="utf-8")
+    _write_jsonl(d / "kto_labels.jsonl", [
+        {"messages": [{"role": "User", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "label": True},
+        {"messages": [{"role": "system", "content": "S"}, {"role": "human", "content": "Hi"},
+                      {"role": "gpt", "content": "Go away"}], "label": False},
+        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}], "label": None}])
+    _write_jsonl(d / "sharegpt_system.jsonl", [
+        {"id": "a", "system": "Be kind.", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]},
+        {"system": "Ignored", "conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Hi"},
+                                                {"from": "gpt", "value": "Hey"}]}])
+    _write_jsonl(d / "preference_text.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "system": "Math."},
+                                               {"prompt": "", "chosen": "same", "rejected": "same"}])
+    _write_jsonl(d / "preference_turns.jsonl", [
+        {"conversations": [{"from": "human", "value": "Pick"}], "chosen": {"from": "gpt", "value": "A"},
+         "rejected": {"from": "gpt", "value": "B"}}])
+    # Each of these holds a row the bulk path cannot be sure of, so the whole file is read line by line.
+    (d / "trailing_comma.jsonl").write_text(text[0] + "\n" + text[1][:-1] + ",}\n", encoding="utf-8")
+    (d / "nan.jsonl").write_text(text[0][:-1] + ', "score": NaN}\n', encoding="utf-8")
+    (d / "huge_number.jsonl").write_text(text[0][:-1] + ', "score": 1e400}\n', encoding="utf-8")
+    (d / "duplicate_keys.jsonl").write_text('{"instruction": "a", "instruction": "b", "output": "c"}\n', encoding="utf-8")
+    (d / "bare_cr.jsonl").write_bytes((text[0] + "\r" + text[1] + "\n").encode())
+    _write_jsonl(d / "null_output.jsonl", [ALPACA, {**ALPACA, "output": None}])
+    _write_jsonl(d / "number_output.jsonl", [ALPACA, {**ALPACA, "output": 3}])
+    _write_jsonl(d / "tool_turns.jsonl", [{"messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "function": {"name": "w", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "1", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}])
+    _write_jsonl(d / "content_parts.jsonl", [{"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                                                           {"role": "assistant", "content": "Hello"}]}])
+    _write_jsonl(d / "transcript_prompt.jsonl", [{"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": "a", "rejected": "b"}])
+    _write_jsonl(d / "chosen_from_user.jsonl", [
+        {"conversations": [{"from": "human", "value": "Pick"}], "chosen": {"from": "human", "value": "A"},
+         "rejected": {"from": "gpt", "value": "B"}}])
+    _write_jsonl(d / "empty_conversation.jsonl", [{"messages": []}])
+    _write_jsonl(d / "missing_value.jsonl", [{"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]}])
+    _write_jsonl(d / "not_objects.jsonl", [ALPACA, ["a"], "text"])
+    _write_jsonl(d / "mixed_layouts.jsonl", [ALPACA, {"messages": [{"role": "user", "content": "Hi"}]}])
+    return {"crlf_blank_lines": True, "optional_fields": True, "unicode_escapes": True, "kto_labels": True,
+            "sharegpt_system": True, "preference_text": True, "preference_turns": True}
+
+
+def _warehouse(cfg) -> dict:
+    return {"files": query(cfg, "SELECT * EXCLUDE (ingested_at) FROM source_files ORDER BY file_id"),
+            "raw_rows": query(cfg, "SELECT * FROM raw_rows ORDER BY row_id"),
+            "parsed_rows": query(cfg, "SELECT * FROM parsed_rows ORDER BY row_id")}
+
+
+def _both_paths(make_cfg, tmp_path, inputs):
+    """Ingest the inputs once in bulk and once line by line, into two warehouses: (which files went bulk, results,
+    warehouse contents) for each."""
+    out = []
+    for bulk in (True, False):
+        cfg = make_cfg(f"data.ingest.inputs=[{inputs}]", f"data.ingest.bulk={str(bulk).lower()}",
+                       root=tmp_path / f"runs_bulk_{bulk}")
+        result = run_ingest(cfg)
+        went_bulk = {f["path"].rsplit("/", 1)[1].split(".")[0]: f.get("bulk") for f in result.files}
+        out.append((went_bulk, (result.fingerprint, result.stats), _warehouse(cfg)))
+    return out
+
+
+def test_the_bulk_path_writes_what_the_per_line_path_writes_on_the_shared_data(tmp_path, make_cfg):
+    d = tmp_path / "in"
+    d.mkdir()
+    for rel in BULK_SHARED:  # as JSON Lines and Parquet, written here from ../shared at run time
+        rows = json.loads((SHARED_DATA / rel).read_text(encoding="utf-8"))
+        name = rel.rsplit("/", 1)[1].removesuffix(".json")
+        _write_jsonl(d / f"{name}.jsonl", rows)
+        pq.write_table(pa.Table.from_pylist(rows), d / f"{name}_pq.parquet")
+    (bulk_files, bulk_result, bulk_wh), (line_files, line_result, line_wh) = _both_paths(make_cfg, tmp_path, d)
+    assert all(bulk_files.values()) and len(bulk_files) == 2 * len(BULK_SHARED)
+    assert not any(line_files.values())
+    assert bulk_result == line_result
+    for table in bulk_wh:
+        assert bulk_wh[table] == line_wh[table], table
+    assert len(bulk_wh["raw_rows"]) == 2 * sum(SHARED_FILES[rel][1] for rel in BULK_SHARED)
+
+
+def test_the_bulk_path_writes_what_the_per_line_path_writes_on_bad_and_edge_inputs(tmp_path, make_cfg):
+    d = tmp_path / "in"
+    d.mkdir()
+    _write_bad_inputs(d)
+    takes = _write_bulk_edges(d)
+    pq.write_table(pa.table({"instruction": pa.array([b"fine", b"bad \xff"], pa.binary()), "output": ["a", "b"]}),
+                   d / "binary_column.parquet")
+    (bulk_files, bulk_result, bulk_wh), (_, line_result, line_wh) = _both_paths(make_cfg, tmp_path, d)
+    assert {name for name, bulk in bulk_files.items() if bulk} == set(takes) | {"bom"}  # a BOM is fine
+    assert bulk_result == line_result
+    for table in bulk_wh:
+        assert bulk_wh[table] == line_wh[table], table
+
+
+def test_a_failure_inside_a_bulk_file_leaves_no_partial_rows(tmp_path, make_cfg, monkeypatch):
+    from tasks.data import bulk_ingest
+
+    f = _write_jsonl(tmp_path / "a.jsonl", [{**ALPACA, "instruction": f"q{i}"} for i in range(50)])
+    cfg = make_cfg(f"data.ingest.inputs=[{f}]")
+    real_insert = bulk_ingest.insert_rows
+
+    def insert_then_fail(*args):
+        real_insert(*args)  # raw and parsed rows are in, the file's transaction still open
+        raise RuntimeError("simulated crash after the inserts")
+
+    result = _crash_then_rerun(cfg, monkeypatch, bulk_ingest, "insert_rows", insert_then_fail)
+    assert result.stats["new_rows"] == 50 and result.files[0]["bulk"]

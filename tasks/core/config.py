@@ -58,6 +58,9 @@ class IngestConfig(Section):
         "Files not matched are auto-detected from their fields.",
     )
     csv_delimiter: str = Field(",", description="Delimiter of .csv inputs.")
+    bulk: bool = Field(True, description="Read JSON Lines and Parquet files whose rows all fit a plain layout in bulk "
+                       "(native readers, DuckDB JSON functions); any other file is read line by line. Both give the "
+                       "same warehouse rows; false reads every file line by line.")
     mappings: dict[str, FieldMapping] = Field(
         default_factory=dict,
         description="Per-file field mapping, like a dataset registry entry: glob pattern (matched against the file "

@@ -22,6 +22,7 @@ from typing import Any, Iterator, NamedTuple
 
 import duckdb
 import orjson
+import polars as pl
 import pyarrow as pa
 
 from tasks.core import storage
@@ -35,7 +36,7 @@ from tasks.core.warehouse import (
     table_fingerprint,
     utcnow,
 )
-from tasks.data import formats
+from tasks.data import bulk_ingest, formats
 
 SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 # Arrow's spelling of sql/schema.sql's chat_message (fields absent from a message are NULL).
@@ -337,8 +338,8 @@ def parse_row(row: RawRow, record: Any, fmt: str | None) -> ParsedRow:
 
 
 # ------------------------------------------------------------------ the stage
-def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
-    """Ingest one file version in one transaction. Returns what happened (skipped when already ingested)."""
+def _open_input(url: str) -> tuple[Path | None, bytes, str, str, FileRead | None]:
+    """(local copy, bytes, content sha256, file id, FileRead when the file cannot be opened)."""
     path = PurePosixPath(url)  # names and patterns come from where the file lives, not from its local copy
     try:
         local = storage.fetch(url)
@@ -347,60 +348,107 @@ def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: Pipe
         # Kept as a quarantined file under its path (it has no content to name it by); once readable it is a new
         # version like any changed file.
         reason, detail = unreadable(url, err)
-        data, content_sha, file_id = b"", "", sha256_text(url, reason)[:16]
         read = FileRead(file_type_of(Path(path.name))[0] or "unknown", reason=reason, detail=detail)
-    else:
-        content_sha = hashlib.sha256(data).hexdigest()
-        # Named by file name and content, not by folder: the same data gives the same row ids (and so the same
-        # splits) wherever a checkout or mount puts it. A copy of an ingested file under another folder adds nothing.
-        file_id = sha256_text(path.name, content_sha)[:16]
-        read = None
+        return None, b"", "", sha256_text(url, reason)[:16], read
+    content_sha = hashlib.sha256(data).hexdigest()
+    # Named by file name and content, not by folder: the same data gives the same row ids (and so the same splits)
+    # wherever a checkout or mount puts it. A copy of an ingested file under another folder adds nothing.
+    return local, data, content_sha, sha256_text(path.name, content_sha)[:16], None
+
+
+def _bulk_lines(local: Path, data: bytes) -> pl.DataFrame | None:
+    """(row_number, raw) of a plain JSON Lines or Parquet file read natively; None for any other file."""
+    file_type, gz = file_type_of(local)
+    if file_type == "jsonl":
+        try:
+            return bulk_ingest.jsonl_lines(gzip.decompress(data) if gz else data)
+        except (OSError, EOFError, zlib.error):
+            return None
+    if file_type == "parquet" and not gz:
+        with _exact_path(local) as exact:
+            return bulk_ingest.parquet_lines(exact)
+    return None
+
+
+def _try_bulk(con: duckdb.DuckDBPyConnection, url: str, local: Path, data: bytes,
+              cfg: PipelineConfig) -> bulk_ingest.BulkFile | None:
+    ingest_cfg = cfg.data.ingest
+    overridden = any(fmt != "auto" and _matches(url, pattern) for pattern, fmt in ingest_cfg.formats.items())
+    if not ingest_cfg.bulk or overridden or file_mapping(url, cfg) is not None or not data.strip():
+        return None
+    lines = _bulk_lines(local, data)
+    return None if lines is None else bulk_ingest.bulk_file(con, lines)
+
+
+def _insert_read_rows(con: duckdb.DuckDBPyConnection, read: FileRead, records: list[Any], fmt: str | None,
+                      file_id: str, run_id: str, seq0: int) -> None:
+    """raw_rows and parsed_rows of a file read line by line."""
+    row_ids = [f"{file_id}:{r.row_number}" for r in read.rows]
+    insert_columns(con, "raw_rows", {
+        "row_id": row_ids,
+        "file_id": [file_id] * len(row_ids),
+        "row_number": pa.array([r.row_number for r in read.rows], pa.int64()),
+        "row_seq": pa.array(range(seq0 + 1, seq0 + 1 + len(row_ids)), pa.int64()),
+        "raw": pa.array([r.raw for r in read.rows], pa.string()),
+        "raw_bytes": pa.array([r.raw_bytes for r in read.rows], pa.binary()),
+        "ingest_run_id": [run_id] * len(row_ids),
+    })
+    parsed = [parse_row(r, rec, fmt) for r, rec in zip(read.rows, records)]
+    insert_columns(con, "parsed_rows", {
+        "row_id": row_ids,
+        "kind": pa.array([p.kind for p in parsed], pa.string()),
+        "messages": pa.array([p.messages for p in parsed], MESSAGE_TYPE),
+        "responses": pa.array([p.responses for p in parsed], pa.list_(pa.string())),
+        "tools": pa.array([p.tools for p in parsed], pa.string()),
+        "label": pa.array([p.label for p in parsed], pa.bool_()),
+        "reason": pa.array([p.reason for p in parsed], pa.string()),
+        "detail": pa.array([p.detail for p in parsed], pa.string()),
+    })
+
+
+def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
+    """Ingest one file version in one transaction. Returns what happened (skipped when already ingested). A plain
+    JSON Lines or Parquet file is read in bulk (bulk_ingest.py), any other line by line; both write the same rows."""
+    path = PurePosixPath(url)
+    local, data, content_sha, file_id, read = _open_input(url)
     if con.execute("SELECT 1 FROM source_files WHERE file_id = ?", [file_id]).fetchone():
         return {"path": url, "file_id": file_id, "skipped": True, "rows": 0}
 
-    read = read or read_file(local, data, cfg.data.ingest.csv_delimiter)
-    mapping = file_mapping(url, cfg)
-    records = [mapped_record(r, mapping) for r in read.rows]
-    fmt = file_format(url, [rec for r, rec in zip(read.rows, records) if r.reason is None],
-                      cfg.data.ingest.formats) if read.rows else None
-    now = utcnow()
+    bulk = None if read else _try_bulk(con, url, local, data, cfg)
+    if bulk:
+        read, records, fmt = FileRead(file_type_of(local)[0]), [], bulk.fmt
+    else:
+        read = read or read_file(local, data, cfg.data.ingest.csv_delimiter)
+        mapping = file_mapping(url, cfg)
+        records = [mapped_record(r, mapping) for r in read.rows]
+        fmt = file_format(url, [rec for r, rec in zip(read.rows, records) if r.reason is None],
+                          cfg.data.ingest.formats) if read.rows else None
+    n_rows = bulk.n_rows if bulk else len(read.rows)
     con.begin()
+    # Text written in zstd: DuckDB's default analysis of every string column (dictionary / FSST) costs more time
+    # than the rest of a bulk ingest, and zstd stores this text smaller too.
+    con.execute("SET force_compression = 'zstd'")
     try:
         seq0 = con.execute("SELECT coalesce(max(row_seq), 0) FROM raw_rows").fetchone()[0]
         con.execute(
             "INSERT INTO source_files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [file_id, url, source_name(path), content_sha, len(data), read.file_type, fmt, len(read.rows),
-             "quarantined" if read.reason else "ingested", read.reason, read.detail, run_id, now],
+            [file_id, url, source_name(path), content_sha, len(data), read.file_type, fmt, n_rows,
+             "quarantined" if read.reason else "ingested", read.reason, read.detail, run_id, utcnow()],
         )
-        if read.rows:
-            row_ids = [f"{file_id}:{r.row_number}" for r in read.rows]
-            insert_columns(con, "raw_rows", {
-                "row_id": row_ids,
-                "file_id": [file_id] * len(row_ids),
-                "row_number": pa.array([r.row_number for r in read.rows], pa.int64()),
-                "row_seq": pa.array(range(seq0 + 1, seq0 + 1 + len(row_ids)), pa.int64()),
-                "raw": pa.array([r.raw for r in read.rows], pa.string()),
-                "raw_bytes": pa.array([r.raw_bytes for r in read.rows], pa.binary()),
-                "ingest_run_id": [run_id] * len(row_ids),
-            })
-            parsed = [parse_row(r, rec, fmt) for r, rec in zip(read.rows, records)]
-            insert_columns(con, "parsed_rows", {
-                "row_id": row_ids,
-                "kind": pa.array([p.kind for p in parsed], pa.string()),
-                "messages": pa.array([p.messages for p in parsed], MESSAGE_TYPE),
-                "responses": pa.array([p.responses for p in parsed], pa.list_(pa.string())),
-                "tools": pa.array([p.tools for p in parsed], pa.string()),
-                "label": pa.array([p.label for p in parsed], pa.bool_()),
-                "reason": pa.array([p.reason for p in parsed], pa.string()),
-                "detail": pa.array([p.detail for p in parsed], pa.string()),
-            })
+        if bulk:
+            bulk_ingest.insert_rows(con, bulk, file_id, run_id, seq0)
+        elif read.rows:
+            _insert_read_rows(con, read, records, fmt, file_id, run_id, seq0)
         con.commit()
     except BaseException:
         con.rollback()
         raise
-    n_bad = sum(1 for r in read.rows if r.reason)
-    return {"path": url, "file_id": file_id, "skipped": False, "rows": len(read.rows), "format": fmt,
-            "unreadable_rows": n_bad, "file_reason": read.reason}
+    finally:
+        con.execute("RESET force_compression")
+        if bulk:
+            bulk_ingest.release(con)
+    return {"path": url, "file_id": file_id, "skipped": False, "rows": n_rows, "format": fmt,
+            "unreadable_rows": sum(1 for r in read.rows if r.reason), "file_reason": read.reason, "bulk": bool(bulk)}
 
 
 def input_paths(cfg: PipelineConfig) -> list[str]:
