@@ -9,7 +9,6 @@ or format) makes bulk_read return None, and the caller reads the whole file line
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,15 +34,19 @@ PLAIN_ROLES = {alias: role for alias, role in formats.ROLE_ALIASES.items() if ro
 def jsonl_lines(data: bytes) -> pl.DataFrame | None:
     """(row_number, raw) of each non-blank line, numbered as read_json_lines numbers them; None when a native line
     split could differ from splitting on \\n (bare carriage returns, the separator byte, invalid UTF-8)."""
-    if b"\x01" in data or (b"\r" in data and data.count(b"\r") != data.count(b"\r\n")):
+    crlf = data.count(b"\r\n") if b"\r" in data else 0
+    if b"\x01" in data or crlf != data.count(b"\r"):
         return None
     try:
-        lines = pl.read_csv(io.BytesIO(data), has_header=False, separator="\x01", quote_char=None,
-                            new_columns=["raw"], infer_schema=False, row_index_name="row_number",
-                            row_index_offset=1)
+        lines = pl.read_csv(data, has_header=False, separator="\x01", quote_char=None, new_columns=["raw"],
+                            infer_schema=False, row_index_name="row_number", row_index_offset=1)
     except (pl.exceptions.PolarsError, UnicodeDecodeError):
         return None
-    if lines.height != data.count(b"\n") + (not data.endswith(b"\n")):
+    # Every byte accounted for: the lines' text, one \n between lines (and \r before it in CRLF files), a BOM. A
+    # line lost or merged by the reader would break the sum.
+    newlines = lines.height - (not data.endswith(b"\n"))
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    if (lines["raw"].str.len_bytes().sum() or 0) + newlines + crlf + bom != len(data):
         return None
     # Blank lines are skipped but keep their numbers. Only a line not opening with "{" can be blank: the regex
     # runs on those few.
@@ -144,7 +147,7 @@ def survey(con: duckdb.DuckDBPyConnection) -> Layout | None:
     except duckdb.Error:
         return None
     doubles = [s for s in structures if "DOUBLE" in s]
-    if not unique or ((commas or doubles) and not suspects_parse(con, doubles)):
+    if not unique or ((commas or doubles) and not suspects_parse(con, commas, doubles)):
         return None
     layouts = set()
     for structure in structures:
@@ -153,10 +156,12 @@ def survey(con: duckdb.DuckDBPyConnection) -> Layout | None:
     return layouts.pop() if len(layouts) == 1 else None
 
 
-def suspects_parse(con: duckdb.DuckDBPyConnection, doubles: list[str]) -> bool:
-    """Whether orjson accepts every row that DuckDB's more lenient parser may have accepted alone."""
-    rows = con.execute(f"SELECT raw FROM {LINES} WHERE regexp_matches(raw, ?) OR "
-                       f"list_contains(?, json_structure(raw)::VARCHAR)", [TRAILING_COMMA, doubles]).fetchall()
+def suspects_parse(con: duckdb.DuckDBPyConnection, commas: bool, doubles: list[str]) -> bool:
+    """Whether orjson accepts every row that DuckDB's more lenient parser may have accepted alone: rows with a
+    trailing-comma pattern (when some row has one) and rows of a structure with a DOUBLE in it."""
+    where = ([f"regexp_matches(raw, {_str(TRAILING_COMMA)})"] if commas else []) + \
+        (["list_contains(?, json_structure(raw)::VARCHAR)"] if doubles else [])
+    rows = con.execute(f"SELECT raw FROM {LINES} WHERE {' OR '.join(where)}", [doubles] if doubles else []).fetchall()
     try:
         for (raw,) in rows:
             orjson.loads(raw)
@@ -229,7 +234,11 @@ def _with_system(messages: str) -> str:
 
 
 def _fields(*names: str) -> list[str]:
-    return [f"json_extract_string(raw, '$.{n}') AS {n}" for n in names]
+    """Top-level string fields as columns, read in one parse of the row (a list of paths; DuckDB reuses an alias
+    within the select list)."""
+    paths = ", ".join(f"'$.{n}'" for n in names)
+    return [f"json_extract_string(raw, [{paths}]) AS fields_{'_'.join(names)}",
+            *(f"fields_{'_'.join(names)}[{i}] AS {n}" for i, n in enumerate(names, start=1))]
 
 
 def layout_sql(layout: Layout) -> tuple[list[str], list[str], dict[str, str]]:
@@ -279,7 +288,7 @@ def bulk_file(con: duckdb.DuckDBPyConnection, lines: pl.DataFrame) -> BulkFile |
     (and nothing registered) when any row is not certain to come out as the per-line path makes it."""
     if lines.is_empty():
         return None
-    con.register(LINES, lines.with_row_index("seq", offset=1).to_arrow())
+    con.register(LINES, lines.with_row_index("seq", offset=1).to_arrow(compat_level=pl.CompatLevel.newest()))
     layout = survey(con)
     bulk = None
     if layout is not None:

@@ -374,7 +374,7 @@ def _try_bulk(con: duckdb.DuckDBPyConnection, url: str, local: Path, data: bytes
               cfg: PipelineConfig) -> bulk_ingest.BulkFile | None:
     ingest_cfg = cfg.data.ingest
     overridden = any(fmt != "auto" and _matches(url, pattern) for pattern, fmt in ingest_cfg.formats.items())
-    if not ingest_cfg.bulk or overridden or file_mapping(url, cfg) is not None or not data.strip():
+    if not ingest_cfg.bulk or overridden or file_mapping(url, cfg) is not None or not data or data.isspace():
         return None
     lines = _bulk_lines(local, data)
     return None if lines is None else bulk_ingest.bulk_file(con, lines)
