@@ -10,7 +10,8 @@ or format) makes bulk_read return None, and the caller reads the whole file line
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
 import duckdb
 import orjson
@@ -314,6 +315,20 @@ def insert_rows(con: duckdb.DuckDBPyConnection, bulk: BulkFile, file_id: str, ru
     con.execute(f"INSERT INTO parsed_rows (row_id, kind, messages, responses, tools, label, reason, detail) "
                 f"SELECT $file || ':' || row_number, {c['kind']}, {c['messages']}, {c.get('responses', 'NULL')}, "
                 f"NULL, {c.get('label', 'NULL')}, NULL, NULL FROM ({bulk.source})", {"file": file_id})
+
+
+@contextmanager
+def bounded_buffer_pool(con: duckdb.DuckDBPyConnection, n_rows: int) -> Iterator[None]:
+    """DuckDB keeps the blocks it writes cached up to its memory limit (80 % of RAM by default), so a bulk insert
+    would hold the whole file twice over (raw and parsed). Capping the pool at what it holds now plus room for this
+    file's work (and its key index, ~100 bytes a row) makes it write them out instead."""
+    used = con.execute("SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()").fetchall()[0][0]
+    old = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+    con.execute(f"SET memory_limit = '{(used + max(256 << 20, 128 * n_rows)) >> 20}MiB'")
+    try:
+        yield
+    finally:
+        con.execute(f"SET memory_limit = '{old}'")
 
 
 def release(con: duckdb.DuckDBPyConnection) -> None:

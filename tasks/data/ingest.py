@@ -15,10 +15,10 @@ import json
 import os
 import tempfile
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import duckdb
 import orjson
@@ -406,6 +406,24 @@ def _insert_read_rows(con: duckdb.DuckDBPyConnection, read: FileRead, records: l
     })
 
 
+def _write_file(con: duckdb.DuckDBPyConnection, source_file: list, insert_rows: Callable[[int], None]) -> None:
+    """One transaction: the source_files row, then the file's rows (insert_rows gets the last row_seq so far)."""
+    con.begin()
+    # Text written in zstd: DuckDB's default analysis of every string column (dictionary / FSST) costs more time
+    # than the rest of a bulk ingest, and zstd stores this text smaller too.
+    con.execute("SET force_compression = 'zstd'")
+    try:
+        seq0 = con.execute("SELECT coalesce(max(row_seq), 0) FROM raw_rows").fetchone()[0]
+        con.execute("INSERT INTO source_files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", source_file + [utcnow()])
+        insert_rows(seq0)
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    finally:
+        con.execute("RESET force_compression")
+
+
 def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
     """Ingest one file version in one transaction. Returns what happened (skipped when already ingested). A plain
     JSON Lines or Parquet file is read in bulk (bulk_ingest.py), any other line by line; both write the same rows."""
@@ -415,7 +433,9 @@ def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: Pipe
         return {"path": url, "file_id": file_id, "skipped": True, "rows": 0}
 
     bulk = None if read else _try_bulk(con, url, local, data, cfg)
+    size = len(data)
     if bulk:
+        del data  # the rows are held as Arrow now
         read, records, fmt = FileRead(file_type_of(local)[0]), [], bulk.fmt
     else:
         read = read or read_file(local, data, cfg.data.ingest.csv_delimiter)
@@ -424,27 +444,19 @@ def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: Pipe
         fmt = file_format(url, [rec for r, rec in zip(read.rows, records) if r.reason is None],
                           cfg.data.ingest.formats) if read.rows else None
     n_rows = bulk.n_rows if bulk else len(read.rows)
-    con.begin()
-    # Text written in zstd: DuckDB's default analysis of every string column (dictionary / FSST) costs more time
-    # than the rest of a bulk ingest, and zstd stores this text smaller too.
-    con.execute("SET force_compression = 'zstd'")
-    try:
-        seq0 = con.execute("SELECT coalesce(max(row_seq), 0) FROM raw_rows").fetchone()[0]
-        con.execute(
-            "INSERT INTO source_files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [file_id, url, source_name(path), content_sha, len(data), read.file_type, fmt, n_rows,
-             "quarantined" if read.reason else "ingested", read.reason, read.detail, run_id, utcnow()],
-        )
+
+    def insert_rows(seq0: int) -> None:
         if bulk:
             bulk_ingest.insert_rows(con, bulk, file_id, run_id, seq0)
         elif read.rows:
             _insert_read_rows(con, read, records, fmt, file_id, run_id, seq0)
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
+
+    try:
+        with bulk_ingest.bounded_buffer_pool(con, n_rows) if bulk else nullcontext():
+            _write_file(con, [file_id, url, source_name(path), content_sha, size, read.file_type, fmt, n_rows,
+                              "quarantined" if read.reason else "ingested", read.reason, read.detail, run_id],
+                        insert_rows)
     finally:
-        con.execute("RESET force_compression")
         if bulk:
             bulk_ingest.release(con)
     return {"path": url, "file_id": file_id, "skipped": False, "rows": n_rows, "format": fmt,
