@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
-from conftest import SHARED_DATA, query, run_data_plane
+from conftest import SHARED_DATA, STORIES, query, run_data_plane
 
 from leakage_fixtures import _pool, write_leaky_data
 
@@ -66,6 +66,19 @@ def test_clean_rules_and_normalisation():
     assert first == [u("Café please"), a("Sure.\nDone")]
     assert compact_messages(out["messages"][8].to_list()) == [u("ok?"), a("ok")]
     assert out["language"][0] == "other" or out["language"][0] == "en"
+
+
+def test_token_limit_counts_every_row_with_the_base_tokenizer_in_one_batch():
+    from tasks.data.clean import _base_tokenizer, _token_counter
+
+    rows = [("sft", [u("hi"), a("ok")], None), ("sft", [u("tell me a story " * 20), a("once upon a time " * 20)], None)]
+    cfg = load_config(None, [f"model.base={STORIES}", "data.clean.max_tokens=40"])
+    out = clean_frame(_frame(rows), cfg, _token_counter(cfg)).sort("row_seq")
+    tok = _base_tokenizer(cfg)
+    counts = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in out["dedup_text"].to_list()]
+    assert counts[0] <= 40 < counts[1]
+    assert out["reason"].to_list() == [None, "too_long_tokens"]
+    assert out["detail"][1] == f"{counts[1]} tokens"
 
 
 def test_language_mix_tells_chinese_from_english(make_cfg):
