@@ -1,8 +1,10 @@
 """Ingest: raw files → DuckDB, every row verbatim with provenance, in one transaction per file.
 
-CSV and Parquet are read by DuckDB itself. JSON / JSON Lines are parsed with orjson line by line because DuckDB's
-JSON reader either fails the whole file on one bad line or drops it silently (ignore_errors), and here a bad line
-must be kept and quarantined with its line number.
+A JSON Lines or Parquet file whose rows all fit a plain layout is read in bulk (bulk_ingest.py: native readers and
+DuckDB's JSON functions, no Python object per row). Every other file takes the per-line path here: CSV and Parquet
+read by DuckDB itself, JSON / JSON Lines parsed with orjson line by line, because DuckDB's JSON reader either fails
+the whole file on one bad line or drops it silently (ignore_errors), and here a bad line must be kept and
+quarantined with its line number. Both paths write the same rows.
 """
 
 from __future__ import annotations
