@@ -474,6 +474,19 @@ def test_the_bulk_path_writes_what_the_per_line_path_writes_on_bad_and_edge_inpu
         assert bulk_wh[table] == line_wh[table], table
 
 
+def test_the_bulk_path_writes_what_the_per_line_path_writes_on_the_sample_data(tmp_path, make_cfg):
+    from tasks.data.sample_data import write_feedback_sample, write_sample_data
+
+    d = tmp_path / "in"
+    write_sample_data(d)
+    write_feedback_sample(d)
+    (bulk_files, bulk_result, bulk_wh), (_, line_result, line_wh) = _both_paths(make_cfg, tmp_path, d)
+    assert any(bulk_files.values())
+    assert bulk_result == line_result
+    for table in bulk_wh:
+        assert bulk_wh[table] == line_wh[table], table
+
+
 def test_a_failure_inside_a_bulk_file_leaves_no_partial_rows(tmp_path, make_cfg, monkeypatch):
     from tasks.data import bulk_ingest
 
