@@ -79,6 +79,8 @@ def where_lines(cfg) -> list[tuple[str, str]]:
              ("models", cfg.url("models"))]
     if not storage.is_local(cfg.root):
         lines.append(("local copies", str(storage.local_path(cfg.root))))
+    if cfg.tracking.mlflow_uri:
+        lines.append(("mlflow", f"{cfg.tracking.mlflow_uri} (experiment {cfg.tracking.mlflow_experiment})"))
     return lines + [("query", query_command(cfg))]
 
 

@@ -151,20 +151,24 @@ def run_stages(cfg: PipelineConfig, run_id: str, *, results: dict[str, StageResu
     """Run the table in order up to `until` (or all of it), each stage from cache when its inputs, config and code
     are unchanged; `refresh` names stages to recompute (or "all"). A GPU stage that is not cached goes to
     `dispatch` when given. Every result is saved under the run; returns them by stage name."""
+    from tasks.training.mlflow_tracking import pipeline_run
+
     results = dict(results or {})
     check_stage_names(until, *refresh)
     if until in BY_NAME and not BY_NAME[until].runs_for(cfg):
         raise ValueError(f"stage {until} does not run with preference.method={cfg.preference.method}")
-    for stage in STAGES:
-        if not stage.runs_for(cfg):
-            continue
-        forced = stage.name in refresh or "all" in refresh
-        if stage.gpu and dispatch is not None and (forced or not is_cached(cfg, stage, results)):
-            results[stage.name] = dispatch(stage, forced)
-        else:
-            results[stage.name] = run_stage(cfg, stage, results, forced)
-        save_result(cfg, run_id, stage.name, results[stage.name])
-        report(stage.name, results[stage.name])
-        if stage.name == until:
-            break
+    with pipeline_run(cfg, run_id) as tracker:  # the MLflow run, when tracking.mlflow_uri is set
+        for stage in STAGES:
+            if not stage.runs_for(cfg):
+                continue
+            forced = stage.name in refresh or "all" in refresh
+            if stage.gpu and dispatch is not None and (forced or not is_cached(cfg, stage, results)):
+                results[stage.name] = dispatch(stage, forced)
+            else:
+                results[stage.name] = run_stage(cfg, stage, results, forced)
+            save_result(cfg, run_id, stage.name, results[stage.name])
+            tracker.stage_finished(stage.name, results[stage.name])
+            report(stage.name, results[stage.name])
+            if stage.name == until:
+                break
     return results

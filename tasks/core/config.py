@@ -426,6 +426,15 @@ class TrackingConfig(Section):
     report_to: list[str] = Field(default_factory=list, description="More trackers for the training stages, by "
                                  "transformers' integration name (wandb, trackio, comet_ml, ...; each must be "
                                  "installed and configured through its own environment variables).")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking server (http://host:5000) or store URI: each "
+                                   "pipeline run becomes an MLflow run with a nested run per stage (config as params, "
+                                   "curves, data counts and eval metrics as metrics, the eval report as artifact), and "
+                                   "every promotion candidate a version in the model registry. None: off.")
+    mlflow_experiment: str = Field("sft-pipeline", description="MLflow experiment of the pipeline runs.")
+    registry_model: str = Field("sft-pipeline", description="Registered model in MLflow's registry that every "
+                                "merged candidate becomes a version of (tagged with its promotion decision).")
+    registry_alias: str = Field("prod", description="Alias set on a promoted version (moved from the one before); a "
+                                "rejected candidate is registered without it.")
 
 
 class PipelineConfig(Section):

@@ -90,6 +90,7 @@ class EvalResult(StageResult):
     run_id: str
     warehouse: str
     report_path: str
+    samples_path: str | None = None  # the sample answers as JSON Lines, beside the report
     variants: dict[str, VariantRecord]
     metrics: dict[str, dict[str, float | None]]  # variant -> "metric/split" -> overall value
     artifacts: list[str] = []

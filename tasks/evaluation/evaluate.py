@@ -13,7 +13,8 @@
   generation settings (greedy, seeded, batched, eval.max_new_tokens).
 - Rows go to eval_results / eval_example_scores / eval_generations / eval_runs in one short write; the markdown report (variants x
   metrics, deltas against the base and the last promoted run) is written under <storage_root>/reports and published
-  as the Prefect artifact "eval-report", the sample answers as the table artifact "eval-samples".
+  as the Prefect artifact "eval-report", the sample answers as the table artifact "eval-samples" and as
+  reports/eval-<run>-samples.jsonl.
 """
 
 from __future__ import annotations
@@ -239,6 +240,10 @@ def run_eval(cfg: PipelineConfig, data: DataResult, variants: dict[str, ModelRes
     # The merged model answers exactly as dpo (the merge stage checks it): one column for both.
     samples = sample_table(generations, cfg.eval.sample_rows,
                            [v for v in variants if not (v == "merged" and "dpo" in variants)])
+    samples_path = cfg.url("reports", f"eval-{run_id}-samples.jsonl") if samples else None
+    if samples_path:  # the same table as a file beside the report, for trackers and for reading it later
+        storage.write_text(samples_path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
+                                                 for r in samples))
     artifacts = publish_artifacts(
         markdown={"eval-report": (report, f"Evaluation of run {run_id}: variants x metrics")},
         tables={"eval-samples": (samples, f"Greedy answers of each variant, run {run_id}")} if samples else {},
@@ -247,8 +252,8 @@ def run_eval(cfg: PipelineConfig, data: DataResult, variants: dict[str, ModelRes
                    r["source"] == "all"} for v in ordered_variants(variants)}
     log.info("eval run %s: %s", run_id, json.dumps(metrics))
     return EvalResult(stage="evaluate", fingerprint=fingerprint, run_id=run_id, warehouse=data.warehouse,
-                      report_path=str(report_path), variants=variant_records, metrics=metrics, artifacts=artifacts,
-                      stats=stats)
+                      report_path=str(report_path), samples_path=samples_path, variants=variant_records,
+                      metrics=metrics, artifacts=artifacts, stats=stats)
 
 
 def _eval_config(cfg: PipelineConfig) -> dict[str, Any]:
