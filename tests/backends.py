@@ -53,5 +53,5 @@ def drop_database(name: str) -> None:
 
 
 def database_url(name: str, driver: str) -> str:
-    """SQLAlchemy URL of database `name` with `driver` (asyncpg for Prefect, psycopg for MLflow)."""
+    """SQLAlchemy URL of database `name` with `driver` (asyncpg for Prefect, psycopg2 for MLflow)."""
     return f"{POSTGRES.replace('postgresql://', f'postgresql+{driver}://', 1)}/{name}"

@@ -45,19 +45,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_up(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    """Until `url` answers 200, while the server process `proc` lives; raises naming `what` otherwise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"prefect server at {url} not healthy after {timeout} s")
+    raise RuntimeError(f"{what} at {url} not up after {timeout} s")
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a server started with start_new_session=True and every process it started (workers, children)."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def pytest_configure(config):
@@ -85,7 +95,7 @@ def pytest_configure(config):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/api"
-    _wait_healthy(url, _server)
+    wait_up(f"{url}/health", _server, "prefect server")
     os.environ["PREFECT_API_URL"] = url
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "results")
@@ -100,11 +110,7 @@ def pytest_unconfigure(config):
             APILogWorker.drain_all(timeout=5)
         except Exception:
             pass
-        os.killpg(_server.pid, signal.SIGTERM)
-        try:
-            _server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(_server.pid, signal.SIGKILL)
+        stop_group(_server)
     if _server_dir is not None:
         _server_dir.cleanup()
     if _database is not None:
@@ -115,8 +121,53 @@ def pytest_report_header(config):
     return f"prefect server: {_backend}"
 
 
+_mlflow_backend: str | None = None  # set when a test used the session's MLflow server
+
+
 def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"prefect server: {_backend}")
+    if _mlflow_backend:
+        terminalreporter.write_line(f"mlflow server: {_mlflow_backend}")
+
+
+MLFLOW = ROOT / ".venv-mlflow" / "bin" / "mlflow"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server from .venv-mlflow (.ci/setup-mlflow) on 127.0.0.1 and a free port, for the
+    session: its backend store a fresh PostgreSQL database (dropped afterwards; SQLite where PostgreSQL is not
+    reachable, except on CI), its artifacts served by itself from a temp folder. Stopped with its process group."""
+    global _mlflow_backend
+    if not MLFLOW.exists():
+        if backends.on_ci():
+            pytest.fail(f"{MLFLOW} is missing: .ci/setup runs .ci/setup-mlflow (CI fails instead of skipping)")
+        pytest.skip(f"{MLFLOW} is missing: run bash .ci/setup-mlflow")
+    folder = tmp_path_factory.mktemp("mlflow")
+    database = None
+    try:
+        database = backends.create_database("sftpipe_mlflow")
+        store, _mlflow_backend = backends.database_url(database, "psycopg2"), f"PostgreSQL (database {database})"
+    except Exception as err:  # noqa: BLE001 - unreachable, refused, no such role: all mean "not here"
+        try:
+            _mlflow_backend = "SQLite: " + backends.unavailable(f"PostgreSQL at {backends.POSTGRES}", err)
+        except backends.BackendMissing as missing:
+            pytest.fail(str(missing))
+        store = f"sqlite:///{folder / 'mlflow.db'}"
+    port = free_port()
+    log = open(folder / "server.log", "wb")
+    proc = subprocess.Popen([str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", store, "--artifacts-destination", str(folder / "artifacts")],
+                            cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # the first start creates the schema: ~30 s here
+        wait_up(f"{url}/health", proc, f"mlflow server (log: {folder / 'server.log'})", timeout=180)
+        yield {"uri": url, "backend": _mlflow_backend, "folder": folder}
+    finally:
+        stop_group(proc, timeout=5)  # uvicorn stops at once; a lingering helper process need not be waited for
+        if database is not None:
+            backends.drop_database(database)
 
 
 @pytest.fixture(scope="session")

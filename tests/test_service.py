@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from browser import chromium, skip_outside_ci
 from conftest import ROOT, query
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -221,44 +222,25 @@ def test_two_concurrent_runs_against_one_warehouse(service, tmp_path, kind):
         query(cfg, "SELECT count(DISTINCT row_id) FROM raw_rows")[0][0] > 0
 
 
-def _skip_outside_ci(why: str) -> None:
-    """In CI (CI set) a missing prerequisite is a failure: a check that silently did not run is not a pass."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{why} (CI is set, so this fails instead of skipping)")
-    pytest.skip(why)
-
-
 def test_eval_report_renders_in_the_prefect_ui(service):
     """What users look at, looked at the way they do: headless Chromium on the run's eval-report artifact page."""
-    if not Path("/usr/bin/chromium").exists():
-        _skip_outside_ci("Debian's chromium is not installed (.ci/setup installs it when run as root)")
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium must not try to fetch a driver
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterFlowRunId,
         ArtifactFilterKey,
     )
-    from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     if "prod_run" not in service:
-        _skip_outside_ci("needs the eval report of test_prod_deployment_end_to_end, which did not run or failed")
+        skip_outside_ci("needs the eval report of test_prod_deployment_end_to_end, which did not run or failed")
     evaluate = [c.id for c in _children(service["prod_run"]) if c.parameters.get("stage") == "evaluate"]
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["eval-report"]), flow_run_id=ArtifactFilterFlowRunId(any_=evaluate)))
     assert len(arts) == 1, arts
     ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1100", "--disable-dev-shm-usage"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver"))
-    shot = service["logs"] / "eval-report-ui.png"
-    try:
+    with chromium(service["logs"] / "eval-report-ui.png") as driver:
         driver.get(f"{ui}/artifacts/artifact/{arts[0].id}")
 
         def rendered_table(d):
@@ -271,7 +253,3 @@ def test_eval_report_renders_in_the_prefect_ui(service):
         table = WebDriverWait(driver, 90).until(rendered_table)
         rows = table.find_elements(By.TAG_NAME, "tr")
         assert len(rows) >= 5  # header + base, sft, dpo, merged
-    finally:
-        driver.save_screenshot(str(shot))
-        driver.quit()
-    print(f"\nscreenshot: {shot}")
