@@ -51,15 +51,16 @@ def normalize_text(expr: pl.Expr, form: str) -> pl.Expr:
 def language_of(text: pl.Expr) -> pl.Expr:
     """Script-based language guess, enough for a language-mix report: zh / ja / ko / en / other."""
     han = text.str.count_matches(r"[\u4e00-\u9fff\u3400-\u4dbf]")
-    kana = text.str.count_matches(r"[\u3040-\u30ff]")
     hangul = text.str.count_matches(r"[\uac00-\ud7af]")
     latin = text.str.count_matches(r"[A-Za-z]")
-    stop = text.str.to_lowercase().str.count_matches(_LATIN_STOPWORDS)
+    # Kana and stopwords only need to be there: a search stops at the first match, a count reads every character.
+    kana = text.str.contains(r"[\u3040-\u30ff]")
+    stop = text.str.to_lowercase().str.contains(_LATIN_STOPWORDS)
     return (
-        pl.when(kana > 0).then(pl.lit("ja"))
+        pl.when(kana).then(pl.lit("ja"))
         .when(hangul > han).then(pl.lit("ko"))
         .when(han > latin / 4).then(pl.lit("zh"))
-        .when((latin > 0) & (stop > 0)).then(pl.lit("en"))
+        .when((latin > 0) & stop).then(pl.lit("en"))
         .otherwise(pl.lit("other"))
     )
 
