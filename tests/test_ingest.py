@@ -395,6 +395,7 @@ def _write_bulk_edges(d):
                                                 {"from": "gpt", "value": "Hey"}]}])
     _write_jsonl(d / "preference_text.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "system": "Math."},
                                                {"prompt": "", "chosen": "same", "rejected": "same"}])
+    (d / "gzipped.jsonl.gz").write_bytes(gzip.compress("".join(t + "\n" for t in text).encode()))
     _write_jsonl(d / "preference_turns.jsonl", [
         {"conversations": [{"from": "human", "value": "Pick"}], "chosen": {"from": "gpt", "value": "A"},
          "rejected": {"from": "gpt", "value": "B"}}])
@@ -420,7 +421,7 @@ def _write_bulk_edges(d):
     _write_jsonl(d / "missing_value.jsonl", [{"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]}])
     _write_jsonl(d / "not_objects.jsonl", [ALPACA, ["a"], "text"])
     _write_jsonl(d / "mixed_layouts.jsonl", [ALPACA, {"messages": [{"role": "user", "content": "Hi"}]}])
-    return {"crlf_blank_lines": True, "optional_fields": True, "unicode_escapes": True, "kto_labels": True,
+    return {"crlf_blank_lines": True, "gzipped": True, "optional_fields": True, "unicode_escapes": True, "kto_labels": True,
             "sharegpt_system": True, "preference_text": True, "preference_turns": True}
 
 
