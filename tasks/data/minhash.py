@@ -248,6 +248,20 @@ def shingle_hash_batches(texts: list[str], ngram: int):
             yield lo + rows, hashes, n_shingles
 
 
+def ngram_hash_batches(texts: list[str], ngram: int):
+    """Like `shingle_hash_batches`, but only whole n-grams: a text of fewer than `ngram` tokens has none (instead of
+    one shingle of all its tokens)."""
+    for lo in range(0, len(texts), _DOCS_PER_BATCH):
+        for rows, token_hash, n_tokens in _token_hash_batches(list(texts[lo : lo + _DOCS_PER_BATCH])):
+            n_tokens = n_tokens.astype(np.int64)
+            hashes, n_shingles = _shingle_hashes(token_hash, n_tokens, ngram)
+            short = n_tokens < ngram
+            if short.any():
+                hashes = hashes[np.repeat(~short, n_shingles)]
+                n_shingles = np.where(short, 0, n_shingles)
+            yield lo + rows, hashes, n_shingles
+
+
 def shingle_sets(texts: list[str], ngram: int) -> list[np.ndarray]:
     """Each text's distinct shingle hashes, sorted: the sets whose Jaccard its signature estimates."""
     out: list[np.ndarray] = [np.empty(0, dtype=np.uint64)] * len(texts)

@@ -24,7 +24,6 @@ and left out of the views training and evaluation read (eval_exclusions counts i
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 
 import numpy as np
 import polars as pl
@@ -44,7 +43,6 @@ from tasks.core.warehouse import (
 )
 from tasks.data import minhash
 from tasks.data.dedup import signatures_of
-from tasks.data.minhash import tokenize
 
 HELD_OUT = ("test", "validation")
 
@@ -153,33 +151,59 @@ def assign(rows: pl.DataFrame, edge_rows: np.ndarray, edge_keys: np.ndarray, n_k
 
 
 # ------------------------------------------------------------------------------------------------ contamination
-def _ngrams(text: str, n: int) -> set[int]:
-    toks = tokenize(text)
-    return {xxhash.xxh64_intdigest(" ".join(toks[i:i + n]).encode()) for i in range(max(len(toks) - n + 1, 0))}
-
-
 class TrainingNgrams:
-    """The n-grams of the training split, each with the first training row that has it."""
+    """The n-grams of the training split (hashed as the dedup stage hashes shingles, whole n-grams only), each with
+    the first training row that has it. Kept as sorted arrays, so a lookup is one vectorised searchsorted."""
 
     def __init__(self, s: SplitConfig):
-        self.s, self.owner = s, {}
+        self.s, self.row_ids = s, []  # row_ids: training rows in the order they were added
+        self.hashes = np.empty(0, np.uint64)  # sorted, distinct
+        self.owner = np.empty(0, np.int64)  # position in row_ids of the first row that has each hash
 
     def add(self, rows: list[tuple[str, str]]) -> None:
         """rows: (row_id, text) of training rows."""
-        for row_id, text in rows:
-            for g in _ngrams(text, self.s.decontam_ngram):
-                self.owner.setdefault(g, row_id)
+        base = len(self.row_ids)
+        self.row_ids += [r for r, _ in rows]
+        hashes, owners = [self.hashes], [self.owner]
+        for idx, flat, n in minhash.ngram_hash_batches([t for _, t in rows], self.s.decontam_ngram):
+            hashes.append(flat)
+            owners.append(np.repeat(idx, n).astype(np.int64) + base)
+        first = (pl.DataFrame({"hash": np.concatenate(hashes), "owner": np.concatenate(owners)})
+                 .group_by("hash").agg(pl.col("owner").min()).sort("hash"))
+        self.hashes, self.owner = first["hash"].to_numpy(), first["owner"].to_numpy()
+
+    def _owners(self, hashes: np.ndarray) -> np.ndarray:
+        """The owner position of each hash, -1 where no training row has it."""
+        if not len(self.hashes):
+            return np.full(len(hashes), -1, np.int64)
+        pos = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
+        return np.where(self.hashes[pos] == hashes, self.owner[pos], -1)
+
+    def _hits(self, texts: list[str]) -> pl.DataFrame:
+        """Per text (row: position in texts) with at least one n-gram: grams (distinct), hits (of those in training),
+        closest (the training row holding most of the hits; ties: the earliest added)."""
+        frames = []
+        for idx, flat, n in minhash.ngram_hash_batches(texts, self.s.decontam_ngram):
+            # sorted: searchsorted over ascending keys stays in cache
+            grams = pl.DataFrame({"row": np.repeat(idx, n).astype(np.int64), "hash": flat}).unique().sort("hash")
+            frames.append(grams.select("row", pl.Series("owner", self._owners(grams["hash"].to_numpy()))))
+        if not frames:
+            return pl.DataFrame(schema={"row": pl.Int64, "grams": pl.UInt32, "hits": pl.UInt32, "closest": pl.Int64})
+        grams = pl.concat(frames)
+        closest = (grams.filter(pl.col("owner") >= 0).group_by("row", "owner").len()
+                   .sort("row", "len", "owner", descending=[False, True, False])
+                   .unique("row", keep="first").select("row", pl.col("owner").alias("closest")))
+        return (grams.group_by("row").agg(pl.len().alias("grams"), (pl.col("owner") >= 0).sum().alias("hits"))
+                .join(closest, on="row", how="left"))
 
     def overlapping(self, held_out: list[tuple[str, str, str]]) -> list[tuple[str, str, float, str]]:
         """Held-out rows (row_id, split, text) whose n-grams are in the training split at or above the threshold
-        share: (row_id, split, overlap, closest_train_row)."""
-        found = []
-        for row_id, split, text in held_out:
-            grams = _ngrams(text, self.s.decontam_ngram)
-            hits = [self.owner[g] for g in grams if g in self.owner]
-            if grams and len(hits) / len(grams) >= self.s.decontam_threshold:
-                found.append((row_id, split, len(hits) / len(grams), Counter(hits).most_common(1)[0][0]))
-        return found
+        share: (row_id, split, overlap, closest_train_row), in the order given."""
+        hits = (self._hits([t for _, _, t in held_out])
+                .with_columns((pl.col("hits") / pl.col("grams")).alias("overlap"))
+                .filter(pl.col("overlap") >= self.s.decontam_threshold).sort("row"))
+        return [(held_out[row][0], held_out[row][1], overlap, self.row_ids[closest])
+                for row, overlap, closest in hits.select("row", "overlap", "closest").iter_rows()]
 
 
 def contamination(train: list[tuple[str, str]], held_out: list[tuple[str, str, str]], s: SplitConfig):
