@@ -141,11 +141,12 @@ CREATE TABLE IF NOT EXISTS benchmark_matches (
 );
 
 -- MinHash signatures by content, so a nightly run signs only texts it has not seen. params names how they were
--- made (permutations, seed, shingle size, code version).
+-- made (permutations, seed, shingle size, code version). Each value is the low 32 bits of the 64-bit minimum
+-- (tasks/data/dedup.py: stored_form); warehouses made before that keep a UBIGINT[] column holding the same values.
 CREATE TABLE IF NOT EXISTS minhash_signatures (
     content_hash VARCHAR NOT NULL,
     params       VARCHAR NOT NULL,
-    signature    UBIGINT[] NOT NULL,
+    signature    UINTEGER[] NOT NULL,
     PRIMARY KEY (content_hash, params)
 );
 

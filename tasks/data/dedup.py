@@ -34,7 +34,16 @@ ACCEPTED_SQL = "SELECT row_id, kind, row_seq, content_hash, dedup_text FROM cura
 
 def signature_params(d: DedupConfig) -> str:
     """Identifies how a stored signature was made; a change re-signs everything."""
-    return f"p{d.num_perm}-s{d.seed}-n{d.ngram}-{source_hash(minhash.signatures)[:8]}"
+    return f"p{d.num_perm}-s{d.seed}-n{d.ngram}-u32-{source_hash(minhash.signatures)[:8]}"
+
+
+def stored_form(sigs: np.ndarray) -> np.ndarray:
+    """The low 32 bits of each MinHash value: what the warehouse and the shards keep (half the bytes).
+
+    Clustering only compares values for equality (LSH bands, identical signatures, the similarity estimate), and two
+    different 64-bit minima agree in their low 32 bits with probability 2^-32, so clusters, representatives and
+    similarities are those of the full signatures except with that probability per compared value."""
+    return (sigs & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
 def _shard_texts(con, cfg: PipelineConfig, shard: int) -> pl.DataFrame:
@@ -53,7 +62,7 @@ def compute_signature_shard(cfg: PipelineConfig, clean: DataResult, shard: int) 
     d = cfg.data.dedup
     with open_warehouse(cfg.warehouse_url, read_only=True) as con:
         todo = _shard_texts(con, cfg, shard)
-    sigs = minhash.signatures(todo["dedup_text"].to_list(), d.num_perm, d.seed, d.ngram)
+    sigs = stored_form(minhash.signatures(todo["dedup_text"].to_list(), d.num_perm, d.seed, d.ngram))
     url = cfg.url("dedup", signature_params(d), f"{clean.fingerprint}-shard{shard}.parquet")
     out = storage.local_path(url)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +71,7 @@ def compute_signature_shard(cfg: PipelineConfig, clean: DataResult, shard: int) 
     private = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")
     table = pa.table({
         "content_hash": todo["content_hash"].to_arrow(),
-        "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs.reshape(-1), pa.uint64()), d.num_perm),
+        "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs.reshape(-1), pa.uint32()), d.num_perm),
     })
     pq.write_table(table, private)
     return SignatureShard(stage="minhash", fingerprint=f"{clean.fingerprint}-{signature_params(d)}-{shard}",
@@ -140,8 +149,8 @@ def run_dedup(cfg: PipelineConfig, clean: DataResult, shards: list[SignatureShar
 
 
 def load_signatures(con, content_hashes: list[str], d: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(signatures, missing): the stored signature of each content hash in the order given, and a mask of those
-    with none stored under the current params (their rows are zeros)."""
+    """(signatures, missing): the stored signature of each content hash in the order given (`stored_form` values
+    as uint64), and a mask of those with none stored under the current params (their rows are zeros)."""
     con.register("wanted_sigs", pa.table({"content_hash": pa.array(content_hashes, pa.string()),
                                           "pos": pa.array(range(len(content_hashes)), pa.int64())}))
     column = con.sql(
@@ -162,12 +171,13 @@ def signatures_of(con, texts: list[str], content_hashes: list[str], d: DedupConf
     sigs, missing = load_signatures(con, content_hashes, d)
     todo = np.flatnonzero(missing)
     if len(todo):
-        sigs[todo] = minhash.signatures([texts[i] for i in todo], d.num_perm, d.seed, d.ngram)
+        new = stored_form(minhash.signatures([texts[i] for i in todo], d.num_perm, d.seed, d.ngram))
+        sigs[todo] = new
         con.register("new_sigs", pa.table({
             "content_hash": pa.array([content_hashes[i] for i in todo], pa.string()),
-            "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs[todo].reshape(-1), pa.uint64()), d.num_perm),
+            "signature": pa.FixedSizeListArray.from_arrays(pa.array(new.reshape(-1), pa.uint32()), d.num_perm),
         }))
-        con.execute("INSERT INTO minhash_signatures SELECT content_hash, ?, signature::UBIGINT[] FROM new_sigs "
+        con.execute("INSERT INTO minhash_signatures SELECT content_hash, ?, signature::UINTEGER[] FROM new_sigs "
                     "ON CONFLICT DO NOTHING", [signature_params(d)])
         con.unregister("new_sigs")
     return sigs, len(todo)
