@@ -164,13 +164,17 @@ class TrainingNgrams:
         """rows: (row_id, text) of training rows."""
         base = len(self.row_ids)
         self.row_ids += [r for r, _ in rows]
-        hashes, owners = [self.hashes], [self.owner]
+        hashes, owners = [np.empty(0, np.uint64)], [np.empty(0, np.int64)]
         for idx, flat, n in minhash.ngram_hash_batches([t for _, t in rows], self.s.decontam_ngram):
             hashes.append(flat)
             owners.append(np.repeat(idx, n).astype(np.int64) + base)
         first = (pl.DataFrame({"hash": np.concatenate(hashes), "owner": np.concatenate(owners)})
                  .group_by("hash").agg(pl.col("owner").min()).sort("hash"))
-        self.hashes, self.owner = first["hash"].to_numpy(), first["owner"].to_numpy()
+        new = self._owners(first["hash"].to_numpy()) < 0  # n-grams an earlier row already owns stay its own
+        h, o = first["hash"].to_numpy()[new], first["owner"].to_numpy()[new]
+        # merged into place (a memory move), so each call costs the rows added, not the whole index again
+        at = np.searchsorted(self.hashes, h)
+        self.hashes, self.owner = np.insert(self.hashes, at, h), np.insert(self.owner, at, o)
 
     def _owners(self, hashes: np.ndarray) -> np.ndarray:
         """The owner position of each hash, -1 where no training row has it."""
