@@ -10,9 +10,8 @@ N-grams that occur in more than MAX_ITEMS_PER_NGRAM benchmark parts are template
 question"), not evidence of one item: they are left out of both sides. Parts shorter than the n-gram size are one
 n-gram of all their tokens, so they only match a row that is that same short text.
 
-Speed: every row's n-gram hashes are first tested against a bitmap of the benchmark's hashes (one bit per top-27-bit
-prefix, 16 MiB; a few per cent false positives at 3M benchmark n-grams), and only those that pass are looked up in
-the sorted array of distinct hashes (np.searchsorted, in ascending order); the hits are joined to their parts.
+Speed: every row's n-gram hashes are tested against the benchmark's distinct hashes with `minhash.HashSet` (a
+bitmap over hash prefixes, then a sorted-array lookup for what passes it); only the hits are joined to their parts.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from tasks.data import formats, minhash
 from tasks.data.ingest import discover, file_format, read_file
 
 MAX_ITEMS_PER_NGRAM = 50
-PREFIX_BITS = 27  # bitmap of 2^27 bits over the top bits of each n-gram hash
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ class BenchmarkIndex:
     hashes: np.ndarray  # sorted distinct n-gram hashes over all parts (template n-grams left out)
     owners: pl.DataFrame  # hash (u64), part (i64): which parts hold each hash
     part_sizes: np.ndarray  # distinct n-grams per part, template n-grams left out
-    bitmap: np.ndarray  # uint8, bit p set when some hash has top-PREFIX_BITS prefix p
+    members: minhash.HashSet  # the same hashes, for fast membership
 
     @classmethod
     def build(cls, parts: list[Part], ngram: int) -> BenchmarkIndex:
@@ -105,21 +103,7 @@ class BenchmarkIndex:
         pairs = pairs.join(common.select("hash"), on="hash", how="anti")
         sizes = np.bincount(pairs["part"].to_numpy(), minlength=len(parts))
         distinct = np.unique(pairs["hash"].to_numpy())
-        bitmap = np.zeros(1 << (PREFIX_BITS - 3), dtype=np.uint8)
-        prefix = distinct >> np.uint64(64 - PREFIX_BITS)
-        np.bitwise_or.at(bitmap, prefix >> np.uint64(3), (1 << (prefix & np.uint64(7))).astype(np.uint8))
-        return cls(parts, distinct, pairs, sizes, bitmap)
-
-    def contains(self, hashes: np.ndarray) -> np.ndarray:
-        """Whether each hash is a benchmark n-gram: the bitmap first, the sorted array for what passes it."""
-        prefix = hashes >> np.uint64(64 - PREFIX_BITS)
-        maybe = np.flatnonzero((self.bitmap[prefix >> np.uint64(3)] >> (prefix & np.uint64(7)).astype(np.uint8)) & 1)
-        out = np.zeros(len(hashes), dtype=bool)
-        if len(maybe) and len(self.hashes):
-            order = maybe[np.argsort(hashes[maybe])]
-            pos = np.minimum(np.searchsorted(self.hashes, hashes[order]), len(self.hashes) - 1)
-            out[order] = self.hashes[pos] == hashes[order]
-        return out
+        return cls(parts, distinct, pairs, sizes, minhash.HashSet(distinct))
 
 
 def contaminated(texts: list[str], index: BenchmarkIndex, d: DecontaminateConfig) -> pl.DataFrame:
@@ -130,7 +114,7 @@ def contaminated(texts: list[str], index: BenchmarkIndex, d: DecontaminateConfig
         return empty
     found = []
     for rows, flat, n_shingles in minhash.shingle_hash_batches(texts, d.ngram):
-        hit = index.contains(flat)
+        hit = index.members.contains(flat)
         if not hit.any():
             continue
         row_of = np.repeat(rows, n_shingles)[hit].astype(np.int64)

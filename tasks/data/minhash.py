@@ -262,6 +262,32 @@ def ngram_hash_batches(texts: list[str], ngram: int):
             yield lo + rows, hashes, n_shingles
 
 
+class HashSet:
+    """Membership of 64-bit hashes in a fixed set: a bitmap over the top `prefix_bits` bits first (16 MiB at 27; a
+    few per cent false positives at 3M members), then the sorted array for what passes it, looked up in ascending
+    order so the binary searches stay in cache."""
+
+    def __init__(self, hashes: np.ndarray, prefix_bits: int = 27):
+        self.hashes = np.unique(hashes)
+        self.shift = np.uint64(64 - prefix_bits)
+        self.bitmap = np.zeros(1 << (prefix_bits - 3), dtype=np.uint8)
+        prefix = self.hashes >> self.shift
+        np.bitwise_or.at(self.bitmap, prefix >> np.uint64(3), (1 << (prefix & np.uint64(7))).astype(np.uint8))
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        prefix = hashes >> self.shift
+        maybe = np.flatnonzero((self.bitmap[prefix >> np.uint64(3)] >> (prefix & np.uint64(7)).astype(np.uint8)) & 1)
+        out = np.zeros(len(hashes), dtype=bool)
+        if len(maybe) and len(self.hashes):
+            order = maybe[np.argsort(hashes[maybe])]
+            pos = np.minimum(np.searchsorted(self.hashes, hashes[order]), len(self.hashes) - 1)
+            out[order] = self.hashes[pos] == hashes[order]
+        return out
+
+
 def shingle_sets(texts: list[str], ngram: int) -> list[np.ndarray]:
     """Each text's distinct shingle hashes, sorted: the sets whose Jaccard its signature estimates."""
     out: list[np.ndarray] = [np.empty(0, dtype=np.uint64)] * len(texts)

@@ -153,12 +153,19 @@ def assign(rows: pl.DataFrame, edge_rows: np.ndarray, edge_keys: np.ndarray, n_k
 # ------------------------------------------------------------------------------------------------ contamination
 class TrainingNgrams:
     """The n-grams of the training split (hashed as the dedup stage hashes shingles, whole n-grams only), each with
-    the first training row that has it. Kept as sorted arrays, so a lookup is one vectorised searchsorted."""
+    the first training row that has it. Kept as sorted arrays, so a lookup is one vectorised searchsorted.
 
-    def __init__(self, s: SplitConfig):
+    queried: the texts that will be looked up, when known: only training n-grams that occur in them are kept (the
+    rest can never be a hit), which keeps the index a fraction of the training split's n-grams."""
+
+    def __init__(self, s: SplitConfig, queried: list[str] | None = None):
         self.s, self.row_ids = s, []  # row_ids: training rows in the order they were added
         self.hashes = np.empty(0, np.uint64)  # sorted, distinct
         self.owner = np.empty(0, np.int64)  # position in row_ids of the first row that has each hash
+        self.relevant = None
+        if queried is not None:
+            grams = [flat for _, flat, _ in minhash.ngram_hash_batches(queried, s.decontam_ngram)]
+            self.relevant = minhash.HashSet(np.concatenate(grams) if grams else np.empty(0, np.uint64))
 
     def add(self, rows: list[tuple[str, str]]) -> None:
         """rows: (row_id, text) of training rows."""
@@ -166,12 +173,17 @@ class TrainingNgrams:
         self.row_ids += [r for r, _ in rows]
         hashes, owners = [np.empty(0, np.uint64)], [np.empty(0, np.int64)]
         for idx, flat, n in minhash.ngram_hash_batches([t for _, t in rows], self.s.decontam_ngram):
-            hashes.append(flat)
-            owners.append(np.repeat(idx, n).astype(np.int64) + base)
-        first = (pl.DataFrame({"hash": np.concatenate(hashes), "owner": np.concatenate(owners)})
-                 .group_by("hash").agg(pl.col("owner").min()).sort("hash"))
-        new = self._owners(first["hash"].to_numpy()) < 0  # n-grams an earlier row already owns stay its own
-        h, o = first["hash"].to_numpy()[new], first["owner"].to_numpy()[new]
+            owner = np.repeat(idx, n).astype(np.int64) + base
+            keep = self.relevant.contains(flat) if self.relevant is not None else slice(None)
+            hashes.append(flat[keep])
+            owners.append(owner[keep])
+        pairs = pl.DataFrame({"hash": np.concatenate(hashes), "owner": np.concatenate(owners)}).sort("hash", "owner")
+        h, o = pairs["hash"].to_numpy(), pairs["owner"].to_numpy()
+        first = np.ones(len(h), dtype=bool)
+        first[1:] = h[1:] != h[:-1]  # the earliest row per hash
+        h, o = h[first], o[first]
+        new = self._owners(h) < 0  # n-grams an earlier row already owns stay its own
+        h, o = h[new], o[new]
         # merged into place (a memory move), so each call costs the rows added, not the whole index again
         at = np.searchsorted(self.hashes, h)
         self.hashes, self.owner = np.insert(self.hashes, at, h), np.insert(self.owner, at, o)
@@ -212,7 +224,7 @@ class TrainingNgrams:
 
 def contamination(train: list[tuple[str, str]], held_out: list[tuple[str, str, str]], s: SplitConfig):
     """Held-out rows (row_id, split, text) overlapping the training rows (row_id, text); see TrainingNgrams."""
-    index = TrainingNgrams(s)
+    index = TrainingNgrams(s, [t for _, _, t in held_out])
     index.add(train)
     return index.overlapping(held_out)
 
@@ -225,7 +237,8 @@ def keep_overlapping_groups_in_train(assigned: pl.DataFrame, texts: dict[str, st
     assigned in earlier runs never move, so what overlaps among them (or joined their groups) stays, and is
     reported. Returns (assigned, contamination rows, rows moved).
     """
-    index = TrainingNgrams(s)
+    # Only rows not in train now are ever looked up (moves go to train), so only their n-grams need indexing.
+    index = TrainingNgrams(s, [texts[r] for r in assigned.filter(pl.col("split") != "train")["row_id"]])
     index.add([(r, texts[r]) for r in assigned.filter(pl.col("split") == "train")["row_id"]])
     moved: set[str] = set()
     candidates = assigned.filter(pl.col("fresh") & (pl.col("split") != "train"))
