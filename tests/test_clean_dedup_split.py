@@ -15,7 +15,7 @@ from leakage_fixtures import _pool, write_leaky_data
 from tasks.core.config import SplitConfig, load_config
 from tasks.core.warehouse import compact_messages
 from tasks.data import minhash
-from tasks.data.clean import clean_frame
+from tasks.data.clean import clean_frame, with_language
 from tasks.data.ingest import MESSAGE_TYPE
 from tasks.data.split import assign, contamination, prompt_keys, split_of
 
@@ -87,6 +87,24 @@ def test_language_mix_tells_chinese_from_english(make_cfg):
     mix = {(s, lang): share for s, lang, share in query(cfg, "SELECT source, language, share FROM language_mix")}
     assert mix[("alpaca_zh_demo", "zh")] > 0.9
     assert mix[("alpaca_en_demo", "en")] > 0.95
+
+
+@pytest.mark.parametrize("text, language", [
+    ("日本語のテキストです", "ja"),  # kana wins even beside Han
+    ("한국어 텍스트 and the", "ko"),
+    ("한 中文", "zh"),  # more Han than Hangul
+    ("中文文本 and the", "zh"),  # Han above a quarter of the Latin letters
+    ("中文 abcdefghijklmnop the", "en"),  # Han below it
+    ("THE Cat", "en"),  # stopwords in any ASCII case
+    ("Ünïcödé wörds with", "en"),
+    ("éthe thé the_", "other"),  # stopwords only as whole words
+    ("iſ", "other"),  # long s is not an s
+    ("12345 + 678", "other"),
+    ("", "other"),
+])
+def test_language_guess(text, language):
+    out = with_language(pl.DataFrame({"text": [text, "filler of length"]}), pl.col("text"))
+    assert out.columns == ["text", "language"] and out["language"][0] == language
 
 
 def test_exact_duplicates_of_alpaca_en_are_found(make_cfg):

@@ -24,14 +24,23 @@ import polars as pl
 
 from tasks.core import storage
 from tasks.core.caching import current_run_id, stage_task
-from tasks.core.config import PipelineConfig
+from tasks.core.config import CleanConfig, PipelineConfig
 from tasks.core.results import DataResult
 from tasks.core.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
 from tasks.data.chat_template import DEFAULT_CHAT_TEMPLATE, tools_problem
 
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{ch.upper()}{ch}]" for ch in word)
+
+
 ROLE_CODE = {"system": "S", "user": "U", "assistant": "A", "tool": "T"}  # C: an assistant turn with tool calls
 _CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufeff\u200b]"  # keeps \t \n \r; drops BOMs and zero-width spaces
-_LATIN_STOPWORDS = r"\b(the|and|is|of|to|in|a|you|that|it|for|what|with)\b"
+_HAN, _HANGUL, _KANA, _LATIN = r"[\u4e00-\u9fff\u3400-\u4dbf]", r"[\uac00-\ud7af]", r"[\u3040-\u30ff]", "[A-Za-z]"
+_CJK, _KANA_HANGUL = r"[\u4e00-\u9fff\u3400-\u4dbf\uac00-\ud7af]", r"[\u3040-\u30ff\uac00-\ud7af]"
+# ASCII case spelled out instead of lowercasing every text first (a copy of it) or (?i) (which also folds ſ to s).
+_LATIN_STOPWORDS = r"\b(" + "|".join(_any_case(w) for w in (
+    "the", "and", "is", "of", "to", "in", "a", "you", "that", "it", "for", "what", "with")) + r")\b"
 PARSED_ROWS = ("SELECT p.row_id, p.kind, f.source, r.row_seq, p.messages, p.responses, p.tools, p.label "
                "FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f USING (file_id) "
                "WHERE p.reason IS NULL ORDER BY r.row_seq")  # what ingest parsed without error, in file order
@@ -48,21 +57,30 @@ def normalize_text(expr: pl.Expr, form: str) -> pl.Expr:
     )
 
 
-def language_of(text: pl.Expr) -> pl.Expr:
-    """Script-based language guess, enough for a language-mix report: zh / ja / ko / en / other."""
-    han = text.str.count_matches(r"[\u4e00-\u9fff\u3400-\u4dbf]")
-    hangul = text.str.count_matches(r"[\uac00-\ud7af]")
-    latin = text.str.count_matches(r"[A-Za-z]")
-    # Kana and stopwords only need to be there: a search stops at the first match, a count reads every character.
-    kana = text.str.contains(r"[\u3040-\u30ff]")
-    stop = text.str.to_lowercase().str.contains(_LATIN_STOPWORDS)
-    return (
-        pl.when(kana).then(pl.lit("ja"))
-        .when(hangul > han).then(pl.lit("ko"))
-        .when(han > latin / 4).then(pl.lit("zh"))
-        .when((latin > 0) & stop).then(pl.lit("en"))
-        .otherwise(pl.lit("other"))
-    )
+def with_language(df: pl.DataFrame, text: pl.Expr, name: str = "language") -> pl.DataFrame:
+    """df with a script-based language guess of text, enough for a language-mix report: zh / ja / ko / en / other.
+
+    Kana: ja; more Hangul than Han: ko; Han above a quarter of the Latin letters: zh; an English stopword: en.
+    Most rows settle on searches, which stop at the first match; only rows holding Han or Hangul pay for character
+    counts. Built in steps, each a column, because an eager frame recomputes a shared sub-expression at every use."""
+    t = pl.col("_text")
+    df = df.with_columns(text.alias("_text"))
+    wide = pl.when(t.str.len_bytes() != t.str.len_chars()).then(t)  # non-ASCII text, else null
+    df = df.with_columns(pl.when(wide.str.contains(_KANA_HANGUL)).then(t).alias("_rare"),  # else null: not searched
+                         pl.when(wide.str.contains(_CJK)).then(t).alias("_cjk"))  # else null: not counted
+    rare, cjk = pl.col("_rare"), pl.col("_cjk")
+    df = df.with_columns(rare.str.contains(_KANA).fill_null(False).alias("_kana"),
+                         rare.str.count_matches(_HANGUL).fill_null(0).alias("_hangul"),
+                         cjk.str.count_matches(_HAN).fill_null(0).alias("_han"),
+                         cjk.str.count_matches(_LATIN).fill_null(0).alias("_latin"),  # only ever compared with Han
+                         t.str.contains(_LATIN_STOPWORDS).alias("_english"))  # a stopword is Latin letters
+    return df.with_columns(
+        pl.when("_kana").then(pl.lit("ja"))
+        .when(pl.col("_hangul") > pl.col("_han")).then(pl.lit("ko"))
+        .when(pl.col("_han") > pl.col("_latin") / 4).then(pl.lit("zh"))
+        .when("_english").then(pl.lit("en"))
+        .otherwise(pl.lit("other")).alias(name)
+    ).drop("_text", "_rare", "_cjk", "_kana", "_hangul", "_han", "_latin", "_english")
 
 
 def turn_text() -> pl.Expr:
@@ -74,25 +92,23 @@ def turn_text() -> pl.Expr:
     return pl.concat_str(nonempty, separator="\n", ignore_nulls=True).fill_null("")
 
 
-def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None,
-                tools_problem: Callable[[], str | None] | None = None) -> pl.DataFrame:
-    """Normalise and judge parsed rows. Input columns: row_id, kind, source, row_seq, messages, responses, tools,
-    label.
-    token_counter(texts) gives the token count of each text (the whole batch at once).
-    tools_problem() says why the training chat template cannot render tool calling (None: it can); it is asked only
-    when some row uses tools."""
-    c = cfg.data.clean
-    turns = (
+def _turns(rows: pl.DataFrame, form: str) -> pl.DataFrame:
+    """One row per turn, normalised, with its text before normalisation and its number of tool calls."""
+    return (
         rows.select("row_id", "messages").explode("messages").unnest("messages")
-        .with_columns(normalize_text(pl.col("content"), c.normalize_form).alias("content"),
-                      normalize_text(pl.col("reasoning"), c.normalize_form).alias("reasoning"),
+        .with_columns(normalize_text(pl.col("content"), form).alias("content"),
+                      normalize_text(pl.col("reasoning"), form).alias("reasoning"),
                       (pl.col("content").fill_null("") + pl.col("reasoning").fill_null("")).alias("original"),
                       pl.col("tool_calls").list.len().fill_null(0).alias("n_calls"))
         .filter(~((pl.col("role") == "system") & (pl.col("content") == "")))  # an empty system prompt says nothing
         .with_columns(turn_text().alias("text"))
     )
+
+
+def _conversations(turns: pl.DataFrame) -> pl.DataFrame:
+    """Per row: the normalised messages, the role codes and what the rules need to know about its turns."""
     speaks = pl.col("role").is_in(["user", "assistant"])  # tool results are the world's words, not a turn's
-    per_row = turns.group_by("row_id", maintain_order=True).agg(
+    return turns.group_by("row_id", maintain_order=True).agg(
         pl.struct("role", "content", "reasoning", "tool_calls", "tool_call_id", "name").alias("messages"),
         pl.when((pl.col("role") == "assistant") & (pl.col("n_calls") > 0)).then(pl.lit("C"))
         .otherwise(pl.col("role").replace_strict(ROLE_CODE, default="?")).str.join("").alias("roles"),
@@ -103,9 +119,13 @@ def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None,
         pl.format("{}: {}", "role", "text").str.join("\n").alias("conversation"),
         ((pl.col("role") == "tool") | (pl.col("n_calls") > 0)).any().alias("tool_turns"),
     )
-    responses = (
+
+
+def _responses(rows: pl.DataFrame, form: str) -> pl.DataFrame:
+    """Per preference row: the normalised answers and what the rules need to know about them."""
+    return (
         rows.select("row_id", "responses").explode("responses")
-        .with_columns(normalize_text(pl.col("responses"), c.normalize_form).alias("response"),
+        .with_columns(normalize_text(pl.col("responses"), form).alias("response"),
                       pl.col("responses").alias("original"))
         .group_by("row_id", maintain_order=True).agg(
             pl.col("response").drop_nulls().alias("responses"),
@@ -115,25 +135,13 @@ def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None,
             pl.col("response").str.len_chars().sum().alias("response_chars"),
         )
     )
-    df = (
-        rows.select("row_id", "kind", "source", "row_seq", "tools", "label")
-        .join(per_row, on="row_id", how="left")
-        .join(responses, on="row_id", how="left")
-        .with_columns(pl.col("responses").fill_null([]).list.eval(pl.element()).alias("responses"))
-    )
-    is_pref = pl.col("kind") == "preference"
-    n_chars = pl.col("turn_chars").fill_null(0) + pl.col("response_chars").fill_null(0)
-    df = df.with_columns(
-        n_chars.alias("n_chars"),
-        # Preference data is deduplicated on its prompt, SFT data on the whole conversation.
-        pl.col("conversation").fill_null("").alias("dedup_text"),
-        language_of(pl.col("conversation").fill_null("") + "\n" + pl.col("responses").list.join("\n")).alias("language"),
-    )
+
+
+def _rules(c: CleanConfig, is_pref: pl.Expr, uses_tools: pl.Expr, problem: str | None) -> list[tuple[str, pl.Expr, str | pl.Expr]]:
+    """(reason code, broken, detail) in the order rows are judged; see the module docstring."""
     sft_order_ok = pl.col("roles").str.contains(r"^S?(U(CT+)*A)*U(CT+)*[AC]$")
     pref_order_ok = pl.col("roles").str.contains(r"^S?(U(CT+)*A)*U(CT+)*$")
-    uses_tools = pl.col("tools").is_not_null() | pl.col("tool_turns").fill_null(False)
-    problem = tools_problem() if tools_problem is not None and df.select(uses_tools.any()).item() else None
-    rules = [
+    return [
         ("undecodable_text", pl.col("undecodable").fill_null(False) | pl.col("undecodable_response").fill_null(False),
          "text contains U+FFFD (replacement character)"),
         ("empty_turn", pl.col("has_empty").fill_null(True) | pl.col("empty_response").fill_null(False),
@@ -148,18 +156,52 @@ def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None,
          pl.format("shortest turn has {} characters", pl.col("shortest_turn"))),
         ("too_long", pl.col("n_chars") > c.max_chars, pl.format("{} characters", pl.col("n_chars"))),
     ]
+
+
+def _judge(df: pl.DataFrame, rules: list[tuple[str, pl.Expr, str | pl.Expr]]) -> pl.DataFrame:
+    """reason and detail of the first rule each row breaks (null where it breaks none)."""
     reason, detail = pl.lit(None, pl.String), pl.lit(None, pl.String)
     for code, broken, why in reversed(rules):  # built inside-out so the first broken rule wins
         reason = pl.when(broken).then(pl.lit(code)).otherwise(reason)
         detail = pl.when(broken).then(why if isinstance(why, pl.Expr) else pl.lit(why)).otherwise(detail)
-    df = df.with_columns(reason.alias("reason"), detail.alias("detail"))
+    return df.with_columns(reason.alias("reason"), detail.alias("detail"))
+
+
+def _judge_tokens(df: pl.DataFrame, max_tokens: int, token_counter) -> pl.DataFrame:
+    """too_long_tokens for rows that passed every other rule but hold more than max_tokens tokens."""
+    tokens = pl.Series(token_counter(df["dedup_text"].to_list()), dtype=pl.Int64)
+    too_long = pl.col("reason").is_null() & (tokens > max_tokens)
+    return df.with_columns(
+        pl.when(too_long).then(pl.lit("too_long_tokens")).otherwise(pl.col("reason")).alias("reason"),
+        pl.when(too_long).then(pl.format("{} tokens", tokens)).otherwise(pl.col("detail")).alias("detail"),
+    )
+
+
+def clean_frame(rows: pl.DataFrame, cfg: PipelineConfig, token_counter=None,
+                tools_problem: Callable[[], str | None] | None = None) -> pl.DataFrame:
+    """Normalise and judge parsed rows. Input columns: row_id, kind, source, row_seq, messages, responses, tools,
+    label.
+    token_counter(texts) gives the token count of each text (the whole batch at once).
+    tools_problem() says why the training chat template cannot render tool calling (None: it can); it is asked only
+    when some row uses tools."""
+    c = cfg.data.clean
+    df = (
+        rows.select("row_id", "kind", "source", "row_seq", "tools", "label")
+        .join(_conversations(_turns(rows, c.normalize_form)), on="row_id", how="left")
+        .join(_responses(rows, c.normalize_form), on="row_id", how="left")
+        .with_columns(pl.col("responses").fill_null([]).list.eval(pl.element()).alias("responses"))
+    )
+    df = df.with_columns(
+        (pl.col("turn_chars").fill_null(0) + pl.col("response_chars").fill_null(0)).alias("n_chars"),
+        # Preference data is deduplicated on its prompt, SFT data on the whole conversation.
+        pl.col("conversation").fill_null("").alias("dedup_text"),
+    )
+    df = with_language(df, pl.col("dedup_text") + "\n" + pl.col("responses").list.join("\n"))
+    uses_tools = pl.col("tools").is_not_null() | pl.col("tool_turns").fill_null(False)
+    problem = tools_problem() if tools_problem is not None and df.select(uses_tools.any()).item() else None
+    df = _judge(df, _rules(c, pl.col("kind") == "preference", uses_tools, problem))
     if token_counter is not None and c.max_tokens:
-        tokens = pl.Series(token_counter(df["dedup_text"].to_list()), dtype=pl.Int64)
-        too_long = pl.col("reason").is_null() & (tokens > c.max_tokens)
-        df = df.with_columns(
-            pl.when(too_long).then(pl.lit("too_long_tokens")).otherwise(pl.col("reason")).alias("reason"),
-            pl.when(too_long).then(pl.format("{} tokens", tokens)).otherwise(pl.col("detail")).alias("detail"),
-        )
+        df = _judge_tokens(df, c.max_tokens, token_counter)
     return df.select("row_id", "kind", "source", "row_seq", "messages", "responses", "tools", "dedup_text",
                      "n_chars", "language", "reason", "detail", "label")
 
