@@ -501,3 +501,35 @@ def test_a_failure_inside_a_bulk_file_leaves_no_partial_rows(tmp_path, make_cfg,
 
     result = _crash_then_rerun(cfg, monkeypatch, bulk_ingest, "insert_rows", insert_then_fail)
     assert result.stats["new_rows"] == 50 and result.files[0]["bulk"]
+
+
+def test_a_bulk_file_that_outgrows_the_buffer_pool_cap_is_written_again_without_it(tmp_path, make_cfg, monkeypatch):
+    from contextlib import contextmanager
+
+    import duckdb
+
+    from tasks.data import bulk_ingest
+
+    d = tmp_path / "in"
+    d.mkdir()
+    _write_jsonl(d / "long.jsonl", [{**ALPACA, "instruction": f"question {i} " + "many words " * 300}
+                                   for i in range(2000)])
+    ran_out = []
+
+    @contextmanager
+    def tiny_cap(con, n_rows):  # far below what 2,000 rows of 3 kB need
+        old = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+        con.execute("SET memory_limit = '4MiB'")
+        try:
+            yield
+        except duckdb.OutOfMemoryException:
+            ran_out.append(n_rows)
+            raise
+        finally:
+            con.execute(f"SET memory_limit = '{old}'")
+
+    monkeypatch.setattr(bulk_ingest, "bounded_buffer_pool", tiny_cap)
+    (bulk_files, bulk_result, bulk_wh), (_, line_result, line_wh) = _both_paths(make_cfg, tmp_path, d)
+    assert ran_out == [2000] and bulk_files == {"long": True}
+    assert bulk_result == line_result and bulk_wh == line_wh
+    assert len(bulk_wh["raw_rows"]) == 2000

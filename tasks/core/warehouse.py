@@ -23,10 +23,10 @@ from tasks.core.results import PromotedRun
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 # The storage format a new warehouse file is written in. DuckDB otherwise writes its own newest format, which older
-# DuckDB releases (and the CLI people have installed) refuse to open. With v1.0.0 every DuckDB from 1.1 on reads
-# the file, the DuckDB CLI that setup installs (duckdb-cli, .venv/bin/duckdb) included. Fixed when the file is
-# created: an existing file keeps the format it has.
-STORAGE_COMPATIBILITY = "v1.0.0"
+# DuckDB releases (and the CLI people have installed) refuse to open. With v1.2.0 every DuckDB from 1.2 on reads
+# the file, the DuckDB CLI that setup installs (duckdb-cli 1.4, .venv/bin/duckdb) included, and text can be stored
+# with ZSTD (v1.0.0 has no ZSTD for strings). Fixed when the file is created: an existing file keeps its format.
+STORAGE_COMPATIBILITY = "v1.2.0"
 LOCK_NOTE_S = 5.0  # a connection waiting for DuckDB's file lock says who holds it this often
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.+? \(PID \d+\))")
 log = logging.getLogger("sftpipe.warehouse")
@@ -84,6 +84,14 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = 600.0) ->
             "INSERT INTO warehouse_meta VALUES ('warehouse_id', ?) ON CONFLICT DO NOTHING", [uuid.uuid4().hex]
         )
     return con
+
+
+def stores_zstd(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the open file's storage format has ZSTD string compression (v1.2.0 on). Forcing ZSTD on an older
+    file makes DuckDB write the strings uncompressed instead."""
+    tags = con.execute("SELECT tags FROM duckdb_databases() WHERE database_name = current_database()").fetchone()[0]
+    version = re.findall(r"\d+", dict(tags or {}).get("storage_version", ""))
+    return len(version) >= 2 and (int(version[0]), int(version[1])) >= (1, 2)
 
 
 def _widen_messages(con: duckdb.DuckDBPyConnection) -> None:
