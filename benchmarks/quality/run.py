@@ -87,7 +87,9 @@ def build(rows: int, items: int, seed: int = 0) -> tuple[Path, Path]:
     pl.DataFrame({
         "row_id": [f"r{i}" for i in range(rows)], "kind": ["sft"] * rows, "source": ["bench"] * rows,
         "row_seq": list(range(rows)), "messages": messages, "responses": responses, "tools": [None] * rows,
-    }, schema_overrides={"responses": pl.List(pl.String), "tools": pl.String, "messages": MESSAGES}).write_parquet(rows_path)
+        "label": [None] * rows,
+    }, schema_overrides={"responses": pl.List(pl.String), "tools": pl.String, "messages": MESSAGES,
+                         "label": pl.Boolean}).write_parquet(rows_path)
     return rows_path, items_path
 
 
@@ -99,6 +101,8 @@ def child(method: str, rows_path: str, items_path: str) -> dict:
 
     cfg = load_config(None, [f"data.decontaminate.against=[{items_path}]"])
     rows = pl.read_parquet(rows_path)
+    if "label" not in rows.columns:  # a corpus cached before parsed rows carried the KTO label
+        rows = rows.with_columns(pl.lit(None, pl.Boolean).alias("label"))
     if method != "clean":
         rows = rows.select("row_id", "kind", "messages", "responses")
         detect_language("warm up the model")
