@@ -28,8 +28,11 @@ def launch_command(launcher: str, num_processes: int, module: str, job: Path,
     if accelerate_config:
         return [*accelerate, "--config_file", accelerate_config, "--num_processes", str(num_processes),
                 "-m", module, "--job", str(job)]
+    # Port 0: torch's rendezvous takes a free port itself. accelerate's default (29500, checked, then bound) races
+    # when two trainings start at once on one machine (two work-pool jobs, a test beside a nightly run).
     return [*accelerate, "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, "--job", str(job)]
+            "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", module, "--job", str(job)]
 
 
 def run_launched(cmd: list[str], log_path: Path) -> None:
