@@ -70,15 +70,17 @@ CREATE TABLE IF NOT EXISTS parsed_rows (
 );
 
 -- ============================================================== data plane: clean / dedup / split
--- Rebuilt by the clean stage: normalised text and the first rule each row broke (NULL: passed every rule).
-CREATE TABLE IF NOT EXISTS clean_rows (
+-- Rebuilt by the clean stage: normalised text and the first rule each row broke (NULL: passed every rule). Read it
+-- through the clean_rows view (views.sql): the text of a row clean did not change is not stored twice, the view takes
+-- it from parsed_rows (which ingest only ever appends to).
+CREATE TABLE IF NOT EXISTS clean_results (
     row_id     VARCHAR PRIMARY KEY,
     kind       VARCHAR NOT NULL,
     source     VARCHAR NOT NULL,
     row_seq    BIGINT NOT NULL,
-    messages   chat_message[],
-    responses  VARCHAR[],
-    tools      VARCHAR,
+    messages   chat_message[],              -- NULL where messages_as_parsed
+    responses  VARCHAR[],                   -- NULL where responses_as_parsed
+    tools      VARCHAR,                     -- NULL: parsed_rows.tools (clean never changes them)
     dedup_text VARCHAR,                     -- what dedup compares: the conversation (sft) or the prompt (preference),
                                             -- tool calls and reasoning included as assistant text
     content_hash VARCHAR,                   -- sha256 of dedup_text, the exact-duplicate key
@@ -86,16 +88,22 @@ CREATE TABLE IF NOT EXISTS clean_rows (
     language   VARCHAR,                     -- zh | ja | ko | en | other (script-based)
     reason     VARCHAR,
     detail     VARCHAR,
-    label      BOOLEAN                      -- feedback rows: the last answer is desirable (true) or not (false)
+    label      BOOLEAN,                     -- feedback rows: the last answer is desirable (true) or not (false)
+    messages_as_parsed  BOOLEAN,            -- true: normalising changed no turn, the turns are parsed_rows.messages
+    responses_as_parsed BOOLEAN             -- true: ... no answer, the answers are parsed_rows.responses
 );
+-- Warehouses made before the text was stored once had a clean_rows table with every row's turns (tasks/core/
+-- warehouse.py renames it to clean_results before this runs): their as_parsed flags are NULL, the stored turns hold.
+ALTER TABLE clean_results ADD COLUMN IF NOT EXISTS messages_as_parsed BOOLEAN;
+ALTER TABLE clean_results ADD COLUMN IF NOT EXISTS responses_as_parsed BOOLEAN;
 
 -- Warehouses made before turns could carry tool calls: add the tools column (tasks/core/warehouse.py widens their
 -- messages to chat_message[]).
 ALTER TABLE parsed_rows ADD COLUMN IF NOT EXISTS tools VARCHAR;
-ALTER TABLE clean_rows ADD COLUMN IF NOT EXISTS tools VARCHAR;
+ALTER TABLE clean_results ADD COLUMN IF NOT EXISTS tools VARCHAR;
 -- ... and before feedback (KTO) rows were kept.
 ALTER TABLE parsed_rows ADD COLUMN IF NOT EXISTS label BOOLEAN;
-ALTER TABLE clean_rows ADD COLUMN IF NOT EXISTS label BOOLEAN;
+ALTER TABLE clean_results ADD COLUMN IF NOT EXISTS label BOOLEAN;
 
 -- Rebuilt by the quality stage, one row per row that passed clean: its language, the first quality rule it broke,
 -- and its text with personal data redacted (NULL where nothing was redacted; curated_rows then takes clean's).

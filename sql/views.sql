@@ -1,6 +1,18 @@
 -- Views named for the questions people ask of the warehouse. Recreated on every connect.
 --   duckdb runs/warehouse.duckdb -c "select * from quality_summary"
 
+-- What the clean stage made of every parsed row (clean_results), each row with its turns, answers and tools: where
+-- clean changed none of them the table holds NULL and they come from parsed_rows, as ingest parsed them.
+CREATE OR REPLACE VIEW clean_rows AS
+SELECT
+    c.row_id, c.kind, c.source, c.row_seq,
+    CASE WHEN c.messages_as_parsed THEN p.messages ELSE c.messages END AS messages,
+    CASE WHEN c.responses_as_parsed THEN p.responses ELSE c.responses END AS responses,
+    coalesce(c.tools, p.tools) AS tools,
+    c.dedup_text, c.content_hash, c.n_chars, c.language, c.reason, c.detail, c.label
+FROM clean_results c
+LEFT JOIN parsed_rows p USING (row_id);
+
 -- The rows every stage after quality reads: clean_rows with personal data redacted by the quality stage, and the
 -- first rule each row broke in clean or in quality (NULL: accepted so far).
 CREATE OR REPLACE VIEW curated_rows AS

@@ -399,3 +399,94 @@ def test_invalid_config_names_the_field(override, field):
 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, [override])
+
+
+CLEAN_COLUMNS = "row_id, kind, source, row_seq, messages, responses, tools, dedup_text, n_chars, language, reason, " \
+                "detail, label"
+
+
+def _store_once_inputs(tmp_path):
+    files = {
+        "plain.jsonl": [{"instruction": "What is 2+2?", "input": "", "output": "It is 4."},  # clean changes nothing
+                        {"instruction": "Cafe\u0301 please  ", "input": "", "output": "Sure.  \r\nDone"}],
+        "pairs.jsonl": [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
+                        {"prompt": "Capital of Spain?", "chosen": "Madrid.  ", "rejected": "Porto."}],
+        "chat.jsonl": [{"messages": [{"role": "system", "content": "  "}, u("Hello?"), a("Hi.")]},
+                       {"messages": [u("Weather in Paris?"), a("Sunny.")],
+                        "tools": [{"type": "function", "function": {"name": "forecast", "parameters": {}}}]}],
+    }
+    for name, rows in files.items():
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return ",".join(str(tmp_path / name) for name in files)
+
+
+def _clean_rows_by_id(cfg):
+    from tasks.core.warehouse import open_warehouse
+
+    with open_warehouse(cfg.warehouse_url, read_only=True) as con:
+        return {r["row_id"]: r for r in con.sql(f"SELECT {CLEAN_COLUMNS} FROM clean_rows").pl().to_dicts()}
+
+
+def test_clean_stores_a_text_only_where_cleaning_changed_it(tmp_path, make_cfg):
+    from tasks.core.warehouse import open_warehouse
+    from tasks.data.clean import PARSED_ROWS, run_clean
+    from tasks.data.ingest import run_ingest
+
+    cfg = make_cfg(f"data.ingest.inputs=[{_store_once_inputs(tmp_path)}]")
+    run_clean(cfg, run_ingest(cfg))
+    with open_warehouse(cfg.warehouse_url, read_only=True) as con:
+        expected = clean_frame(con.sql(PARSED_ROWS).pl(), cfg).to_dicts()
+        stored = {f"{source}:{n}": rest for source, n, *rest in con.execute(
+            "SELECT s.source, r.row_number, c.messages IS NULL, c.messages_as_parsed, c.responses IS NULL, "
+            "c.responses_as_parsed, c.tools IS NULL FROM clean_results c JOIN raw_rows r USING (row_id) "
+            "JOIN source_files s USING (file_id)").fetchall()}
+        as_parsed = con.execute("SELECT count(*) FROM clean_rows c JOIN parsed_rows p USING (row_id) "
+                                "WHERE c.messages = p.messages").fetchone()[0]
+    # (messages NULL, as parsed, responses NULL, as parsed, tools NULL): NULL only where the flag says as parsed.
+    assert stored == {
+        "plain:1": [True, True, False, False, True],  # an SFT row's answers: [] where ingest has NULL
+        "plain:2": [False, False, False, False, True],  # NFC, CRLF and trailing spaces normalised
+        "pairs:1": [True, True, True, True, True],
+        "pairs:2": [True, True, False, False, True],  # "Madrid.  " trimmed
+        "chat:1": [False, False, False, False, True],  # the empty system prompt dropped
+        "chat:2": [True, True, False, False, True],  # its tools come from parsed_rows too
+    }
+    assert as_parsed == 4
+    # Through the view every row reads exactly what clean computed, stored or not.
+    assert _clean_rows_by_id(cfg) == {r["row_id"]: r for r in expected}
+    got = _clean_rows_by_id(cfg)
+    changed = next(r for r in got.values() if r["source"] == "plain" and r["row_seq"] == 2)
+    assert compact_messages(changed["messages"]) == [u("Café please"), a("Sure.\nDone")]
+    assert [json.loads(r["tools"]) for r in got.values() if r["tools"]][0][0]["function"]["name"] == "forecast"
+
+
+def test_a_warehouse_with_the_old_clean_rows_table_opens_with_its_rows(tmp_path, make_cfg):
+    import duckdb
+
+    from tasks.core.warehouse import open_warehouse
+    from tasks.data.clean import run_clean
+    from tasks.data.ingest import run_ingest
+
+    cfg = make_cfg(f"data.ingest.inputs=[{_store_once_inputs(tmp_path)}]")
+    ingest = run_ingest(cfg)
+    first = run_clean(cfg, ingest)
+    before = _clean_rows_by_id(cfg)
+    with duckdb.connect(cfg.warehouse_url) as con:  # the layout before: a clean_rows table holding every row's turns
+        con.execute("CREATE TABLE old_clean AS SELECT * FROM clean_rows")
+        con.execute("DROP VIEW clean_rows")
+        con.execute("DROP TABLE clean_results")
+        con.execute("""CREATE TABLE clean_rows (row_id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL,
+            source VARCHAR NOT NULL, row_seq BIGINT NOT NULL, messages chat_message[], responses VARCHAR[],
+            tools VARCHAR, dedup_text VARCHAR, content_hash VARCHAR, n_chars BIGINT, language VARCHAR,
+            reason VARCHAR, detail VARCHAR, label BOOLEAN)""")
+        con.execute("INSERT INTO clean_rows BY NAME SELECT * FROM old_clean")
+        con.execute("DROP TABLE old_clean")
+    with open_warehouse(cfg.warehouse_url) as con:
+        kinds = dict(con.execute("SELECT table_name, table_type FROM information_schema.tables "
+                                 "WHERE table_name IN ('clean_rows', 'clean_results')").fetchall())
+        assert kinds == {"clean_rows": "VIEW", "clean_results": "BASE TABLE"}
+        assert con.execute("SELECT count(*) FROM clean_results WHERE messages IS NULL OR messages_as_parsed "
+                           "OR tools IS NOT NULL").fetchone()[0] == 1  # only the row with tools kept them
+    assert _clean_rows_by_id(cfg) == before
+    again = run_clean(cfg, ingest)
+    assert _clean_rows_by_id(cfg) == before and again.fingerprint == first.fingerprint

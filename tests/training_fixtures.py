@@ -136,7 +136,7 @@ def make_warehouse(path: Path, sft: dict[str, list[dict]] | None = None,
                     text = json.dumps([messages, responses])
                     digest.update(text.encode())
                     con.execute(
-                        "INSERT INTO clean_rows (row_id, kind, source, row_seq, messages, responses, tools, "
+                        "INSERT INTO clean_results (row_id, kind, source, row_seq, messages, responses, tools, "
                         "dedup_text, content_hash, n_chars, language) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'en')",
                         [row_id, kind, r["source"], seq, messages, responses, r.get("tools"), text,
                          hashlib.sha256(text.encode()).hexdigest(), len(text)])

@@ -77,6 +77,7 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = 600.0) ->
                                                      config={"storage_compatibility_version": STORAGE_COMPATIBILITY}),
                               path, wait_s)
     if not read_only:
+        _rename_clean_rows(con)
         con.execute(_sql("schema.sql"))
         _widen_messages(con)
         con.execute(_sql("views.sql"))
@@ -94,10 +95,18 @@ def stores_zstd(con: duckdb.DuckDBPyConnection) -> bool:
     return len(version) >= 2 and (int(version[0]), int(version[1])) >= (1, 2)
 
 
+def _rename_clean_rows(con: duckdb.DuckDBPyConnection) -> None:
+    """A warehouse from before clean stored each text once has a clean_rows table (every row's turns stored): it
+    becomes clean_results, its rows kept, and clean_rows the view over it (views.sql)."""
+    if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' "
+                   "AND table_name = 'clean_rows' AND table_type = 'BASE TABLE'").fetchone()[0]:
+        con.execute("ALTER TABLE clean_rows RENAME TO clean_results")
+
+
 def _widen_messages(con: duckdb.DuckDBPyConnection) -> None:
     """Tables made when a turn was only (role, content) take the wider chat_message type; their rows keep their
     values, the new fields NULL. Only when needed: the ALTER rewrites the column."""
-    for table in ("parsed_rows", "clean_rows"):
+    for table in ("parsed_rows", "clean_results"):
         [(data_type,)] = con.execute("SELECT data_type FROM information_schema.columns WHERE table_schema = 'main' "
                                      "AND table_name = ? AND column_name = 'messages'", [table]).fetchall()
         if "tool_calls" not in data_type:

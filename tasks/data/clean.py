@@ -44,6 +44,21 @@ _LATIN_STOPWORDS = r"\b(" + "|".join(_any_case(w) for w in (
 PARSED_ROWS = ("SELECT p.row_id, p.kind, f.source, r.row_seq, p.messages, p.responses, p.tools, p.label "
                "FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f USING (file_id) "
                "WHERE p.reason IS NULL ORDER BY r.row_seq")  # what ingest parsed without error, in file order
+# clean_frame's rows into clean_results, each text stored once: turns (answers) that normalising left as ingest
+# parsed them are NULL with messages_as_parsed (responses_as_parsed) true, tools always NULL (clean never changes
+# them); the clean_rows view reads those from parsed_rows.
+STORE_CLEANED = """
+INSERT INTO clean_results BY NAME
+SELECT * EXCLUDE (messages, responses, tools, dedup_text),
+    CASE WHEN NOT messages_as_parsed THEN messages END AS messages,
+    CASE WHEN NOT responses_as_parsed THEN responses END AS responses,
+    dedup_text, sha256(kind || chr(0) || dedup_text) AS content_hash
+FROM (
+    SELECT c.* EXCLUDE (messages), CAST(c.messages AS chat_message[]) AS messages,
+        CAST(c.messages AS chat_message[]) IS NOT DISTINCT FROM p.messages AS messages_as_parsed,
+        c.responses IS NOT DISTINCT FROM p.responses AS responses_as_parsed
+    FROM cleaned c JOIN parsed_rows p USING (row_id)
+)"""
 
 
 def normalize_text(expr: pl.Expr, form: str) -> pl.Expr:
@@ -247,18 +262,15 @@ def run_clean(cfg: PipelineConfig, ingest: DataResult, run_id: str = "local") ->
         rows = con.sql(PARSED_ROWS).pl()
         cleaned = clean_frame(rows, cfg, _token_counter(cfg), lambda: template_tools_problem(cfg))
         con.begin()
-        con.execute("DELETE FROM clean_rows")
+        con.execute("DELETE FROM clean_results")
         con.register("cleaned", cleaned.to_arrow())
-        con.execute(
-            "INSERT INTO clean_rows BY NAME SELECT * EXCLUDE (dedup_text), dedup_text, "
-            "sha256(kind || chr(0) || dedup_text) AS content_hash FROM cleaned"
-        )
+        con.execute(STORE_CLEANED)
         con.unregister("cleaned")
         con.commit()
         by_reason = dict(con.execute(
-            "SELECT coalesce(reason, 'passed'), count(*) FROM clean_rows GROUP BY ALL ORDER BY ALL").fetchall())
+            "SELECT coalesce(reason, 'passed'), count(*) FROM clean_results GROUP BY ALL ORDER BY ALL").fetchall())
         stats = {"rows": len(cleaned), "passed": by_reason.pop("passed", 0), "rejected_by_reason": by_reason}
-        fingerprint = table_fingerprint(con, "SELECT row_id, content_hash, dedup_text, reason FROM clean_rows")
+        fingerprint = table_fingerprint(con, "SELECT row_id, content_hash, dedup_text, reason FROM clean_results")
         record_stage(con, run_id, "clean", started, stats)
     return DataResult(stage="clean", fingerprint=fingerprint, warehouse=cfg.warehouse_url, stats=stats)
 
