@@ -95,6 +95,20 @@ def stores_zstd(con: duckdb.DuckDBPyConnection) -> bool:
     return len(version) >= 2 and (int(version[0]), int(version[1])) >= (1, 2)
 
 
+@contextmanager
+def zstd_text(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Within the block, data DuckDB writes to disk (a commit's rows, a checkpoint) is compressed with ZSTD where the
+    file's format has it: half FSST's bytes for text, and no dictionary / FSST analysis of every string column."""
+    zstd = stores_zstd(con)
+    if zstd:
+        con.execute("SET force_compression = 'zstd'")
+    try:
+        yield
+    finally:
+        if zstd:
+            con.execute("RESET force_compression")
+
+
 def _rename_clean_rows(con: duckdb.DuckDBPyConnection) -> None:
     """A warehouse from before clean stored each text once has a clean_rows table (every row's turns stored): it
     becomes clean_results, its rows kept, and clean_rows the view over it (views.sql)."""

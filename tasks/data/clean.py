@@ -26,7 +26,7 @@ from tasks.core import storage
 from tasks.core.caching import current_run_id, stage_task
 from tasks.core.config import CleanConfig, PipelineConfig
 from tasks.core.results import DataResult
-from tasks.core.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow
+from tasks.core.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow, zstd_text
 from tasks.data.chat_template import DEFAULT_CHAT_TEMPLATE, tools_problem
 
 
@@ -261,12 +261,14 @@ def run_clean(cfg: PipelineConfig, ingest: DataResult, run_id: str = "local") ->
     with open_warehouse(cfg.warehouse_url) as con:
         rows = con.sql(PARSED_ROWS).pl()
         cleaned = clean_frame(rows, cfg, _token_counter(cfg), lambda: template_tools_problem(cfg))
-        con.begin()
-        con.execute("DELETE FROM clean_results")
-        con.register("cleaned", cleaned.to_arrow())
-        con.execute(STORE_CLEANED)
-        con.unregister("cleaned")
-        con.commit()
+        with zstd_text(con):
+            con.begin()
+            con.execute("DELETE FROM clean_results")
+            con.register("cleaned", cleaned.to_arrow())
+            con.execute(STORE_CLEANED)
+            con.unregister("cleaned")
+            con.commit()
+            con.execute("CHECKPOINT")  # a small table's rows are only in the write-ahead log until a checkpoint
         by_reason = dict(con.execute(
             "SELECT coalesce(reason, 'passed'), count(*) FROM clean_results GROUP BY ALL ORDER BY ALL").fetchall())
         stats = {"rows": len(cleaned), "passed": by_reason.pop("passed", 0), "rejected_by_reason": by_reason}

@@ -35,9 +35,9 @@ from tasks.core.warehouse import (
     insert_columns,
     open_warehouse,
     record_stage,
-    stores_zstd,
     table_fingerprint,
     utcnow,
+    zstd_text,
 )
 from tasks.data import bulk_ingest, formats
 
@@ -411,23 +411,19 @@ def _insert_read_rows(con: duckdb.DuckDBPyConnection, read: FileRead, records: l
 
 def _write_file(con: duckdb.DuckDBPyConnection, source_file: list, insert_rows: Callable[[int], None]) -> None:
     """One transaction: the source_files row, then the file's rows (insert_rows gets the last row_seq so far)."""
-    con.begin()
     # Text written in ZSTD where the file's format has it: DuckDB's default (dictionary / FSST analysis of every
     # string column) made a bulk ingest of 200k rows 2.2x slower, and ZSTD stores the text in half FSST's bytes.
-    zstd = stores_zstd(con)
-    if zstd:
-        con.execute("SET force_compression = 'zstd'")
-    try:
-        seq0 = con.execute("SELECT coalesce(max(row_seq), 0) FROM raw_rows").fetchone()[0]
-        con.execute("INSERT INTO source_files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", source_file + [utcnow()])
-        insert_rows(seq0)
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
-    finally:
-        if zstd:
-            con.execute("RESET force_compression")
+    with zstd_text(con):
+        con.begin()
+        try:
+            seq0 = con.execute("SELECT coalesce(max(row_seq), 0) FROM raw_rows").fetchone()[0]
+            con.execute("INSERT INTO source_files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        source_file + [utcnow()])
+            insert_rows(seq0)
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
 
 
 def _write_bulk(con: duckdb.DuckDBPyConnection, n_rows: int, write: Callable[[], None]) -> None:

@@ -29,7 +29,7 @@ import xxhash
 from tasks.core.caching import current_run_id, stage_task
 from tasks.core.config import PipelineConfig
 from tasks.core.results import DataResult
-from tasks.core.warehouse import insert_columns, open_warehouse, record_stage, table_fingerprint, utcnow
+from tasks.core.warehouse import insert_columns, open_warehouse, record_stage, table_fingerprint, utcnow, zstd_text
 from tasks.data import decontaminate, pii
 from tasks.data.clean import turn_text
 
@@ -241,20 +241,22 @@ def run_quality(cfg: PipelineConfig, clean: DataResult, run_id: str = "local") -
         rows = con.sql("SELECT row_id, kind, messages, responses FROM clean_rows WHERE reason IS NULL "
                        "ORDER BY row_seq").pl()
         verdict = judge(rows, cfg, index, stored_languages(con))
-        con.begin()
-        for table in ("quality_rows", "pii_matches", "benchmark_matches"):
-            con.execute(f"DELETE FROM {table}")
-        con.register("verdict", verdict["rows"].to_arrow())
-        con.register("redacted", verdict["redacted"].join(rows.select("row_id", "kind"), on="row_id").to_arrow())
-        con.execute(
-            "INSERT INTO quality_rows SELECT v.row_id, v.language, v.language_confidence, v.reason, v.detail, "
-            "r.messages, r.responses, r.dedup_text, sha256(r.kind || chr(0) || r.dedup_text), r.n_chars "
-            "FROM verdict v LEFT JOIN redacted r USING (row_id)")
-        con.unregister("verdict")
-        con.unregister("redacted")
-        insert_columns(con, "pii_matches", verdict["pii"].to_dict(as_series=False))
-        insert_columns(con, "benchmark_matches", verdict["benchmark"].to_dict(as_series=False))
-        con.commit()
+        with zstd_text(con):  # the redacted rows' text
+            con.begin()
+            for table in ("quality_rows", "pii_matches", "benchmark_matches"):
+                con.execute(f"DELETE FROM {table}")
+            con.register("verdict", verdict["rows"].to_arrow())
+            con.register("redacted", verdict["redacted"].join(rows.select("row_id", "kind"), on="row_id").to_arrow())
+            con.execute(
+                "INSERT INTO quality_rows SELECT v.row_id, v.language, v.language_confidence, v.reason, v.detail, "
+                "r.messages, r.responses, r.dedup_text, sha256(r.kind || chr(0) || r.dedup_text), r.n_chars "
+                "FROM verdict v LEFT JOIN redacted r USING (row_id)")
+            con.unregister("verdict")
+            con.unregister("redacted")
+            insert_columns(con, "pii_matches", verdict["pii"].to_dict(as_series=False))
+            insert_columns(con, "benchmark_matches", verdict["benchmark"].to_dict(as_series=False))
+            con.commit()
+            con.execute("CHECKPOINT")  # a small table's rows are only in the write-ahead log until a checkpoint
         by_reason = dict(con.execute("SELECT coalesce(reason, 'passed'), count(*) FROM quality_rows "
                                      "GROUP BY ALL ORDER BY ALL").fetchall())
         stats = {"rows": len(rows), "passed": by_reason.pop("passed", 0), "rejected_by_reason": by_reason,
