@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS parsed_rows (
 -- ============================================================== data plane: clean / dedup / split
 -- Rebuilt by the clean stage: normalised text and the first rule each row broke (NULL: passed every rule). Read it
 -- through the clean_rows view (views.sql): the text of a row clean did not change is not stored twice, the view takes
--- it from parsed_rows (which ingest only ever appends to).
+-- it from parsed_rows (which ingest only ever appends to), and dedup_text is derived from the turns.
 CREATE TABLE IF NOT EXISTS clean_results (
     row_id     VARCHAR PRIMARY KEY,
     kind       VARCHAR NOT NULL,
@@ -82,8 +82,9 @@ CREATE TABLE IF NOT EXISTS clean_results (
     responses  VARCHAR[],                   -- NULL where responses_as_parsed
     tools      VARCHAR,                     -- NULL: parsed_rows.tools (clean never changes them)
     dedup_text VARCHAR,                     -- what dedup compares: the conversation (sft) or the prompt (preference),
-                                            -- tool calls and reasoning included as assistant text
-    content_hash VARCHAR,                   -- sha256 of dedup_text, the exact-duplicate key
+                                            -- tool calls and reasoning included as assistant text; NULL where it
+                                            -- is conversation_text(the turns) (views.sql)
+    content_hash VARCHAR,                   -- sha256 of kind and dedup_text, the exact-duplicate key
     n_chars    BIGINT,
     language   VARCHAR,                     -- zh | ja | ko | en | other (script-based)
     reason     VARCHAR,

@@ -1,17 +1,29 @@
 -- Views named for the questions people ask of the warehouse. Recreated on every connect.
 --   duckdb runs/warehouse.duckdb -c "select * from quality_summary"
 
--- What the clean stage made of every parsed row (clean_results), each row with its turns, answers and tools: where
--- clean changed none of them the table holds NULL and they come from parsed_rows, as ingest parsed them.
+-- The text of a conversation's turns as dedup compares it (tasks/data/clean.py: turn_text and clean_frame's
+-- dedup_text): one line group per turn, "role: " and its reasoning, content and tool calls as name(arguments), the
+-- empty ones left out.
+CREATE OR REPLACE MACRO conversation_text(messages) AS coalesce(array_to_string(list_transform(messages,
+    lambda m: m.role || ': ' || concat_ws(chr(10), nullif(m.reasoning, ''), nullif(m.content, ''),
+        nullif(array_to_string(list_transform(m.tool_calls, lambda c: c.name || '(' || c.arguments || ')'), chr(10)),
+            ''))), chr(10)), '');
+
+-- What the clean stage made of every parsed row (clean_results), each row with its turns, answers, tools and
+-- dedup_text: where clean changed none of them the table holds NULL and they come from parsed_rows, as ingest
+-- parsed them, and dedup_text from the turns (conversation_text: clean stores its own only where that differs).
 CREATE OR REPLACE VIEW clean_rows AS
-SELECT
-    c.row_id, c.kind, c.source, c.row_seq,
-    CASE WHEN c.messages_as_parsed THEN p.messages ELSE c.messages END AS messages,
-    CASE WHEN c.responses_as_parsed THEN p.responses ELSE c.responses END AS responses,
-    coalesce(c.tools, p.tools) AS tools,
-    c.dedup_text, c.content_hash, c.n_chars, c.language, c.reason, c.detail, c.label
-FROM clean_results c
-LEFT JOIN parsed_rows p USING (row_id);
+SELECT row_id, kind, source, row_seq, messages, responses, tools,
+    coalesce(dedup_text, conversation_text(messages)) AS dedup_text,
+    content_hash, n_chars, language, reason, detail, label
+FROM (
+    SELECT c.* EXCLUDE (messages, responses, tools),
+        CASE WHEN c.messages_as_parsed THEN p.messages ELSE c.messages END AS messages,
+        CASE WHEN c.responses_as_parsed THEN p.responses ELSE c.responses END AS responses,
+        coalesce(c.tools, p.tools) AS tools
+    FROM clean_results c
+    LEFT JOIN parsed_rows p USING (row_id)
+);
 
 -- The rows every stage after quality reads: clean_rows with personal data redacted by the quality stage, and the
 -- first rule each row broke in clean or in quality (NULL: accepted so far).

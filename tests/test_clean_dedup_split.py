@@ -442,9 +442,11 @@ def test_clean_stores_a_text_only_where_cleaning_changed_it(tmp_path, make_cfg):
             "JOIN source_files s USING (file_id)").fetchall()}
         as_parsed = con.execute("SELECT count(*) FROM clean_rows c JOIN parsed_rows p USING (row_id) "
                                 "WHERE c.messages = p.messages").fetchone()[0]
+        stored_texts = con.execute("SELECT count(dedup_text) FROM clean_results").fetchone()[0]
         compression = con.execute("SELECT DISTINCT compression FROM pragma_storage_info('clean_results') "
-                                  "WHERE column_name = 'dedup_text' AND segment_type = 'VARCHAR'").fetchall()
+                                  "WHERE column_name = 'messages' AND segment_type = 'VARCHAR'").fetchall()
     assert compression == [("ZSTD",)]  # the text clean stores is written in ZSTD, however few rows
+    assert stored_texts == 0  # every dedup_text is its turns' conversation_text (sql/views.sql)
     # (messages NULL, as parsed, responses NULL, as parsed, tools NULL): NULL only where the flag says as parsed.
     assert stored == {
         "plain:1": [True, True, False, False, True],  # an SFT row's answers: [] where ingest has NULL

@@ -307,6 +307,15 @@ def test_content_parts_are_joined_and_reasoning_kept(plane):
     assert "340 + 51 = 391" in text
 
 
+def test_clean_stores_no_dedup_text_the_turns_spell_out(plane):
+    # clean_results keeps its own dedup_text only where the view's conversation_text of the turns would differ from
+    # clean's (sql/views.sql); over every layout here, reasoning, tool calls and results included, it never does.
+    stored, rows = query(plane, "SELECT count(dedup_text), count(*) FROM clean_results")[0]
+    assert (rows, stored) == (24, 0)
+    tools = query(plane, "SELECT c.dedup_text FROM clean_rows c WHERE c.source = 'openai_tools' ORDER BY row_seq")
+    assert 'get_forecast({"city":"Berlin","days":1})' in tools[0][0]
+
+
 def test_whole_conversations_under_other_names(plane):
     rows = _parsed(plane, "whole_conversations")
     assert rows[0][2:4] == ([{"role": "user", "content": "Give me a synonym for 'happy'."}], ["Joyful.", "Sad."])

@@ -13,7 +13,9 @@ Rules run in a fixed order and a row keeps the first rule it breaks:
   too_short            a turn shorter than data.clean.min_turn_chars
   too_long             more than data.clean.max_chars characters in all
   too_long_tokens      more than data.clean.max_tokens tokens (only with a known tokenizer)
-The table is rebuilt on every run, so a changed threshold re-judges old rows too.
+The table (clean_results, read through the clean_rows view) is rebuilt on every run, so a changed threshold
+re-judges old rows too. It stores each text once: turns, answers and dedup_text only where they are not what
+parsed_rows already holds or the turns spell out (STORE_CLEANED).
 """
 
 from __future__ import annotations
@@ -46,17 +48,20 @@ PARSED_ROWS = ("SELECT p.row_id, p.kind, f.source, r.row_seq, p.messages, p.resp
                "WHERE p.reason IS NULL ORDER BY r.row_seq")  # what ingest parsed without error, in file order
 # clean_frame's rows into clean_results, each text stored once: turns (answers) that normalising left as ingest
 # parsed them are NULL with messages_as_parsed (responses_as_parsed) true, tools always NULL (clean never changes
-# them); the clean_rows view reads those from parsed_rows.
+# them), dedup_text NULL where it equals the turns' conversation_text (sql/views.sql); the clean_rows view reads
+# those from parsed_rows and the turns.
 STORE_CLEANED = """
 INSERT INTO clean_results BY NAME
-SELECT * EXCLUDE (messages, responses, tools, dedup_text),
+SELECT * EXCLUDE (messages, responses, tools, dedup_text, text_of_turns),
     CASE WHEN NOT messages_as_parsed THEN messages END AS messages,
     CASE WHEN NOT responses_as_parsed THEN responses END AS responses,
-    dedup_text, sha256(kind || chr(0) || dedup_text) AS content_hash
+    CASE WHEN NOT text_of_turns THEN dedup_text END AS dedup_text
 FROM (
     SELECT c.* EXCLUDE (messages), CAST(c.messages AS chat_message[]) AS messages,
         CAST(c.messages AS chat_message[]) IS NOT DISTINCT FROM p.messages AS messages_as_parsed,
-        c.responses IS NOT DISTINCT FROM p.responses AS responses_as_parsed
+        c.responses IS NOT DISTINCT FROM p.responses AS responses_as_parsed,
+        c.dedup_text IS NOT DISTINCT FROM conversation_text(CAST(c.messages AS chat_message[])) AS text_of_turns,
+        sha256(c.kind || chr(0) || c.dedup_text) AS content_hash
     FROM cleaned c JOIN parsed_rows p USING (row_id)
 )"""
 
@@ -272,7 +277,7 @@ def run_clean(cfg: PipelineConfig, ingest: DataResult, run_id: str = "local") ->
         by_reason = dict(con.execute(
             "SELECT coalesce(reason, 'passed'), count(*) FROM clean_results GROUP BY ALL ORDER BY ALL").fetchall())
         stats = {"rows": len(cleaned), "passed": by_reason.pop("passed", 0), "rejected_by_reason": by_reason}
-        fingerprint = table_fingerprint(con, "SELECT row_id, content_hash, dedup_text, reason FROM clean_results")
+        fingerprint = table_fingerprint(con, "SELECT row_id, content_hash, dedup_text, reason FROM clean_rows")
         record_stage(con, run_id, "clean", started, stats)
     return DataResult(stage="clean", fingerprint=fingerprint, warehouse=cfg.warehouse_url, stats=stats)
 
