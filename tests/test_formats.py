@@ -202,6 +202,27 @@ PREFERENCE_TOOLS = [
     {"conversations": [{"from": "human", "value": "Where is order B79?"}], "chosen": _ORDER_CALL,
      "rejected": {"from": "gpt", "value": "No idea."}, "tools": [ORDER_TOOL]},
 ]
+PROMPT_COMPLETION = [  # TRL's prompt-completion and unpaired-preference (KTO) layouts, OpenAI's legacy files
+    {"prompt": "Name the largest planet in the solar system.", "completion": "Jupiter, more than twice the mass of "
+                                                                             "all the other planets together."},
+    {"prompt": [{"role": "user", "content": "用一句话介绍长江。"}],
+     "completion": [{"role": "assistant", "content": "长江是中国最长的河流，全长约六千三百公里，流入东海。"}]},
+    {"prompt": [{"role": "user", "content": "Is it going to rain in Oslo tomorrow?"}],
+     "completion": [{"role": "assistant", "content": None, "tool_calls": [
+                        {"id": "call_O5", "type": "function",
+                         "function": {"name": "get_forecast", "arguments": '{"city": "Oslo", "days": 1}'}}]},
+                    {"role": "tool", "tool_call_id": "call_O5", "content": '{"rain": 0.7}'},
+                    {"role": "assistant", "content": "Probably: a 70 % chance of rain, so take an umbrella."}],
+     "tools": [FORECAST_TOOL]},
+    {"prompt": [{"role": "user", "content": "At what temperature does water boil at sea level?"}],
+     "completion": [{"role": "assistant", "content": "At 100 °C (212 °F)."}], "label": True},
+    {"prompt": [{"role": "user", "content": "北京是哪个国家的首都？"}],
+     "completion": [{"role": "assistant", "content": "日本。"}], "label": False},
+    # Malformed: the completion is the user speaking; a label that is not a boolean; no completion.
+    {"prompt": [{"role": "user", "content": "Say hi."}], "completion": [{"role": "user", "content": "hi"}]},
+    {"prompt": "Is the sky green?", "completion": "No.", "label": "no"},
+    {"prompt": "把这句话翻译成英文：你好。", "completion": None},
+]
 FAQ = [{"question": "How do I reset my router?", "answer": "Hold the reset button for ten seconds.", "category": "net"},
        {"question": "路由器指示灯一直闪烁怎么办？", "answer": "请先重启路由器，再检查网线是否插好。", "category": "net"}]
 SUPPORT_CHATS = [{"dialog": [{"speaker": "customer", "text": "My package arrived damaged."},
@@ -215,7 +236,8 @@ MAPPINGS = {"*faq*": {"columns": {"question": "instruction", "answer": "output"}
 FILES = {"hh_rlhf.jsonl": HH, "hh_prompt.jsonl": HH_PROMPT, "content_parts.jsonl": PARTS,
          "sharegpt_parts.json": SHAREGPT_PARTS, "whole_conversations.jsonl": WHOLE_CONVERSATIONS,
          "openai_tools.jsonl": OPENAI_TOOLS, "sharegpt_tools.json": SHAREGPT_TOOLS,
-         "preference_tools.jsonl": PREFERENCE_TOOLS, "faq_support.jsonl": FAQ,
+         "preference_tools.jsonl": PREFERENCE_TOOLS, "prompt_completion.jsonl": PROMPT_COMPLETION,
+         "faq_support.jsonl": FAQ,
          "support_chats.jsonl": SUPPORT_CHATS}
 EXPECTED_REASONS = {  # (file, 1-based row) -> reason; every other row is accepted
     ("hh_rlhf", 6): "unparseable_transcript", ("hh_rlhf", 7): "unparseable_transcript",
@@ -225,6 +247,8 @@ EXPECTED_REASONS = {  # (file, 1-based row) -> reason; every other row is accept
     ("openai_tools", 6): "orphan_tool_result",
     ("sharegpt_tools", 3): "invalid_tool_call", ("sharegpt_tools", 4): "orphan_tool_result",
     ("preference_tools", 4): "orphan_tool_result", ("preference_tools", 5): "unsupported_content",
+    ("prompt_completion", 6): "wrong_role_order", ("prompt_completion", 7): "wrong_type",
+    ("prompt_completion", 8): "missing_field",
 }
 
 
@@ -311,7 +335,7 @@ def test_clean_stores_no_dedup_text_the_turns_spell_out(plane):
     # clean_results keeps its own dedup_text only where the view's conversation_text of the turns would differ from
     # clean's (sql/views.sql); over every layout here, reasoning, tool calls and results included, it never does.
     stored, rows = query(plane, "SELECT count(dedup_text), count(*) FROM clean_results")[0]
-    assert (rows, stored) == (24, 0)
+    assert (rows, stored) == (29, 0)
     tools = query(plane, "SELECT c.dedup_text FROM clean_rows c WHERE c.source = 'openai_tools' ORDER BY row_seq")
     assert 'get_forecast({"city":"Berlin","days":1})' in tools[0][0]
 
@@ -376,6 +400,23 @@ def test_preference_rows_keep_tool_calls_and_results_in_their_prompts(plane):
     for prompt, chosen, tools in pairs:
         roles = [m["role"] for m in compact_messages(prompt)]
         assert roles == ["user", "assistant", "tool"] and json.loads(tools) and chosen
+
+
+def test_prompt_completion_rows_are_sft_or_kto_feedback(plane):
+    rows = _parsed(plane, "prompt_completion")
+    assert [(k, s) for _, k, *__, s, ___, ____ in rows[:5]] == [("sft", "accepted")] * 3 + [("feedback", "accepted")] * 2
+    assert rows[0][2] == [{"role": "user", "content": "Name the largest planet in the solar system."},
+                          {"role": "assistant", "content": PROMPT_COMPLETION[0]["completion"]}]
+    assert rows[1][2][1]["content"].startswith("长江是中国最长的河流")
+    _, _, msgs, _, tools, *_ = rows[2]  # the completion's call, its result and the answer, tools with them
+    assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "assistant"] and tools == [FORECAST_TOOL]
+    assert msgs[1]["tool_calls"][0]["name"] == "get_forecast" and msgs[2]["name"] == "get_forecast"
+    labels = query(plane, "SELECT p.label FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f "
+                          "USING (file_id) WHERE f.source = 'prompt_completion' AND p.kind = 'feedback' "
+                          "ORDER BY r.row_number")
+    assert labels == [(True,), (False,)]
+    assert "completion must start and end with an assistant turn" in rows[5][7]
+    assert "label must be true or false" in rows[6][7] and "missing completion" in rows[7][7]
 
 
 def test_column_and_role_mapping_from_config(plane):

@@ -85,7 +85,7 @@ LAYOUTS = {
     "preference_text": ("preference", {"prompt": TEXT, "chosen": TEXT, "rejected": TEXT}, {"system": TEXT}),
 }
 STEERING = {"instruction", "input", "output", "system", "history", "tools", "functions", "conversations", "messages",
-            "chosen", "rejected", "chosen_messages", "rejected_messages", "responses", "prompt", "label"}
+            "chosen", "rejected", "chosen_messages", "rejected_messages", "responses", "prompt", "completion", "label"}
 
 
 class Layout(NamedTuple):

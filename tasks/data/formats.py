@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-FORMATS = ("alpaca", "sharegpt", "messages", "preference")
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "preference")
 
 # Speakers and their common aliases (ShareGPT `from`, OpenAI `role`, LLaMA-Factory's tool tags).
 ROLE_ALIASES = {
@@ -67,6 +67,8 @@ def detect(record: dict) -> str | None:
         return "preference"
     if isinstance(record.get("output"), list) or isinstance(record.get("responses"), list):
         return "preference"  # ranked answers, best first
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
     if "conversations" in keys:
         return "sharegpt"
     if "messages" in keys:
@@ -429,14 +431,36 @@ def sharegpt(record: dict) -> Parsed:
 
 def messages(record: dict) -> Parsed:
     _require(record, "messages")
-    msgs = _messages(record["messages"], "messages")
+    return _labelled(record, _messages(record["messages"], "messages"), _tools(record))
+
+
+def prompt_completion(record: dict) -> Parsed:
+    """TRL's prompt-completion layout, also OpenAI's legacy fine-tuning files: `prompt` (a string, an HH transcript
+    or turns) and `completion` (a string or the assistant's turns: calls, their results, the answer). With `label`
+    it is TRL's unpaired preference layout for KTO: a feedback row, as `messages` + `label` is."""
+    _require(record, "prompt", "completion")
+    prompt = _explicit_prompt(record)
+    if not prompt:
+        raise RecordError("missing_field", "prompt is empty")
+    completion = record["completion"]
+    answer = ([{"role": "assistant", "content": _text(completion, "completion")}] if isinstance(completion, str)
+              else _messages(completion, "completion"))
+    if not answer or answer[0]["role"] != "assistant" or answer[-1]["role"] != "assistant":
+        raise RecordError("wrong_role_order", "completion must start and end with an assistant turn")
+    if prompt[-1]["role"] == "assistant":
+        raise RecordError("wrong_role_order", "prompt must end with a user or tool turn: the completion answers it")
+    return _labelled(record, _with_system(record, prompt + answer), _tools(record))
+
+
+def _labelled(record: dict, msgs: list[dict], tools: list[dict] | None) -> Parsed:
+    """An SFT row, or with `label` a KTO row: the label says whether the last answer is desirable. An undesirable
+    one must never reach SFT, so these rows are kept apart (kind feedback); SFT reads only the desirable ones (view
+    sft_examples)."""
     if record.get("label") is None:
-        return Parsed("sft", msgs, None, _tools(record))
-    # KTO rows: the label says whether the last answer is desirable. An undesirable one must never reach SFT, so
-    # these rows are kept apart (kind feedback); SFT reads only the desirable ones (view sft_examples).
+        return Parsed("sft", msgs, None, tools)
     if not isinstance(record["label"], bool):
         raise RecordError("wrong_type", f"label must be true or false, got {record['label']!r}")
-    return Parsed("feedback", msgs, None, _tools(record), label=record["label"])
+    return Parsed("feedback", msgs, None, tools, label=record["label"])
 
 
 def _answer(msg: dict, field: str) -> str:
@@ -524,7 +548,8 @@ def preference(record: dict) -> Parsed:
     return Parsed("preference", _with_system(record, prompt), [chosen, rejected], tools)
 
 
-NORMALIZERS = {"alpaca": alpaca, "sharegpt": sharegpt, "messages": messages, "preference": preference}
+NORMALIZERS = {"alpaca": alpaca, "sharegpt": sharegpt, "messages": messages, "prompt_completion": prompt_completion,
+               "preference": preference}
 
 
 def normalize(record: Any, fmt: str | None) -> Parsed:

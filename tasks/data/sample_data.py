@@ -1,9 +1,10 @@
 """The embedded sample data: what the demo runs on when no inputs are configured.
 
-Written by the pipeline itself (deterministic, seeded), one file per supported format, with the flaws real data
-has: exact and near-duplicate rows, Chinese rows, a malformed line, an empty answer, a KTO-negative row, a
-chosen == rejected pair. The tasks are small and regular (arithmetic, opposites, capitals, spelling) so that a tiny
-model trained on a CPU in a minute measurably learns them.
+Written by the pipeline itself (deterministic, seeded), a file per main layout (Alpaca, ShareGPT, OpenAI
+messages, preference; tests/test_formats.py covers the others), with the flaws real data has: exact and
+near-duplicate rows, Chinese rows, a malformed line, an empty answer, a KTO-negative row, a chosen == rejected pair.
+The tasks are small and regular (arithmetic, opposites, capitals, spelling) so that a tiny model trained on a CPU in
+a minute measurably learns them.
 
 Beside the conversations it writes `pretraining_corpus.txt`, the plain text the embedded base is pretrained on: the
 same facts stated as sentences and other sentences with the same vocabulary, never a question with its answer nor
