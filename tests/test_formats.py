@@ -1,5 +1,6 @@
 """Public layouts go in unmodified: HH-RLHF transcripts, content-part arrays, whole-conversation preference under
-other names, OpenAI and ShareGPT tool calling, column / role mapping. English and Chinese rows in each layout, with a
+other names, OpenAI and ShareGPT tool calling, TRL's prompt-completion (with label: KTO), conversations rendered into
+one text field, column / role mapping. English and Chinese rows in each layout, with a
 malformed variant of each that is rejected with its reason; every file keeps raw = accepted + rejected + duplicate."""
 
 from __future__ import annotations
@@ -223,6 +224,22 @@ PROMPT_COMPLETION = [  # TRL's prompt-completion and unpaired-preference (KTO) l
     {"prompt": "Is the sky green?", "completion": "No.", "label": "no"},
     {"prompt": "把这句话翻译成英文：你好。", "completion": None},
 ]
+RENDERED_TEXT = [  # one `text` column holding the conversation already rendered, as trainer-ready datasets ship it
+    {"text": "### Human: What does a monopsony mean in economics?### Assistant: A market with a single buyer, such as "
+             "a town with one large employer.### Human: And why does it matter?### Assistant: The buyer can push "
+             "prices (or wages) below what a competitive market would pay."},
+    {"text": "<s>[INST] <<SYS>>\n你是一位耐心的数学老师。\n<</SYS>>\n\n十二乘以十二等于多少？ [/INST] 十二乘以十二等于一百四十四。 </s>"
+             "<s>[INST] 那么十三乘以十三呢？ [/INST] 一百六十九。 </s>"},
+    {"text": "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n<|im_start|>user\nName a prime number above "
+             "90.<|im_end|>\n<|im_start|>assistant\n97 is prime.<|im_end|>\n"},
+    {"text": "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+             "response that appropriately completes the request.\n\n### Instruction:\n把下面的句子翻译成英文。\n\n"
+             "### Input:\n今天天气很好。\n\n### Response:\nThe weather is lovely today."},
+    {"text": "\n\nHuman: How long should I steep green tea?\n\nAssistant: Two to three minutes at about 80 °C."},
+    # Malformed: plain prose; a ChatML role no chat has.
+    {"text": "The mitochondria is the powerhouse of the cell, and this sentence is not a conversation."},
+    {"text": "<|im_start|>narrator\nOnce upon a time<|im_end|>\n<|im_start|>assistant\nThe end.<|im_end|>"},
+]
 FAQ = [{"question": "How do I reset my router?", "answer": "Hold the reset button for ten seconds.", "category": "net"},
        {"question": "路由器指示灯一直闪烁怎么办？", "answer": "请先重启路由器，再检查网线是否插好。", "category": "net"}]
 SUPPORT_CHATS = [{"dialog": [{"speaker": "customer", "text": "My package arrived damaged."},
@@ -237,7 +254,7 @@ FILES = {"hh_rlhf.jsonl": HH, "hh_prompt.jsonl": HH_PROMPT, "content_parts.jsonl
          "sharegpt_parts.json": SHAREGPT_PARTS, "whole_conversations.jsonl": WHOLE_CONVERSATIONS,
          "openai_tools.jsonl": OPENAI_TOOLS, "sharegpt_tools.json": SHAREGPT_TOOLS,
          "preference_tools.jsonl": PREFERENCE_TOOLS, "prompt_completion.jsonl": PROMPT_COMPLETION,
-         "faq_support.jsonl": FAQ,
+         "rendered_text.jsonl": RENDERED_TEXT, "faq_support.jsonl": FAQ,
          "support_chats.jsonl": SUPPORT_CHATS}
 EXPECTED_REASONS = {  # (file, 1-based row) -> reason; every other row is accepted
     ("hh_rlhf", 6): "unparseable_transcript", ("hh_rlhf", 7): "unparseable_transcript",
@@ -249,6 +266,7 @@ EXPECTED_REASONS = {  # (file, 1-based row) -> reason; every other row is accept
     ("preference_tools", 4): "orphan_tool_result", ("preference_tools", 5): "unsupported_content",
     ("prompt_completion", 6): "wrong_role_order", ("prompt_completion", 7): "wrong_type",
     ("prompt_completion", 8): "missing_field",
+    ("rendered_text", 6): "unparseable_transcript", ("rendered_text", 7): "unsupported_role",
 }
 
 
@@ -335,7 +353,7 @@ def test_clean_stores_no_dedup_text_the_turns_spell_out(plane):
     # clean_results keeps its own dedup_text only where the view's conversation_text of the turns would differ from
     # clean's (sql/views.sql); over every layout here, reasoning, tool calls and results included, it never does.
     stored, rows = query(plane, "SELECT count(dedup_text), count(*) FROM clean_results")[0]
-    assert (rows, stored) == (29, 0)
+    assert (rows, stored) == (34, 0)
     tools = query(plane, "SELECT c.dedup_text FROM clean_rows c WHERE c.source = 'openai_tools' ORDER BY row_seq")
     assert 'get_forecast({"city":"Berlin","days":1})' in tools[0][0]
 
@@ -417,6 +435,26 @@ def test_prompt_completion_rows_are_sft_or_kto_feedback(plane):
     assert labels == [(True,), (False,)]
     assert "completion must start and end with an assistant turn" in rows[5][7]
     assert "label must be true or false" in rows[6][7] and "missing completion" in rows[7][7]
+
+
+def test_conversations_rendered_into_one_text_field_are_read_back_into_turns(plane):
+    rows = _parsed(plane, "rendered_text")
+    assert all(kind == "sft" for _, kind, *__ in rows[:5])
+    guanaco, llama2, chatml, alpaca_template, hh = (r[2] for r in rows[:5])
+    assert [m["role"] for m in guanaco] == ["user", "assistant", "user", "assistant"]
+    assert guanaco[3]["content"].startswith("The buyer can push prices")
+    assert llama2 == [{"role": "system", "content": "你是一位耐心的数学老师。"},
+                      {"role": "user", "content": "十二乘以十二等于多少？"},
+                      {"role": "assistant", "content": "十二乘以十二等于一百四十四。"},
+                      {"role": "user", "content": "那么十三乘以十三呢？"}, {"role": "assistant", "content": "一百六十九。"}]
+    assert chatml == [{"role": "system", "content": "You are a terse assistant."},
+                      {"role": "user", "content": "Name a prime number above 90."},
+                      {"role": "assistant", "content": "97 is prime."}]
+    # The template's preamble is not data: the instruction and its input are the user turn.
+    assert alpaca_template == [{"role": "user", "content": "把下面的句子翻译成英文。\n\n今天天气很好。"},
+                               {"role": "assistant", "content": "The weather is lovely today."}]
+    assert hh[1] == {"role": "assistant", "content": "Two to three minutes at about 80 °C."}
+    assert "holds no conversation" in rows[5][7] and "'narrator'" in rows[6][7]
 
 
 def test_column_and_role_mapping_from_config(plane):

@@ -17,7 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.core import storage
 
-Format = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "preference"]
+Format = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference"]
 # The fields a file's columns can be mapped onto (what tasks/data/formats.py reads).
 OurField = Literal["instruction", "input", "output", "system", "history", "conversations", "messages", "prompt",
                    "chosen", "rejected", "chosen_messages", "rejected_messages", "responses", "tools", "functions",

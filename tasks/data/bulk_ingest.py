@@ -84,8 +84,10 @@ LAYOUTS = {
     "preference_turns": ("preference", {"conversations": TURNS, "chosen": TURN, "rejected": TURN}, {"system": TEXT}),
     "preference_text": ("preference", {"prompt": TEXT, "chosen": TEXT, "rejected": TEXT}, {"system": TEXT}),
 }
+# Not here: `text` and `completion`, which steer detection only where none of these layouts matches (a rendered
+# `text` beside the Alpaca fields, as the original Alpaca release has, is ignored on both paths).
 STEERING = {"instruction", "input", "output", "system", "history", "tools", "functions", "conversations", "messages",
-            "chosen", "rejected", "chosen_messages", "rejected_messages", "responses", "prompt", "completion", "label"}
+            "chosen", "rejected", "chosen_messages", "rejected_messages", "responses", "prompt", "label"}
 
 
 class Layout(NamedTuple):

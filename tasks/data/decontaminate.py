@@ -41,7 +41,7 @@ class Part:
 
 def item_parts(record: object, fmt: str | None) -> list[tuple[str, str]]:
     """(part name, text) of one benchmark record; empty when it has no text we can read."""
-    if isinstance(record, dict) and fmt is None and isinstance(record.get("text"), str):
+    if isinstance(record, dict) and fmt in (None, "text") and isinstance(record.get("text"), str):
         return [("text", record["text"])]
     try:
         parsed = formats.normalize(record, fmt)

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "preference")
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference")
 
 # Speakers and their common aliases (ShareGPT `from`, OpenAI `role`, LLaMA-Factory's tool tags).
 ROLE_ALIASES = {
@@ -75,6 +75,8 @@ def detect(record: dict) -> str | None:
         return "messages"
     if "instruction" in keys and "output" in keys:
         return "alpaca"
+    if "text" in keys:
+        return "text"
     return None
 
 
@@ -389,6 +391,56 @@ def transcript(text: Any, field: str, prompt: bool = False) -> list[dict]:
     return msgs
 
 
+# ------------------------------------------------------------------ a conversation rendered into one text field
+# Datasets published for trainers that take one `text` column carry the conversation already rendered: guanaco's
+# "### Human: … ### Assistant: …", the Alpaca prompt template ("### Instruction: … ### Response: …"), Llama 2's "<s>[INST] <<SYS>>…<</SYS>> … [/INST] … </s>", ChatML's
+# "<|im_start|>role\n…<|im_end|>", or an HH transcript. The turns are read back out, so they are cleaned, deduplicated
+# and rendered with the training model's own template like every other row.
+_GUANACO = re.compile(r"###\s*(Human|Assistant)\s*:")
+_CHATML = re.compile(r"<\|im_start\|>\s*(\w+)[^\S\n]*\n?(.*?)\s*(?:<\|im_end\|>|(?=<\|im_start\|>)|\Z)", re.S)
+_LLAMA2 = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?=(?:<s>)?\s*\[INST\]|\Z)", re.S)
+_LLAMA2_SYSTEM = re.compile(r"^\s*<<SYS>>(.*?)<</SYS>>", re.S)
+_ALPACA_TEXT = re.compile(r"### Instruction:\s*(.*?)\s*(?:### Input:\s*(.*?)\s*)?### Response:\s*(.*)", re.S)
+
+
+def text_turns(text: Any, field: str = "text") -> list[dict]:
+    """The turns of a conversation rendered as text in one of the styles above; RecordError when it is none."""
+    text = _text(text, field)
+    if is_transcript(text):
+        return transcript(text, field)
+    if _GUANACO.search(text):
+        pieces = _GUANACO.split(text)
+        if pieces[0].strip():
+            raise RecordError("unparseable_transcript", f"{field}: text before the first '### Human:' turn")
+        return [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+                for who, said in zip(pieces[1::2], pieces[2::2])]
+    if "<|im_start|>" in text:
+        turns = [{"role": ROLE_ALIASES.get(role.lower(), role), "content": said.strip()}
+                 for role, said in _CHATML.findall(text)]
+        unknown = [t["role"] for t in turns if t["role"] not in ("system", "user", "assistant", "tool")]
+        if unknown:
+            raise RecordError("unsupported_role", f"{field}: ChatML role {unknown[0]!r}")
+        return turns
+    if alpaca_text := _ALPACA_TEXT.search(text):  # the Alpaca prompt template; its preamble is template, not data
+        instruction, extra, answer = (g.strip() if g else "" for g in alpaca_text.groups())
+        return [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
+                {"role": "assistant", "content": answer}]
+    if "[INST]" in text:
+        msgs = []
+        for user, answer in _LLAMA2.findall(text.replace("</s>", "")):
+            system = _LLAMA2_SYSTEM.match(user)
+            if system and not msgs:
+                msgs.append({"role": "system", "content": system.group(1).strip()})
+                user = user[system.end():]
+            msgs.append({"role": "user", "content": user.strip()})
+            if answer.strip():
+                msgs.append({"role": "assistant", "content": answer.strip()})
+        return msgs
+    raise RecordError("unparseable_transcript", f"{field} holds no conversation (no 'Human:', '### Human:', '### "
+                      f"Instruction:', '[INST]' or '<|im_start|>' turns; plain text is not a training example here): "
+                      f"{text[:60]!r}")
+
+
 # ------------------------------------------------------------------ formats
 def _with_system(record: dict, msgs: list[dict]) -> list[dict]:
     system = record.get("system")
@@ -461,6 +513,11 @@ def _labelled(record: dict, msgs: list[dict], tools: list[dict] | None) -> Parse
     if not isinstance(record["label"], bool):
         raise RecordError("wrong_type", f"label must be true or false, got {record['label']!r}")
     return Parsed("feedback", msgs, None, tools, label=record["label"])
+
+
+def text(record: dict) -> Parsed:
+    _require(record, "text")
+    return Parsed("sft", _with_system(record, text_turns(record["text"])), None, None)
 
 
 def _answer(msg: dict, field: str) -> str:
@@ -549,7 +606,7 @@ def preference(record: dict) -> Parsed:
 
 
 NORMALIZERS = {"alpaca": alpaca, "sharegpt": sharegpt, "messages": messages, "prompt_completion": prompt_completion,
-               "preference": preference}
+               "text": text, "preference": preference}
 
 
 def normalize(record: Any, fmt: str | None) -> Parsed:
