@@ -232,10 +232,11 @@ RENDERED_TEXT = [  # one `text` column holding the conversation already rendered
              "<s>[INST] 那么十三乘以十三呢？ [/INST] 一百六十九。 </s>"},
     {"text": "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n<|im_start|>user\nName a prime number above "
              "90.<|im_end|>\n<|im_start|>assistant\n97 is prime.<|im_end|>\n"},
-    {"text": "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
-             "response that appropriately completes the request.\n\n### Instruction:\n把下面的句子翻译成英文。\n\n"
+    {"text": "Below is an instruction that describes a task, paired with an input that provides further context. "
+             "Write a response that appropriately completes the request.\n\n### Instruction:\n把下面的句子翻译成英文。\n\n"
              "### Input:\n今天天气很好。\n\n### Response:\nThe weather is lovely today."},
     {"text": "\n\nHuman: How long should I steep green tea?\n\nAssistant: Two to three minutes at about 80 °C."},
+    {"text": "<s>Human: 绿茶应该泡多久？\n</s><s>Assistant: 大约两到三分钟，水温八十度左右。\n</s>"},
     # Malformed: plain prose; a ChatML role no chat has.
     {"text": "The mitochondria is the powerhouse of the cell, and this sentence is not a conversation."},
     {"text": "<|im_start|>narrator\nOnce upon a time<|im_end|>\n<|im_start|>assistant\nThe end.<|im_end|>"},
@@ -266,7 +267,7 @@ EXPECTED_REASONS = {  # (file, 1-based row) -> reason; every other row is accept
     ("preference_tools", 4): "orphan_tool_result", ("preference_tools", 5): "unsupported_content",
     ("prompt_completion", 6): "wrong_role_order", ("prompt_completion", 7): "wrong_type",
     ("prompt_completion", 8): "missing_field",
-    ("rendered_text", 6): "unparseable_transcript", ("rendered_text", 7): "unsupported_role",
+    ("rendered_text", 7): "unparseable_transcript", ("rendered_text", 8): "unsupported_role",
 }
 
 
@@ -353,7 +354,7 @@ def test_clean_stores_no_dedup_text_the_turns_spell_out(plane):
     # clean_results keeps its own dedup_text only where the view's conversation_text of the turns would differ from
     # clean's (sql/views.sql); over every layout here, reasoning, tool calls and results included, it never does.
     stored, rows = query(plane, "SELECT count(dedup_text), count(*) FROM clean_results")[0]
-    assert (rows, stored) == (34, 0)
+    assert (rows, stored) == (35, 0)
     tools = query(plane, "SELECT c.dedup_text FROM clean_rows c WHERE c.source = 'openai_tools' ORDER BY row_seq")
     assert 'get_forecast({"city":"Berlin","days":1})' in tools[0][0]
 
@@ -439,8 +440,8 @@ def test_prompt_completion_rows_are_sft_or_kto_feedback(plane):
 
 def test_conversations_rendered_into_one_text_field_are_read_back_into_turns(plane):
     rows = _parsed(plane, "rendered_text")
-    assert all(kind == "sft" for _, kind, *__ in rows[:5])
-    guanaco, llama2, chatml, alpaca_template, hh = (r[2] for r in rows[:5])
+    assert all(kind == "sft" for _, kind, *__ in rows[:6])
+    guanaco, llama2, chatml, alpaca_template, hh, hh_in_bos_eos = (r[2] for r in rows[:6])
     assert [m["role"] for m in guanaco] == ["user", "assistant", "user", "assistant"]
     assert guanaco[3]["content"].startswith("The buyer can push prices")
     assert llama2 == [{"role": "system", "content": "你是一位耐心的数学老师。"},
@@ -454,7 +455,9 @@ def test_conversations_rendered_into_one_text_field_are_read_back_into_turns(pla
     assert alpaca_template == [{"role": "user", "content": "把下面的句子翻译成英文。\n\n今天天气很好。"},
                                {"role": "assistant", "content": "The weather is lovely today."}]
     assert hh[1] == {"role": "assistant", "content": "Two to three minutes at about 80 °C."}
-    assert "holds no conversation" in rows[5][7] and "'narrator'" in rows[6][7]
+    assert hh_in_bos_eos == [{"role": "user", "content": "绿茶应该泡多久？"},
+                             {"role": "assistant", "content": "大约两到三分钟，水温八十度左右。"}]
+    assert "holds no conversation" in rows[6][7] and "'narrator'" in rows[7][7]
 
 
 def test_column_and_role_mapping_from_config(plane):

@@ -393,9 +393,10 @@ def transcript(text: Any, field: str, prompt: bool = False) -> list[dict]:
 
 # ------------------------------------------------------------------ a conversation rendered into one text field
 # Datasets published for trainers that take one `text` column carry the conversation already rendered: guanaco's
-# "### Human: … ### Assistant: …", the Alpaca prompt template ("### Instruction: … ### Response: …"), Llama 2's "<s>[INST] <<SYS>>…<</SYS>> … [/INST] … </s>", ChatML's
-# "<|im_start|>role\n…<|im_end|>", or an HH transcript. The turns are read back out, so they are cleaned, deduplicated
-# and rendered with the training model's own template like every other row.
+# "### Human: … ### Assistant: …", the Alpaca prompt template ("### Instruction: … ### Response: …"), Llama 2's
+# "<s>[INST] <<SYS>>…<</SYS>> … [/INST] … </s>", ChatML's "<|im_start|>role\n…<|im_end|>", or an HH transcript (also
+# one turn per "<s>…</s>"). The turns are read back out, so they are cleaned, deduplicated and rendered with the
+# training model's own template like every other row.
 _GUANACO = re.compile(r"###\s*(Human|Assistant)\s*:")
 _CHATML = re.compile(r"<\|im_start\|>\s*(\w+)[^\S\n]*\n?(.*?)\s*(?:<\|im_end\|>|(?=<\|im_start\|>)|\Z)", re.S)
 _LLAMA2 = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?=(?:<s>)?\s*\[INST\]|\Z)", re.S)
@@ -406,8 +407,9 @@ _ALPACA_TEXT = re.compile(r"### Instruction:\s*(.*?)\s*(?:### Input:\s*(.*?)\s*)
 def text_turns(text: Any, field: str = "text") -> list[dict]:
     """The turns of a conversation rendered as text in one of the styles above; RecordError when it is none."""
     text = _text(text, field)
-    if is_transcript(text):
-        return transcript(text, field)
+    unmarked = re.sub(r"</?s>", "\n", text)  # "<s>Human: …</s><s>Assistant: …</s>" (Llama2-Chinese and the like)
+    if is_transcript(unmarked):
+        return transcript(unmarked, field)
     if _GUANACO.search(text):
         pieces = _GUANACO.split(text)
         if pieces[0].strip():
