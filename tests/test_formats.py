@@ -1,6 +1,6 @@
 """Public layouts go in unmodified: HH-RLHF transcripts, content-part arrays, whole-conversation preference under
 other names, OpenAI and ShareGPT tool calling, TRL's prompt-completion (with label: KTO), conversations rendered into
-one text field, column / role mapping. English and Chinese rows in each layout, with a
+one text field, Alpaca's fields under other datasets' names, column / role mapping. English and Chinese rows in each layout, with a
 malformed variant of each that is rejected with its reason; every file keeps raw = accepted + rejected + duplicate."""
 
 from __future__ import annotations
@@ -241,6 +241,22 @@ RENDERED_TEXT = [  # one `text` column holding the conversation already rendered
     {"text": "The mitochondria is the powerhouse of the cell, and this sentence is not a conversation."},
     {"text": "<|im_start|>narrator\nOnce upon a time<|im_end|>\n<|im_start|>assistant\nThe end.<|im_end|>"},
 ]
+INSTRUCTION_NAMES = [  # Alpaca's fields under the names other instruction datasets use
+    {"instruction": "When did Virgin Australia start operating?", "category": "closed_qa",
+     "context": "Virgin Australia commenced services on 31 August 2000 as Virgin Blue, with two aircraft on a single "
+                "route.", "response": "On 31 August 2000, as Virgin Blue."},
+    {"id": "niv.242684", "system_prompt": "You are an AI assistant that helps people find information.",
+     "question": "Translate to French: The library opens at nine.", "response": "La bibliothèque ouvre à neuf heures."},
+    {"query": "James buys 5 packs of beef that are 4 pounds each at $5.50 a pound. How much did he pay?",
+     "response": "He bought 5 * 4 = 20 pounds, so he paid 20 * 5.5 = $110. The answer is: 110", "type": "GSM_SV"},
+    {"question": "小明有三个苹果，又买了两个，现在一共有几个？", "answer": "3 + 2 = 5，一共有五个苹果。\n#### 5"},
+    {"instruction": "Summarise the passage.", "context": "A passage.", "response": None},  # malformed: no answer
+]
+ORCA_PAIRS = [  # Intel/orca_dpo_pairs style: system / question / chosen / rejected
+    {"system": "You are a helpful assistant.", "question": "Is a tomato a fruit or a vegetable?",
+     "chosen": "Botanically a fruit (a berry); in cooking it is treated as a vegetable.", "rejected": "A vegetable."},
+    {"system": "", "question": "水的沸点是多少？", "chosen": "在标准大气压下是一百摄氏度。", "rejected": "五十度。"},
+]
 FAQ = [{"question": "How do I reset my router?", "answer": "Hold the reset button for ten seconds.", "category": "net"},
        {"question": "路由器指示灯一直闪烁怎么办？", "answer": "请先重启路由器，再检查网线是否插好。", "category": "net"}]
 SUPPORT_CHATS = [{"dialog": [{"speaker": "customer", "text": "My package arrived damaged."},
@@ -255,7 +271,8 @@ FILES = {"hh_rlhf.jsonl": HH, "hh_prompt.jsonl": HH_PROMPT, "content_parts.jsonl
          "sharegpt_parts.json": SHAREGPT_PARTS, "whole_conversations.jsonl": WHOLE_CONVERSATIONS,
          "openai_tools.jsonl": OPENAI_TOOLS, "sharegpt_tools.json": SHAREGPT_TOOLS,
          "preference_tools.jsonl": PREFERENCE_TOOLS, "prompt_completion.jsonl": PROMPT_COMPLETION,
-         "rendered_text.jsonl": RENDERED_TEXT, "faq_support.jsonl": FAQ,
+         "rendered_text.jsonl": RENDERED_TEXT, "instruction_names.jsonl": INSTRUCTION_NAMES,
+         "orca_pairs.jsonl": ORCA_PAIRS, "faq_support.jsonl": FAQ,
          "support_chats.jsonl": SUPPORT_CHATS}
 EXPECTED_REASONS = {  # (file, 1-based row) -> reason; every other row is accepted
     ("hh_rlhf", 6): "unparseable_transcript", ("hh_rlhf", 7): "unparseable_transcript",
@@ -268,6 +285,7 @@ EXPECTED_REASONS = {  # (file, 1-based row) -> reason; every other row is accept
     ("prompt_completion", 6): "wrong_role_order", ("prompt_completion", 7): "wrong_type",
     ("prompt_completion", 8): "missing_field",
     ("rendered_text", 7): "unparseable_transcript", ("rendered_text", 8): "unsupported_role",
+    ("instruction_names", 5): "missing_field",
 }
 
 
@@ -354,7 +372,7 @@ def test_clean_stores_no_dedup_text_the_turns_spell_out(plane):
     # clean_results keeps its own dedup_text only where the view's conversation_text of the turns would differ from
     # clean's (sql/views.sql); over every layout here, reasoning, tool calls and results included, it never does.
     stored, rows = query(plane, "SELECT count(dedup_text), count(*) FROM clean_results")[0]
-    assert (rows, stored) == (35, 0)
+    assert (rows, stored) == (41, 0)
     tools = query(plane, "SELECT c.dedup_text FROM clean_rows c WHERE c.source = 'openai_tools' ORDER BY row_seq")
     assert 'get_forecast({"city":"Berlin","days":1})' in tools[0][0]
 
@@ -458,6 +476,22 @@ def test_conversations_rendered_into_one_text_field_are_read_back_into_turns(pla
     assert hh_in_bos_eos == [{"role": "user", "content": "绿茶应该泡多久？"},
                              {"role": "assistant", "content": "大约两到三分钟，水温八十度左右。"}]
     assert "holds no conversation" in rows[6][7] and "'narrator'" in rows[7][7]
+
+
+def test_instruction_datasets_under_other_field_names(plane):
+    dolly, orca, metamath, zh_qa, broken = (r[2] for r in _parsed(plane, "instruction_names"))
+    assert dolly[0]["content"] == ("When did Virgin Australia start operating?\n\n" +
+                                   INSTRUCTION_NAMES[0]["context"])  # the context is the Alpaca input
+    assert dolly[1] == {"role": "assistant", "content": "On 31 August 2000, as Virgin Blue."}
+    assert [m["role"] for m in orca] == ["system", "user", "assistant"]
+    assert orca[0]["content"].startswith("You are an AI assistant")
+    assert metamath[1]["content"].endswith("The answer is: 110")
+    assert zh_qa[0] == {"role": "user", "content": "小明有三个苹果，又买了两个，现在一共有几个？"}
+    tomato, water = _parsed(plane, "orca_pairs")
+    assert tomato[1:4] == ("preference", [{"role": "system", "content": "You are a helpful assistant."},
+                                          {"role": "user", "content": "Is a tomato a fruit or a vegetable?"}],
+                           [ORCA_PAIRS[0]["chosen"], "A vegetable."])
+    assert water[2] == [{"role": "user", "content": "水的沸点是多少？"}]  # an empty system prompt is no turn
 
 
 def test_column_and_role_mapping_from_config(plane):

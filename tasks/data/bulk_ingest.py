@@ -87,7 +87,8 @@ LAYOUTS = {
 # Not here: `text` and `completion`, which steer detection only where none of these layouts matches (a rendered
 # `text` beside the Alpaca fields, as the original Alpaca release has, is ignored on both paths).
 STEERING = {"instruction", "input", "output", "system", "history", "tools", "functions", "conversations", "messages",
-            "chosen", "rejected", "chosen_messages", "rejected_messages", "responses", "prompt", "label"}
+            "chosen", "rejected", "chosen_messages", "rejected_messages", "responses", "prompt", "label",
+            "question", "query", "response", "answer", "context", "system_prompt"}  # Alpaca's other names
 
 
 class Layout(NamedTuple):

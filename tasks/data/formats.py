@@ -37,6 +37,13 @@ ROLE_ALIASES = {
     "function_call": "function_call",  # ShareGPT: an assistant turn whose value is the call as JSON
 }
 
+# Alpaca's fields, and the names other instruction datasets give them (Dolly: instruction / context / response,
+# OpenOrca: system_prompt / question / response, MetaMathQA: query / response, plain QA: question / answer).
+PROMPT_FIELDS = ("instruction", "question", "query")
+ANSWER_FIELDS = ("output", "response", "answer")
+CONTEXT_FIELDS = ("input", "context")
+SYSTEM_FIELDS = ("system", "system_prompt")
+
 # Content-part types (OpenAI chat and Responses, Anthropic): what each becomes.
 TEXT_PARTS = {"text", "input_text", "output_text", "refusal"}
 REASONING_PARTS = {"reasoning", "thinking"}
@@ -73,7 +80,7 @@ def detect(record: dict) -> str | None:
         return "sharegpt"
     if "messages" in keys:
         return "messages"
-    if "instruction" in keys and "output" in keys:
+    if keys & set(PROMPT_FIELDS) and keys & set(ANSWER_FIELDS):
         return "alpaca"
     if "text" in keys:
         return "text"
@@ -444,23 +451,31 @@ def text_turns(text: Any, field: str = "text") -> list[dict]:
 
 
 # ------------------------------------------------------------------ formats
+def _field(record: dict, names: tuple[str, ...]) -> str:
+    """The first of `names` the record has a value for (else the first name, so errors name Alpaca's field)."""
+    return next((n for n in names if record.get(n) is not None), names[0])
+
+
 def _with_system(record: dict, msgs: list[dict]) -> list[dict]:
-    system = record.get("system")
+    field = _field(record, SYSTEM_FIELDS)
+    system = record.get(field)
     if system and not (msgs and msgs[0]["role"] == "system"):
-        msgs.insert(0, {"role": "system", "content": _text(system, "system")})
+        msgs.insert(0, {"role": "system", "content": _text(system, field)})
     return msgs
 
 
 def _alpaca_prompt(record: dict) -> list[dict]:
-    _require(record, "instruction")
+    field = _field(record, PROMPT_FIELDS)
+    _require(record, field)
     msgs = _with_system(record, [])
     for i, pair in enumerate(_as_list(record.get("history") or [], "history")):
         if not isinstance(pair, list) or len(pair) != 2:
             raise RecordError("wrong_type", f"history[{i}] must be a [user, assistant] pair")
         msgs.append({"role": "user", "content": _text(pair[0], f"history[{i}][0]")})
         msgs.append({"role": "assistant", "content": _text(pair[1], f"history[{i}][1]")})
-    instruction = _text(record["instruction"], "instruction")
-    extra = _text(record.get("input"), "input", optional=True)
+    instruction = _text(record[field], field)
+    context = _field(record, CONTEXT_FIELDS)
+    extra = _text(record.get(context), context, optional=True)
     msgs.append({"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction})
     return msgs
 
@@ -472,8 +487,9 @@ def _tools(record: dict) -> list[dict] | None:
 
 
 def alpaca(record: dict) -> Parsed:
-    _require(record, "instruction", "output")
-    msgs = _alpaca_prompt(record) + [{"role": "assistant", "content": _text(record["output"], "output")}]
+    answer = _field(record, ANSWER_FIELDS)
+    _require(record, _field(record, PROMPT_FIELDS), answer)
+    msgs = _alpaca_prompt(record) + [{"role": "assistant", "content": _text(record[answer], answer)}]
     return Parsed("sft", msgs, None, _tools(record))
 
 
@@ -567,7 +583,7 @@ def _explicit_prompt(record: dict) -> list[dict]:
         return _messages(record["conversations"], "conversations")
     if "messages" in record:
         return _messages(record["messages"], "messages")
-    if "instruction" in record:
+    if any(record.get(k) is not None for k in PROMPT_FIELDS):
         return _alpaca_prompt(record)
     return []
 
@@ -587,7 +603,7 @@ def preference(record: dict) -> Parsed:
     names = ("chosen", "rejected") if "chosen" in record else ("chosen_messages", "rejected_messages")
     _require(record, *names)
     raw_chosen, raw_rejected = record[names[0]], record[names[1]]
-    explicit = record.get("prompt") is not None or any(k in record for k in ("conversations", "instruction"))
+    explicit = record.get("prompt") is not None or any(k in record for k in ("conversations", *PROMPT_FIELDS))
     if isinstance(raw_chosen, str) and isinstance(raw_rejected, str) and not explicit and "messages" not in record:
         # No prompt anywhere: the strings are whole HH-style transcripts.
         chosen, rejected = transcript(raw_chosen, names[0]), transcript(raw_rejected, names[1])
@@ -603,7 +619,8 @@ def preference(record: dict) -> Parsed:
     else:
         prompt = _explicit_prompt(record)
     if not prompt:
-        raise RecordError("missing_field", "no prompt: expected prompt, conversations, messages or instruction")
+        raise RecordError("missing_field", "no prompt: expected prompt, conversations, messages, instruction or "
+                          "question")
     return Parsed("preference", _with_system(record, prompt), [chosen, rejected], tools)
 
 
