@@ -85,12 +85,12 @@ ROWS = [
     ("What is the capital of France?", "The capital of France is Paris."),
     ("解释一下光合作用。", "光合作用是植物利用光能把二氧化碳和水转化为有机物并释放氧气的过程。"),
 ]
-BENCHMARK = [
-    {"instruction": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
+BENCHMARK = [  # GSM8K's own field names
+    {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
      "May. How many clips did Natalia sell altogether in April and May?",
-     "output": "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in April and May."},
-    {"instruction": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
-     "How much did she earn?", "output": "Weng earns 12/60 = $0.2 per minute. She earned 0.2 x 50 = $10."},
+     "answer": "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in April and May."},
+    {"question": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
+     "How much did she earn?", "answer": "Weng earns 12/60 = $0.2 per minute. She earned 0.2 x 50 = $10."},
 ]
 
 
