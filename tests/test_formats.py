@@ -252,6 +252,15 @@ INSTRUCTION_NAMES = [  # Alpaca's fields under the names other instruction datas
     {"question": "小明有三个苹果，又买了两个，现在一共有几个？", "answer": "3 + 2 = 5，一共有五个苹果。\n#### 5"},
     {"instruction": "Summarise the passage.", "context": "A passage.", "response": None},  # malformed: no answer
 ]
+LMSYS_CHATS = [  # LMSYS-Chat-1M / WildChat: `conversation` (singular) of role / content turns among other fields
+    {"conversation_id": "c1a7", "model": "vicuna-13b", "turn": 1, "language": "English", "redacted": False,
+     "conversation": [{"role": "user", "content": "Write a haiku about autumn rain."},
+                      {"role": "assistant", "content": "Cold rain on red leaves / the gutter hums all evening / "
+                                                       "tea steam on the glass"}]},
+    {"conversation_id": "9be2", "model": "chatglm-6b", "turn": 1, "language": "Chinese", "redacted": False,
+     "conversation": [{"role": "user", "content": "用三个词形容秋天。", "timestamp": None},
+                      {"role": "assistant", "content": "凉爽、金黄、丰收。", "timestamp": None}]},
+]
 ORCA_PAIRS = [  # Intel/orca_dpo_pairs style: system / question / chosen / rejected
     {"system": "You are a helpful assistant.", "question": "Is a tomato a fruit or a vegetable?",
      "chosen": "Botanically a fruit (a berry); in cooking it is treated as a vegetable.", "rejected": "A vegetable."},
@@ -272,7 +281,7 @@ FILES = {"hh_rlhf.jsonl": HH, "hh_prompt.jsonl": HH_PROMPT, "content_parts.jsonl
          "openai_tools.jsonl": OPENAI_TOOLS, "sharegpt_tools.json": SHAREGPT_TOOLS,
          "preference_tools.jsonl": PREFERENCE_TOOLS, "prompt_completion.jsonl": PROMPT_COMPLETION,
          "rendered_text.jsonl": RENDERED_TEXT, "instruction_names.jsonl": INSTRUCTION_NAMES,
-         "orca_pairs.jsonl": ORCA_PAIRS, "faq_support.jsonl": FAQ,
+         "orca_pairs.jsonl": ORCA_PAIRS, "lmsys_chats.jsonl": LMSYS_CHATS, "faq_support.jsonl": FAQ,
          "support_chats.jsonl": SUPPORT_CHATS}
 EXPECTED_REASONS = {  # (file, 1-based row) -> reason; every other row is accepted
     ("hh_rlhf", 6): "unparseable_transcript", ("hh_rlhf", 7): "unparseable_transcript",
@@ -372,7 +381,7 @@ def test_clean_stores_no_dedup_text_the_turns_spell_out(plane):
     # clean_results keeps its own dedup_text only where the view's conversation_text of the turns would differ from
     # clean's (sql/views.sql); over every layout here, reasoning, tool calls and results included, it never does.
     stored, rows = query(plane, "SELECT count(dedup_text), count(*) FROM clean_results")[0]
-    assert (rows, stored) == (41, 0)
+    assert (rows, stored) == (43, 0)
     tools = query(plane, "SELECT c.dedup_text FROM clean_rows c WHERE c.source = 'openai_tools' ORDER BY row_seq")
     assert 'get_forecast({"city":"Berlin","days":1})' in tools[0][0]
 
@@ -478,7 +487,7 @@ def test_conversations_rendered_into_one_text_field_are_read_back_into_turns(pla
     assert "holds no conversation" in rows[6][7] and "'narrator'" in rows[7][7]
 
 
-def test_instruction_datasets_under_other_field_names(plane):
+def test_instruction_datasets_and_chats_under_other_field_names(plane):
     dolly, orca, metamath, zh_qa, broken = (r[2] for r in _parsed(plane, "instruction_names"))
     assert dolly[0]["content"] == ("When did Virgin Australia start operating?\n\n" +
                                    INSTRUCTION_NAMES[0]["context"])  # the context is the Alpaca input
@@ -492,6 +501,9 @@ def test_instruction_datasets_under_other_field_names(plane):
                                           {"role": "user", "content": "Is a tomato a fruit or a vegetable?"}],
                            [ORCA_PAIRS[0]["chosen"], "A vegetable."])
     assert water[2] == [{"role": "user", "content": "水的沸点是多少？"}]  # an empty system prompt is no turn
+    haiku, autumn = (r[2] for r in _parsed(plane, "lmsys_chats"))
+    assert [m["role"] for m in haiku] == ["user", "assistant"] and haiku[1]["content"].startswith("Cold rain")
+    assert autumn == [{"role": "user", "content": "用三个词形容秋天。"}, {"role": "assistant", "content": "凉爽、金黄、丰收。"}]
 
 
 def test_column_and_role_mapping_from_config(plane):

@@ -88,7 +88,8 @@ LAYOUTS = {
 # `text` beside the Alpaca fields, as the original Alpaca release has, is ignored on both paths).
 STEERING = {"instruction", "input", "output", "system", "history", "tools", "functions", "conversations", "messages",
             "chosen", "rejected", "chosen_messages", "rejected_messages", "responses", "prompt", "label",
-            "question", "query", "response", "answer", "context", "system_prompt"}  # Alpaca's other names
+            "question", "query", "response", "answer", "context", "system_prompt",  # Alpaca's other names
+            "conversation"}
 
 
 class Layout(NamedTuple):

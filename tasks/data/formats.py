@@ -76,7 +76,7 @@ def detect(record: dict) -> str | None:
         return "preference"  # ranked answers, best first
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
-    if "conversations" in keys:
+    if "conversations" in keys or "conversation" in keys:  # the singular: LMSYS-Chat-1M, WildChat
         return "sharegpt"
     if "messages" in keys:
         return "messages"
@@ -95,7 +95,7 @@ def detect_file_format(records: list[Any], sample: int = 200) -> str | None:
 
 
 # ------------------------------------------------------------------ column and role mapping
-TURN_FIELDS = ("conversations", "messages", "prompt", "chosen", "rejected", "chosen_messages", "rejected_messages")
+TURN_FIELDS = ("conversations", "conversation", "messages", "prompt", "chosen", "rejected", "chosen_messages", "rejected_messages")
 
 
 def apply_mapping(record: dict, columns: dict[str, str], role_key: str | None = None,
@@ -494,8 +494,9 @@ def alpaca(record: dict) -> Parsed:
 
 
 def sharegpt(record: dict) -> Parsed:
-    _require(record, "conversations")
-    return Parsed("sft", _with_system(record, _messages(record["conversations"], "conversations")), None,
+    field = "conversations" if "conversations" in record else "conversation"
+    _require(record, field)
+    return Parsed("sft", _with_system(record, _messages(record[field], field)), None,
                   _tools(record))
 
 
