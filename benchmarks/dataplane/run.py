@@ -11,6 +11,12 @@ order, the way `sftpipe run` calls them without Prefect; per stage it records wa
 every writer, so it is the stage's upload bytes) plus any other file the stage published under the root (MinHash
 signature shards). Dedup precision/recall are scored on the generator's ground truth with the dedup benchmark's
 metrics (benchmarks/dedup/metrics.py); rows rejected before dedup count as their own cluster.
+
+Side by side, in the same run after ours: datatrove's nearest equivalent on the same file (datatrove_peer.py: its
+JsonlReader, a LambdaFilter with our clean rules that apply, its PII formatter, its four MinHash stages at our
+banding, JsonlWriter), from its own virtualenv (--datatrove NAME=PYTHON, repeatable; a missing one is skipped and
+said so), its whole process tree's peak RSS, and its dedup precision/recall scored the same way on the rows it
+wrote (kept and removed, with its cluster ids).
 """
 
 from __future__ import annotations
@@ -30,11 +36,14 @@ import psutil
 from benchmarks.common import OUT, machine, run_measured, write_results
 from benchmarks.dedup import corpus as dedup_corpus
 from benchmarks.dedup.metrics import quality as cluster_quality
+from tasks.data.minhash import lsh_params
 
 CORPUS = OUT / "dataplane"
 STAGES = ("ingest", "clean", "quality", "signatures", "dedup", "split")
 ZH_SHARE = 0.2
 MALFORMED_SHARE = 0.005
+PEER = Path(__file__).resolve().parent / "datatrove_peer.py"
+DATATROVE = "datatrove=/work/bench-venvs/datatrove/bin/python"
 
 
 def _alpaca(text: str, lang: str) -> dict:
@@ -163,6 +172,73 @@ def _score(members: pl.DataFrame, truth: pl.DataFrame) -> dict:
     return cluster_quality(joined, predicted, 0.8)
 
 
+def datatrove(name: str, python: str, data: Path, truth: Path, rows: int, language: str) -> dict | None:
+    """datatrove's pipeline on the same file in a fresh process tree: its stage times, peak RSS, dedup quality."""
+    if not Path(python).exists():
+        print(f"{name}: {python} not installed, skipped", flush=True)
+        return None
+    bands, band_rows = lsh_params(0.8, 128)
+    members_path = CORPUS / f"{name}_members_{rows}.json"
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    out, wall, rss = run_measured([python, str(PEER), "--input", str(data), "--work", str(CORPUS / f"{name}_{rows}"),
+                                   "--buckets", str(bands), "--rows", str(band_rows), "--language", language,
+                                   "--members", str(members_path)])
+    pairs = json.loads(members_path.read_text())
+    members = pl.DataFrame(pairs, schema={"row_number": pl.Int64, "cluster": pl.Int64}, orient="row").select(
+        "row_number", pl.when(pl.col("cluster") >= 0).then(pl.format("dt{}", "cluster")).alias("cluster_id"))
+    return {"name": name, "python": python, **out, "process_wall_s": wall, "process_peak_rss_gib": rss / 2**30,
+            "dedup_quality": _score(members, pl.read_parquet(truth)), "load_avg_before": load_before,
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def plain_text_quality(data: Path, truth: Path) -> dict:
+    """Diagnostic, quality only: our MinHash (tasks.data.minhash, the dedup stage's settings and exact confirmation)
+    on the text datatrove deduplicates, "instruction\ninput\noutput" without our role labels, every true document."""
+    from benchmarks.dedup.methods import ours as ours_minhash
+
+    t = pl.read_parquet(truth).sort("doc_id")
+    lines = data.read_text(encoding="utf-8").split("\n")
+    rows = [json.loads(lines[n - 1]) for n in t["line"]]
+    texts = [r["instruction"] + ("\n" + r["input"] if r["input"] else "") + "\n" + r["output"] for r in rows]
+    labels, _ = ours_minhash(texts)
+    return cluster_quality(t, labels, 0.8)
+
+
+def side_by_side(result: dict, peers: list[dict]) -> list[str]:
+    """One table: ours and each datatrove run, end to end, peak RSS, dedup quality."""
+    ours_s = sum(s["seconds"] for s in result["stages"])
+    no_lid = ours_s - result.get("language_id_s", 0.0)
+    lines = ["", "## Side by side with datatrove (same input file, same run)", "",
+             "| pipeline | stages (s) | end to end s | process wall s | peak RSS GiB | × ours | × ours without "
+             "language ID | removed as duplicates | precision | recall J≥0.8 | recall all injected | merged J<0.8 | "
+             "hard neg. merged |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def row(label, stages, total, wall, rss, q):
+        ratio = f"{total / ours_s:.2f}×" if label != "ours" else "1.00×"
+        ratio_lid = f"{total / no_lid:.2f}×" if label != "ours" else "–"
+        return (f"| {label} | {stages} | **{total:.1f}** | {wall:.1f} | {rss:.2f} | {ratio} | {ratio_lid} | "
+                f"{q['removed_docs']:,} | {q['precision']:.4f} | {q['recall_eligible']:.4f} | {q['recall_all']:.4f} | "
+                f"{q['merged_below']:.4f} | {q['hard_negatives_merged']:.4f} |")
+
+    lines.append(row("ours", " · ".join(f"{s['stage']} {s['seconds']:.1f}" for s in result["stages"]), ours_s,
+                     result["process_wall_s"], result["process_peak_rss_gib"], result["dedup_quality"]))
+    for p in peers:
+        v = p["versions"]
+        label = f"{p['name']} {v['datatrove']} (spaCy {v['spacy']}, tokenizer {p['language']})"
+        lines.append(row(label, " · ".join(f"{k} {t:.1f}" for k, t in p["stages"].items()), p["total_s"],
+                         p["process_wall_s"], p["process_peak_rss_gib"], p["dedup_quality"]))
+    if result.get("plain_text_quality"):
+        q = result["plain_text_quality"]
+        lines.append(f"| *diagnostic: our MinHash alone on datatrove's text (no role labels), quality only* | – | – | "
+                     f"– | – | – | – | {q['removed_docs']:,} | {q['precision']:.4f} | {q['recall_eligible']:.4f} | "
+                     f"{q['recall_all']:.4f} | {q['merged_below']:.4f} | {q['hard_negatives_merged']:.4f} |")
+    lines += ["", f"× ours: the pipeline's end-to-end seconds ÷ ours (above 1: slower than ours). Ours without "
+              f"language ID: {no_lid:.1f} s (the quality stage's language ID, {result.get('language_id_s', 0):.1f} s "
+              "measured alone, has no datatrove counterpart here). Load average before/after each datatrove run: "
+              + "; ".join(f"{p['name']} {p['load_avg_before']} → {p['load_avg_after']}" for p in peers) + "."]
+    return lines
+
+
 def markdown(result: dict, meta: dict) -> str:
     rows, input_bytes = meta["rows"], result["input_bytes"]
     lines = [f"# Data plane: {rows:,} raw JSONL rows ({input_bytes / 2**20:.1f} MiB), raw → split\n",
@@ -189,6 +265,8 @@ def markdown(result: dict, meta: dict) -> str:
     quality = next(s for s in result["stages"] if s["stage"] == "quality")
     lines += ["", f"Quality stage (language ID, PII, no benchmark files): {quality['seconds']:.1f} s; language ID "
                   f"alone: {result.get('language_id_s', float('nan')):.1f} s."]
+    if result.get("datatrove"):
+        lines += side_by_side(result, result["datatrove"])
     return "\n".join(lines) + "\n"
 
 
@@ -215,6 +293,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--name", default="dataplane")
     p.add_argument("--profile", choices=STAGES, help="write a cProfile of this stage under benchmarks/out/dataplane")
+    p.add_argument("--datatrove", action="append", metavar="NAME=PYTHON",
+                   help=f"a datatrove virtualenv's python to run side by side, repeatable (default {DATATROVE})")
+    p.add_argument("--datatrove-language", default="cmn", help="datatrove's word tokenizer for MinHash")
+    p.add_argument("--no-datatrove", action="store_true", help="only our pipeline")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--language-child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -236,6 +318,11 @@ def main() -> None:
                                  str(root / "warehouse.duckdb")])
     result.update(process_wall_s=wall, process_peak_rss_gib=rss / 2**30, language_id_s=lang["seconds"],
                   load_avg_at_end=[round(x, 2) for x in os.getloadavg()])
+    if not args.no_datatrove:
+        peers = [datatrove(*spec.split("=", 1), data, truth, args.rows, args.datatrove_language)
+                 for spec in (args.datatrove or [DATATROVE])]
+        result["datatrove"] = [p for p in peers if p]
+        result["plain_text_quality"] = plain_text_quality(data, truth)
     md = markdown(result, meta)
     write_results(args.name, {**meta, "result": result}, md)
     print(md)

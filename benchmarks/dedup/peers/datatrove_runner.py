@@ -26,6 +26,35 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.utils.hashing import HashConfig
 
 
+def minhash_config(buckets: int, rows: int) -> MinhashConfig:
+    """The comparison's settings in datatrove's terms: 64-bit xxhash, word 5-grams, buckets x rows permutations."""
+    return MinhashConfig(hash_config=HashConfig(precision=64, hash_fc="xxhash"), n_grams=5,
+                         num_buckets=buckets, hashes_per_bucket=rows)
+
+
+def minhash_stages(reader, tasks: int, work: Path, config: MinhashConfig, language: str, workers: int) -> dict:
+    """datatrove's first three MinHash stages (signatures, buckets, clusters with ids) under work/; their times."""
+    common = dict(logging_dir=str(work / "logs"), skip_completed=False)
+    t0 = time.perf_counter()
+    LocalPipelineExecutor(
+        pipeline=[reader, MinhashDedupSignature(output_folder=str(work / "sigs"), config=config, language=language)],
+        tasks=tasks, workers=workers, **common,
+    ).run()
+    t1 = time.perf_counter()
+    LocalPipelineExecutor(
+        pipeline=[MinhashDedupBuckets(input_folder=str(work / "sigs"), output_folder=str(work / "buckets"), config=config)],
+        tasks=config.num_buckets, workers=workers, **common,
+    ).run()
+    t2 = time.perf_counter()
+    LocalPipelineExecutor(
+        pipeline=[MinhashDedupCluster(input_folder=str(work / "buckets"), output_folder=str(work / "clusters"),
+                                      config=config, save_cluster_id=True)],
+        tasks=1, workers=1, **common,
+    ).run()
+    t3 = time.perf_counter()
+    return {"signature_s": t1 - t0, "buckets_s": t2 - t1, "clusters_s": t3 - t2}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--input", required=True)
@@ -41,28 +70,13 @@ def main():
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
     shards = sorted(Path(a.input).glob("*.jsonl"))
-    config = MinhashConfig(hash_config=HashConfig(precision=64, hash_fc="xxhash"), n_grams=5,
-                           num_buckets=a.buckets, hashes_per_bucket=a.rows)
+    config = minhash_config(a.buckets, a.rows)
     language = "cmn" if a.lang == "zh" else "en"  # "zh" does not segment Chinese in datatrove 0.10
-    common = dict(logging_dir=str(work / "logs"), skip_completed=False)
 
     t0 = time.perf_counter()
-    LocalPipelineExecutor(
-        pipeline=[JsonlReader(a.input, text_key="text", id_key="id"),
-                  MinhashDedupSignature(output_folder=str(work / "sigs"), config=config, language=language)],
-        tasks=len(shards), workers=a.workers, **common,
-    ).run()
-    t1 = time.perf_counter()
-    LocalPipelineExecutor(
-        pipeline=[MinhashDedupBuckets(input_folder=str(work / "sigs"), output_folder=str(work / "buckets"), config=config)],
-        tasks=config.num_buckets, workers=a.workers, **common,
-    ).run()
-    LocalPipelineExecutor(
-        pipeline=[MinhashDedupCluster(input_folder=str(work / "buckets"), output_folder=str(work / "clusters"),
-                                      config=config, save_cluster_id=True)],
-        tasks=1, workers=1, **common,
-    ).run()
-    t2 = time.perf_counter()
+    times = minhash_stages(JsonlReader(a.input, text_key="text", id_key="id"), len(shards), work, config, language,
+                           a.workers)
+    t1, t2 = t0 + times["signature_s"], time.perf_counter()
 
     # Map datatrove's (shard rank, document index) cluster ids back to corpus order.
     offsets = np.cumsum([0] + [sum(1 for _ in open(s, "rb")) for s in shards])
