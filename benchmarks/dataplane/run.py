@@ -14,9 +14,9 @@ metrics (benchmarks/dedup/metrics.py); rows rejected before dedup count as their
 
 Side by side, in the same run after ours: datatrove's nearest equivalent on the same file (datatrove_peer.py: its
 JsonlReader, a LambdaFilter with our clean rules that apply, its PII formatter, its four MinHash stages at our
-banding, JsonlWriter), from its own virtualenv (--datatrove NAME=PYTHON[,LANGUAGE][,no-memory-zone], repeatable; a
-missing one is skipped and said so), its whole process tree's peak RSS, and its dedup precision/recall scored the same way on the rows it
-wrote (kept and removed, with its cluster ids).
+banding, JsonlWriter), from its own virtualenv (--datatrove NAME=PYTHON[,LANGUAGE][,no-memory-zone], repeatable;
+a missing one is skipped and said so), its whole process tree's peak RSS, and its dedup precision/recall scored the
+same way on the rows it wrote (kept and removed, with its cluster ids).
 """
 
 from __future__ import annotations
