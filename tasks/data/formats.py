@@ -95,7 +95,8 @@ def detect_file_format(records: list[Any], sample: int = 200) -> str | None:
 
 
 # ------------------------------------------------------------------ column and role mapping
-TURN_FIELDS = ("conversations", "conversation", "messages", "prompt", "chosen", "rejected", "chosen_messages", "rejected_messages")
+TURN_FIELDS = ("conversations", "conversation", "messages", "prompt", "chosen", "rejected", "chosen_messages",
+               "rejected_messages")
 
 
 def apply_mapping(record: dict, columns: dict[str, str], role_key: str | None = None,
@@ -432,7 +433,7 @@ def text_turns(text: Any, field: str = "text") -> list[dict]:
         return turns
     if alpaca_text := _ALPACA_TEXT.search(text):  # the Alpaca prompt template; its preamble is template, not data
         instruction, extra, answer = (g.strip() if g else "" for g in alpaca_text.groups())
-        return [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
+        return [{"role": "user", "content": _instruction_with_input(instruction, extra)},
                 {"role": "assistant", "content": answer}]
     if "[INST]" in text:
         msgs = []
@@ -464,6 +465,11 @@ def _with_system(record: dict, msgs: list[dict]) -> list[dict]:
     return msgs
 
 
+def _instruction_with_input(instruction: str, extra: str) -> str:
+    """Alpaca's user turn: the instruction, then its input (if any) after a blank line."""
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
 def _alpaca_prompt(record: dict) -> list[dict]:
     field = _field(record, PROMPT_FIELDS)
     _require(record, field)
@@ -476,7 +482,7 @@ def _alpaca_prompt(record: dict) -> list[dict]:
     instruction = _text(record[field], field)
     context = _field(record, CONTEXT_FIELDS)
     extra = _text(record.get(context), context, optional=True)
-    msgs.append({"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction})
+    msgs.append({"role": "user", "content": _instruction_with_input(instruction, extra)})
     return msgs
 
 
@@ -494,7 +500,7 @@ def alpaca(record: dict) -> Parsed:
 
 
 def sharegpt(record: dict) -> Parsed:
-    field = "conversations" if "conversations" in record else "conversation"
+    field = _field(record, ("conversations", "conversation"))
     _require(record, field)
     return Parsed("sft", _with_system(record, _messages(record[field], field)), None,
                   _tools(record))
