@@ -1,5 +1,9 @@
 -- The warehouse schema: every table the pipeline writes. Idempotent (IF NOT EXISTS); applied on every connect.
 -- Views a person queries live in views.sql.
+-- Keys: tables appended to (raw and parsed rows, split assignments, caches) keep a primary key, the guard against a
+-- row written twice. Tables a stage rebuilds whole from rows that are unique by construction (clean_results,
+-- quality_rows, cluster_members, split_groups, ...) have none: each key's index costs 3.75 MiB per 100k rows and
+-- checks nothing there. Warehouses made before keep theirs (same rows, more bytes).
 
 -- One row: the warehouse's identity, so caches keyed on it miss when the file is recreated.
 CREATE TABLE IF NOT EXISTS warehouse_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -74,7 +78,7 @@ CREATE TABLE IF NOT EXISTS parsed_rows (
 -- through the clean_rows view (views.sql): the text of a row clean did not change is not stored twice, the view takes
 -- it from parsed_rows (which ingest only ever appends to), and dedup_text is derived from the turns.
 CREATE TABLE IF NOT EXISTS clean_results (
-    row_id     VARCHAR PRIMARY KEY,
+    row_id     VARCHAR NOT NULL,
     kind       VARCHAR NOT NULL,
     source     VARCHAR NOT NULL,
     row_seq    BIGINT NOT NULL,
@@ -109,7 +113,7 @@ ALTER TABLE clean_results ADD COLUMN IF NOT EXISTS label BOOLEAN;
 -- Rebuilt by the quality stage, one row per row that passed clean: its language, the first quality rule it broke,
 -- and its text with personal data redacted (NULL where nothing was redacted; curated_rows then takes clean's).
 CREATE TABLE IF NOT EXISTS quality_rows (
-    row_id              VARCHAR PRIMARY KEY,
+    row_id              VARCHAR NOT NULL,
     language            VARCHAR NOT NULL,   -- ISO 639 code from fastText's lid.176 (zh includes wuu, yue); und: no letters
     language_confidence DOUBLE NOT NULL,    -- the detector's probability for that language
     reason              VARCHAR,            -- language_not_allowed | pii_<kind> | benchmark_contamination
@@ -136,13 +140,12 @@ CREATE TABLE IF NOT EXISTS pii_matches (
     row_id  VARCHAR NOT NULL,
     kind    VARCHAR NOT NULL,               -- email | phone | ip_address | credit_card | iban | secret
     action  VARCHAR NOT NULL,
-    matches INTEGER NOT NULL,
-    PRIMARY KEY (row_id, kind)
+    matches INTEGER NOT NULL
 );
 
 -- Rebuilt by the quality stage: rows that reproduce a benchmark item (the part they overlap most).
 CREATE TABLE IF NOT EXISTS benchmark_matches (
-    row_id    VARCHAR PRIMARY KEY,
+    row_id    VARCHAR NOT NULL,
     benchmark VARCHAR NOT NULL,             -- benchmark file
     item      BIGINT NOT NULL,              -- record number in that file (1-based)
     part      VARCHAR NOT NULL,             -- text | prompt | answer | response N
@@ -150,19 +153,21 @@ CREATE TABLE IF NOT EXISTS benchmark_matches (
 );
 
 -- MinHash signatures by content, so a nightly run signs only texts it has not seen. params names how they were
--- made (permutations, seed, shingle size, code version). Each value is the low 32 bits of the 64-bit minimum
--- (tasks/data/dedup.py: stored_form); warehouses made before that keep a UBIGINT[] column holding the same values.
+-- made (permutations, seed, shingle size, bits kept, code version). Each value is the low 8 bits of the 64-bit
+-- minimum (b-bit MinHash; tasks/data/dedup.py: stored_form): 128 bytes a text, all that banding, the identical-
+-- signature check and the similarity estimate need. No primary key (its index was a fifth of the table's bytes):
+-- writers skip content hashes already stored. Older warehouses' table (32 bits a value, keyed) is dropped on open
+-- and its texts signed again.
 CREATE TABLE IF NOT EXISTS minhash_signatures (
     content_hash VARCHAR NOT NULL,
     params       VARCHAR NOT NULL,
-    signature    UINTEGER[] NOT NULL,
-    PRIMARY KEY (content_hash, params)
+    signature    UTINYINT[] NOT NULL
 );
 
 -- Rebuilt by the dedup stage: every clean, accepted row and the cluster it belongs to. cluster_id is the
 -- representative's row_id (the earliest-ingested member); singletons are their own cluster.
 CREATE TABLE IF NOT EXISTS cluster_members (
-    row_id      VARCHAR PRIMARY KEY,
+    row_id      VARCHAR NOT NULL,
     cluster_id  VARCHAR NOT NULL,
     method      VARCHAR NOT NULL,           -- representative | exact | near
     similarity  DOUBLE NOT NULL             -- estimated Jaccard to the representative (1.0 for exact copies)
@@ -180,7 +185,7 @@ CREATE TABLE IF NOT EXISTS split_assignments (
 -- Rebuilt by the split stage: the prompt group of every cluster representative. group_id is the row_id of the
 -- group's earliest-ingested row; rows whose prompts are near-duplicates or extend one another share a group.
 CREATE TABLE IF NOT EXISTS split_groups (
-    cluster_id  VARCHAR PRIMARY KEY,
+    cluster_id  VARCHAR NOT NULL,
     group_id    VARCHAR NOT NULL
 );
 
@@ -198,7 +203,7 @@ CREATE TABLE IF NOT EXISTS split_bridges (
 
 -- Rebuilt by the split stage: validation/test rows whose n-grams overlap the training split too much.
 CREATE TABLE IF NOT EXISTS contamination (
-    row_id          VARCHAR PRIMARY KEY,
+    row_id          VARCHAR NOT NULL,
     split           VARCHAR NOT NULL,
     overlap         DOUBLE NOT NULL,        -- share of the row's n-grams found in the training split
     closest_train_row VARCHAR

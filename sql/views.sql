@@ -9,6 +9,11 @@ CREATE OR REPLACE MACRO conversation_text(messages) AS coalesce(array_to_string(
         nullif(array_to_string(list_transform(m.tool_calls, lambda c: c.name || '(' || c.arguments || ')'), chr(10)),
             ''))), chr(10)), '');
 
+-- What MinHash compares of a dedup_text: its words without the "role: " label that opens each turn. Labels would
+-- sit inside the shingles across a turn boundary, so two copies of one text cut into prompt and answer at places
+-- a few words apart would differ there more than in their words.
+CREATE OR REPLACE MACRO minhash_text(t) AS regexp_replace(t, '(^|\n)(system|user|assistant|tool): ', '\1', 'g');
+
 -- What the clean stage made of every parsed row (clean_results), each row with its turns, answers, tools and
 -- dedup_text: where clean changed none of them the table holds NULL and they come from parsed_rows, as ingest
 -- parsed them, and dedup_text from the turns (conversation_text: clean stores its own only where that differs).

@@ -126,11 +126,13 @@ def test_exact_duplicates_of_alpaca_en_are_found(make_cfg):
 def test_sharegpt_near_duplicates_are_clustered(make_cfg):
     cfg = make_cfg(f"data.ingest.inputs=[{SHAREGPT}]")
     run_data_plane(cfg)
-    assert query(cfg, "SELECT count(*) FROM cluster_members WHERE method = 'near'")[0][0] > 50
+    # 37 of 500: paraphrased turns of the same few dialogues ("Can you introduce yourself?" / "Please introduce
+    # yourself."); compared on their words, not the role labels, which would make 134 (labels are shared shingles).
+    assert query(cfg, "SELECT count(*) FROM cluster_members WHERE method = 'near'")[0][0] > 25
     # Clusters are transitive (a ~ b ~ c): a member may be further than the threshold from the representative, but
     # each near member is within the threshold (exact Jaccard of shingles) of some other member of its cluster.
-    rows = query(cfg, "SELECT m.row_id, m.cluster_id, c.dedup_text FROM cluster_members m JOIN clean_rows c "
-                      "USING (row_id) WHERE m.method IN ('near', 'representative')")
+    rows = query(cfg, "SELECT m.row_id, m.cluster_id, minhash_text(c.dedup_text) FROM cluster_members m "
+                      "JOIN clean_rows c USING (row_id) WHERE m.method IN ('near', 'representative')")
     sets = minhash.shingle_sets([text for _, _, text in rows], cfg.data.dedup.ngram)
     by_cluster: dict[str, list] = {}
     for (row_id, cluster, _), shingles in zip(rows, sets):
@@ -383,7 +385,7 @@ def test_dedup_shards_run_on_a_dask_cluster(make_cfg):
     state = flow(overrides=[f"storage_root={cfg.storage_root}", f"data.ingest.inputs=[{SHAREGPT}]",
                             "data.dedup.shards=4"], return_state=True)
     assert state.is_completed(), state.message
-    assert query(cfg, "SELECT count(*) FROM cluster_members WHERE method = 'near'")[0][0] > 50
+    assert query(cfg, "SELECT count(*) FROM cluster_members WHERE method = 'near'")[0][0] > 25
     # Every accepted text was signed by a shard (the split stage adds its prompt keys' signatures to the table).
     assert query(cfg, "SELECT count(DISTINCT content_hash) FROM minhash_signatures "
                       "WHERE content_hash IN (SELECT content_hash FROM clean_rows)")[0][0] == \
@@ -495,3 +497,32 @@ def test_a_warehouse_with_the_old_clean_rows_table_opens_with_its_rows(tmp_path,
     assert _clean_rows_by_id(cfg) == before
     again = run_clean(cfg, ingest)
     assert _clean_rows_by_id(cfg) == before and again.fingerprint == first.fingerprint
+
+
+def test_a_warehouse_with_wide_signatures_signs_its_texts_again_in_eight_bits(make_cfg):
+    import duckdb
+
+    from tasks.core.warehouse import open_warehouse
+    from tasks.data.dedup import deduplicate
+
+    cfg = make_cfg(f"data.ingest.inputs=[{SHAREGPT}]")
+    clean = run_data_plane(cfg)["quality"]
+    members = sorted(query(cfg, "SELECT row_id, cluster_id, method FROM cluster_members"))
+    texts = query(cfg, "SELECT count(*) FROM minhash_signatures")[0][0]
+    with duckdb.connect(cfg.warehouse_url) as con:  # the layout before: 32 bits a value, keyed
+        con.execute("DROP TABLE minhash_signatures")
+        con.execute("CREATE TABLE minhash_signatures (content_hash VARCHAR NOT NULL, params VARCHAR NOT NULL, "
+                    "signature UINTEGER[] NOT NULL, PRIMARY KEY (content_hash, params))")
+        con.execute("INSERT INTO minhash_signatures VALUES ('abc', 'p128-old', [1, 2, 3])")
+    with open_warehouse(cfg.warehouse_url) as con:
+        assert con.execute("SELECT data_type FROM information_schema.columns WHERE table_name = "
+                           "'minhash_signatures' AND column_name = 'signature'").fetchone()[0] == "UTINYINT[]"
+        assert con.execute("SELECT count(*) FROM minhash_signatures").fetchone()[0] == 0
+    again = deduplicate(cfg, clean)
+    assert again.stats["newly_signed"] > 0
+    assert sorted(query(cfg, "SELECT row_id, cluster_id, method FROM cluster_members")) == members
+    assert 0 < query(cfg, "SELECT count(*) FROM minhash_signatures")[0][0] < texts  # the split's keys: not yet
+    assert deduplicate(cfg, clean).stats["newly_signed"] == 0  # stored once: a rerun signs nothing, adds nothing
+    stored, distinct = query(cfg, "SELECT count(*), count(DISTINCT (content_hash, params)) FROM minhash_signatures")[0]
+    assert stored == distinct == query(cfg, "SELECT count(DISTINCT content_hash) FROM curated_rows "
+                                            "WHERE reason IS NULL")[0][0]

@@ -160,6 +160,26 @@ def test_candidate_pairs_and_clusters_match_datasketch_lsh(corpus_with_duplicate
             first_seen[t] = i
 
 
+def test_eight_bit_signatures_cluster_like_full_ones_with_an_unbiased_estimate(corpus_with_duplicates):
+    from tasks.data.dedup import stored_form
+
+    full = minhash.signatures(corpus_with_duplicates, NUM_PERM, SEED, NGRAM)
+    narrow = stored_form(full)
+    assert narrow.dtype == np.uint8
+    exact = minhash.exact_similarity(lambda rows: [corpus_with_duplicates[i] for i in rows], NGRAM)
+    rep_full, sim_full = minhash.near_duplicate_clusters(full, THRESHOLD, SEED, exact)
+    rep, sim = minhash.near_duplicate_clusters(narrow, THRESHOLD, SEED, exact)
+    np.testing.assert_array_equal(rep, rep_full)
+    moved = rep != np.arange(len(rep))
+    assert moved.sum() >= 60 and np.abs(sim - sim_full)[moved].max() < 0.03
+    # Rows with no value in common agree on 1/256 of their 8-bit values by chance; the estimate takes that out.
+    left, right = np.arange(len(full) - 1), np.arange(1, len(full))
+    unrelated = (full[left] == full[right]).mean(axis=1) == 0
+    raw = (narrow[left] == narrow[right]).mean(axis=1)[unrelated]
+    assert unrelated.sum() > 300 and abs(raw.mean() - 1 / 256) < 0.001
+    assert minhash._similarity(narrow, left, right)[unrelated].mean() < raw.mean() - 0.001
+
+
 def test_clusters_of_empty_and_single_inputs():
     rep, sim = minhash.near_duplicate_clusters(np.empty((0, NUM_PERM), dtype=np.uint64), THRESHOLD, SEED)
     assert rep.shape == (0,) and sim.shape == (0,)

@@ -78,6 +78,7 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = 600.0) ->
                               path, wait_s)
     if not read_only:
         _rename_clean_rows(con)
+        _drop_wide_signatures(con)
         con.execute(_sql("schema.sql"))
         _widen_messages(con)
         con.execute(_sql("views.sql"))
@@ -115,6 +116,14 @@ def _rename_clean_rows(con: duckdb.DuckDBPyConnection) -> None:
     if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' "
                    "AND table_name = 'clean_rows' AND table_type = 'BASE TABLE'").fetchone()[0]:
         con.execute("ALTER TABLE clean_rows RENAME TO clean_results")
+
+
+def _drop_wide_signatures(con: duckdb.DuckDBPyConnection) -> None:
+    """A warehouse from before b-bit signatures keeps 32 or 64 bits a value under a primary key: the table is
+    dropped (schema.sql makes the narrow one) and its texts are signed again once, as a change of params would."""
+    if con.execute("SELECT count(*) FROM information_schema.columns WHERE table_schema = 'main' AND table_name = "
+                   "'minhash_signatures' AND column_name = 'signature' AND data_type <> 'UTINYINT[]'").fetchone()[0]:
+        con.execute("DROP TABLE minhash_signatures")
 
 
 def _widen_messages(con: duckdb.DuckDBPyConnection) -> None:

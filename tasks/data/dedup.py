@@ -5,11 +5,12 @@ only the candidates' texts are read back, and the signatures' estimate errs both
 
 Which row is kept: the earliest-ingested member of a cluster (lowest row_seq). So a row already in the warehouse is
 never displaced by data that arrives later, and its split never changes.
-What is compared: the whole conversation for SFT rows, the prompt for preference rows (curated_rows.dedup_text, after the quality stage's redaction);
-SFT and preference rows are never clustered together.
+What is compared: the whole conversation for SFT rows, the prompt for preference rows (curated_rows.dedup_text, after
+the quality stage's redaction); exact copies on all of it, near copies on its words without the role labels
+(sql/views.sql: minhash_text). SFT and preference rows are never clustered together.
 
 Signatures are computed in shards, each a Prefect task, so a Dask task runner spreads them over workers; they are
-stored in the warehouse by content hash, so a nightly run only signs rows it has not seen.
+stored in the warehouse by content hash, 8 bits a value, so a nightly run only signs rows it has not seen.
 """
 
 from __future__ import annotations
@@ -30,26 +31,30 @@ from tasks.core.warehouse import open_warehouse, record_stage, table_fingerprint
 from tasks.data import minhash
 
 ACCEPTED_SQL = "SELECT row_id, kind, row_seq, content_hash, dedup_text FROM curated_rows WHERE reason IS NULL"
+SIGNATURE_BITS = 8  # b-bit MinHash (Li & Koenig, 2010): the low bits of each value, see stored_form
 
 
 def signature_params(d: DedupConfig) -> str:
     """Identifies how a stored signature was made; a change re-signs everything."""
-    return f"p{d.num_perm}-s{d.seed}-n{d.ngram}-u32-{source_hash(minhash.signatures)[:8]}"
+    return f"p{d.num_perm}-s{d.seed}-n{d.ngram}-b{SIGNATURE_BITS}-words-{source_hash(minhash.signatures)[:8]}"
 
 
 def stored_form(sigs: np.ndarray) -> np.ndarray:
-    """The low 32 bits of each MinHash value: what the warehouse and the shards keep (half the bytes).
+    """The low SIGNATURE_BITS bits of each MinHash value: what the warehouse and the shards keep (an eighth of the
+    64-bit values).
 
-    Clustering only compares values for equality (LSH bands, identical signatures, the similarity estimate), and two
-    different 64-bit minima agree in their low 32 bits with probability 2^-32, so clusters, representatives and
-    similarities are those of the full signatures except with that probability per compared value."""
-    return (sigs & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    Two different minima agree in their low 8 bits with probability 1/256, so a pair of texts with Jaccard J agrees
+    on a value with probability J + (1 - J) / 256. For banding that is harmless: an unrelated pair matches a band of
+    9 values with probability 256^-9, a pair at J = 0.5 about 4 % more often than with full values, and every
+    candidate is confirmed on its texts' exact Jaccard (verify=exact). The similarity estimate is corrected for it
+    (minhash.near_duplicate_clusters, `bits`)."""
+    return (sigs & np.uint64((1 << SIGNATURE_BITS) - 1)).astype(np.uint8)
 
 
 def _shard_texts(con, cfg: PipelineConfig, shard: int) -> pl.DataFrame:
     d = cfg.data.dedup
     return con.sql(
-        f"""SELECT DISTINCT content_hash, dedup_text FROM ({ACCEPTED_SQL})
+        f"""SELECT DISTINCT content_hash, minhash_text(dedup_text) AS text FROM ({ACCEPTED_SQL})
             WHERE hash(content_hash) % {d.shards} = {shard}
               AND content_hash NOT IN (SELECT content_hash FROM minhash_signatures WHERE params = ?)
             ORDER BY content_hash""",
@@ -62,7 +67,7 @@ def compute_signature_shard(cfg: PipelineConfig, clean: DataResult, shard: int) 
     d = cfg.data.dedup
     with open_warehouse(cfg.warehouse_url, read_only=True) as con:
         todo = _shard_texts(con, cfg, shard)
-    sigs = stored_form(minhash.signatures(todo["dedup_text"].to_list(), d.num_perm, d.seed, d.ngram))
+    sigs = stored_form(minhash.signatures(todo["text"].to_list(), d.num_perm, d.seed, d.ngram))
     url = cfg.url("dedup", signature_params(d), f"{clean.fingerprint}-shard{shard}.parquet")
     out = storage.local_path(url)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +76,7 @@ def compute_signature_shard(cfg: PipelineConfig, clean: DataResult, shard: int) 
     private = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")
     table = pa.table({
         "content_hash": todo["content_hash"].to_arrow(),
-        "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs.reshape(-1), pa.uint32()), d.num_perm),
+        "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs.reshape(-1), pa.uint8()), d.num_perm),
     })
     pq.write_table(table, private)
     return SignatureShard(stage="minhash", fingerprint=f"{clean.fingerprint}-{signature_params(d)}-{shard}",
@@ -116,6 +121,10 @@ def clusters(rows: pl.DataFrame, sigs: np.ndarray, d: DedupConfig,
     )
 
 
+# The table has no key (it would cost a fifth of its bytes): an insert skips what an earlier shard or run stored.
+_NOT_STORED = "content_hash NOT IN (SELECT content_hash FROM minhash_signatures WHERE params = ?)"
+
+
 def run_dedup(cfg: PipelineConfig, clean: DataResult, shards: list[SignatureShard],
               run_id: str = "local") -> DataResult:
     d = cfg.data.dedup
@@ -124,9 +133,8 @@ def run_dedup(cfg: PipelineConfig, clean: DataResult, shards: list[SignatureShar
     with open_warehouse(cfg.warehouse_url) as con:
         con.begin()
         for s in shards:
-            con.execute(
-                "INSERT INTO minhash_signatures SELECT content_hash, ?, signature FROM read_parquet(?) "
-                "ON CONFLICT DO NOTHING", [params, str(storage.fetch(s.path))])
+            con.execute(f"INSERT INTO minhash_signatures SELECT content_hash, ?, signature FROM read_parquet(?) "
+                        f"WHERE {_NOT_STORED}", [params, str(storage.fetch(s.path)), params])
         rows = con.sql(f"SELECT row_id, kind, row_seq, content_hash FROM ({ACCEPTED_SQL}) ORDER BY row_seq").pl()
         rep_hashes = rows.unique(["kind", "content_hash"], keep="first", maintain_order=True)["content_hash"]
         sigs, missing = load_signatures(con, rep_hashes.to_list(), d)
@@ -149,8 +157,8 @@ def run_dedup(cfg: PipelineConfig, clean: DataResult, shards: list[SignatureShar
 
 
 def load_signatures(con, content_hashes: list[str], d: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(signatures, missing): the stored signature of each content hash in the order given (`stored_form` values
-    as uint64), and a mask of those with none stored under the current params (their rows are zeros)."""
+    """(signatures, missing): the stored signature of each content hash in the order given (`stored_form` values,
+    uint8), and a mask of those with none stored under the current params (their rows are zeros)."""
     con.register("wanted_sigs", pa.table({"content_hash": pa.array(content_hashes, pa.string()),
                                           "pos": pa.array(range(len(content_hashes)), pa.int64())}))
     column = con.sql(
@@ -158,10 +166,12 @@ def load_signatures(con, content_hashes: list[str], d: DedupConfig) -> tuple[np.
         "ON s.content_hash = w.content_hash AND s.params = ? ORDER BY w.pos", params=[signature_params(d)]
     ).fetch_arrow_table()["signature"].combine_chunks()
     con.unregister("wanted_sigs")
+    if len(column) != len(content_hashes):
+        raise RuntimeError("minhash_signatures holds a content hash twice under one params")
     missing = column.is_null().to_numpy(zero_copy_only=False)
-    sigs = np.zeros((len(content_hashes), d.num_perm), dtype=np.uint64)
+    sigs = np.zeros((len(content_hashes), d.num_perm), dtype=np.uint8)
     if (~missing).any():
-        sigs[~missing] = column.drop_null().flatten().to_numpy().astype(np.uint64).reshape(-1, d.num_perm)
+        sigs[~missing] = column.drop_null().flatten().to_numpy().reshape(-1, d.num_perm)
     return sigs, missing
 
 
@@ -175,20 +185,20 @@ def signatures_of(con, texts: list[str], content_hashes: list[str], d: DedupConf
         sigs[todo] = new
         con.register("new_sigs", pa.table({
             "content_hash": pa.array([content_hashes[i] for i in todo], pa.string()),
-            "signature": pa.FixedSizeListArray.from_arrays(pa.array(new.reshape(-1), pa.uint32()), d.num_perm),
+            "signature": pa.FixedSizeListArray.from_arrays(pa.array(new.reshape(-1), pa.uint8()), d.num_perm),
         }))
-        con.execute("INSERT INTO minhash_signatures SELECT content_hash, ?, signature::UINTEGER[] FROM new_sigs "
-                    "ON CONFLICT DO NOTHING", [signature_params(d)])
+        con.execute(f"INSERT INTO minhash_signatures SELECT content_hash, ?, signature::UTINYINT[] FROM new_sigs "
+                    f"WHERE {_NOT_STORED}", [signature_params(d), signature_params(d)])
         con.unregister("new_sigs")
     return sigs, len(todo)
 
 
 def _texts(con, content_hashes: list[str]) -> list[str]:
-    """dedup_text of each content hash, in the order given."""
+    """The text MinHash compares (minhash_text of dedup_text) of each content hash, in the order given."""
     con.register("wanted_texts", pa.table({"content_hash": content_hashes,
                                            "pos": pa.array(range(len(content_hashes)), pa.int64())}))
-    rows = con.sql("SELECT any_value(c.dedup_text) FROM wanted_texts w JOIN curated_rows c USING (content_hash) "
-                   "GROUP BY w.pos ORDER BY w.pos").fetchall()
+    rows = con.sql("SELECT any_value(minhash_text(c.dedup_text)) FROM wanted_texts w "
+                   "JOIN curated_rows c USING (content_hash) GROUP BY w.pos ORDER BY w.pos").fetchall()
     con.unregister("wanted_texts")
     if len(rows) != len(content_hashes):
         raise RuntimeError("dedup: some candidate rows have no text in curated_rows")

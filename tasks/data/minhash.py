@@ -391,10 +391,16 @@ def candidate_pairs(sigs: np.ndarray, threshold: float, seed: int) -> np.ndarray
 
 
 def _similarity(sigs: np.ndarray, left: np.ndarray, right: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-    """Estimated Jaccard of row pairs (the fraction of equal signature values), in chunks to bound memory."""
+    """Estimated Jaccard of row pairs (the fraction of equal signature values), in chunks to bound memory.
+
+    Signatures narrower than 64 bits a value (uint8: b-bit MinHash) agree by chance with probability c = 2^-bits
+    where the minima differ, so the fraction is J + (1 - J) c and the estimate is (fraction - c) / (1 - c)."""
     out = np.empty(len(left), dtype=np.float64)
     for lo in range(0, len(left), chunk):
         out[lo : lo + chunk] = (sigs[left[lo : lo + chunk]] == sigs[right[lo : lo + chunk]]).mean(axis=1)
+    if sigs.dtype.itemsize < 8:
+        chance = 2.0 ** (-8 * sigs.dtype.itemsize)
+        out = np.clip((out - chance) / (1 - chance), 0.0, 1.0)
     return out
 
 
