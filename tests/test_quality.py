@@ -223,6 +223,20 @@ def test_a_rerun_detects_no_language_it_has_already_stored(quality_run, monkeypa
     assert query(cfg, "SELECT count(*) FROM language_ids")[0][0] == stored
 
 
+def test_clean_and_quality_in_batches_of_two_rows_write_what_one_batch_writes(quality_run, tmp_path):
+    from tasks.core.config import apply_overrides
+
+    cfg, results = quality_run
+    batched = apply_overrides(cfg, [f"storage_root={tmp_path / 'batched'}", "data.batch_rows=2"])
+    again = run_data_plane(batched)
+    for stage in ("clean", "quality", "dedup", "split"):
+        assert again[stage].fingerprint == results[stage].fingerprint, stage
+        assert again[stage].stats == results[stage].stats, stage
+    assert again["clean"].stats["rows"] == len(ROWS)  # four batches
+    for table in ("quality_rows", "pii_matches", "benchmark_matches", "language_ids"):
+        assert sorted(query(batched, f"SELECT * FROM {table}")) == sorted(query(cfg, f"SELECT * FROM {table}")), table
+
+
 def test_reasoning_and_tool_call_arguments_are_redacted_too(make_cfg):
     import polars as pl
 

@@ -162,6 +162,8 @@ class SplitConfig(Section):
 
 
 class DataConfig(Section):
+    batch_rows: int = Field(100_000, ge=1, description="Rows the clean and quality stages hold in memory at once "
+                            "(their results do not depend on it): memory grows with it, per-batch overhead shrinks.")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)

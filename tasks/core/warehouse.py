@@ -234,6 +234,20 @@ def warehouse_id(path: str | Path) -> str:
         return con.execute(sql).fetchone()[0]
 
 
+def stream(con: duckdb.DuckDBPyConnection, query: str, batch_rows: int) -> Iterator[Any]:
+    """The query's rows as polars frames of at most batch_rows rows, so a stage holds one frame at a time, not the
+    table. Read on a cursor of their own (what was committed when the query started), so the caller can write on
+    `con`, in its open transaction, between frames."""
+    import polars as pl
+
+    reader = con.cursor()
+    try:
+        for batch in reader.sql(query).to_arrow_reader(batch_rows):
+            yield pl.from_arrow(batch)
+    finally:
+        reader.close()
+
+
 def table_fingerprint(con: duckdb.DuckDBPyConnection, query: str) -> str:
     """Order-independent content hash of a query's rows: what a stage wrote, for downstream cache keys."""
     count, digest = con.execute(f"SELECT count(*), coalesce(bit_xor(hash(q)), 0) FROM ({query}) q").fetchone()

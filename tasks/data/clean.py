@@ -20,6 +20,7 @@ parsed_rows already holds or the turns spell out (STORE_CLEANED).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import polars as pl
@@ -28,7 +29,7 @@ from tasks.core import storage
 from tasks.core.caching import current_run_id, stage_task
 from tasks.core.config import CleanConfig, PipelineConfig
 from tasks.core.results import DataResult
-from tasks.core.warehouse import open_warehouse, record_stage, table_fingerprint, utcnow, zstd_text
+from tasks.core.warehouse import open_warehouse, record_stage, stream, table_fingerprint, utcnow, zstd_text
 from tasks.data.chat_template import DEFAULT_CHAT_TEMPLATE, tools_problem
 
 
@@ -263,20 +264,24 @@ def template_tools_problem(cfg: PipelineConfig) -> str | None:
 
 def run_clean(cfg: PipelineConfig, ingest: DataResult, run_id: str = "local") -> DataResult:
     started = utcnow()
+    token_counter = _token_counter(cfg)
+    template_problem = functools.cache(lambda: template_tools_problem(cfg))  # asked once, if some row has tools
+    rows = 0
     with open_warehouse(cfg.warehouse_url) as con:
-        rows = con.sql(PARSED_ROWS).pl()
-        cleaned = clean_frame(rows, cfg, _token_counter(cfg), lambda: template_tools_problem(cfg))
         with zstd_text(con):
             con.begin()
             con.execute("DELETE FROM clean_results")
-            con.register("cleaned", cleaned.to_arrow())
-            con.execute(STORE_CLEANED)
-            con.unregister("cleaned")
+            for batch in stream(con, PARSED_ROWS, cfg.data.batch_rows):
+                cleaned = clean_frame(batch, cfg, token_counter, template_problem)
+                con.register("cleaned", cleaned.to_arrow())
+                con.execute(STORE_CLEANED)
+                con.unregister("cleaned")
+                rows += len(cleaned)
             con.commit()
             con.execute("CHECKPOINT")  # a small table's rows are only in the write-ahead log until a checkpoint
         by_reason = dict(con.execute(
             "SELECT coalesce(reason, 'passed'), count(*) FROM clean_results GROUP BY ALL ORDER BY ALL").fetchall())
-        stats = {"rows": len(cleaned), "passed": by_reason.pop("passed", 0), "rejected_by_reason": by_reason}
+        stats = {"rows": rows, "passed": by_reason.pop("passed", 0), "rejected_by_reason": by_reason}
         fingerprint = table_fingerprint(con, "SELECT row_id, content_hash, dedup_text, reason FROM clean_rows")
         record_stage(con, run_id, "clean", started, stats)
     return DataResult(stage="clean", fingerprint=fingerprint, warehouse=cfg.warehouse_url, stats=stats)

@@ -29,7 +29,15 @@ import xxhash
 from tasks.core.caching import current_run_id, stage_task
 from tasks.core.config import PipelineConfig
 from tasks.core.results import DataResult
-from tasks.core.warehouse import insert_columns, open_warehouse, record_stage, table_fingerprint, utcnow, zstd_text
+from tasks.core.warehouse import (
+    insert_columns,
+    open_warehouse,
+    record_stage,
+    stream,
+    table_fingerprint,
+    utcnow,
+    zstd_text,
+)
 from tasks.data import decontaminate, pii
 from tasks.data.clean import turn_text
 
@@ -251,6 +259,21 @@ def judge(rows: pl.DataFrame, cfg: PipelineConfig, index: decontaminate.Benchmar
             "benchmark": benchmark}
 
 
+def _store_verdict(con, verdict: dict[str, pl.DataFrame], rows: pl.DataFrame) -> None:
+    """One batch's verdicts into quality_rows (with the redacted text of the rows that changed), pii_matches and
+    benchmark_matches."""
+    con.register("verdict", verdict["rows"].to_arrow())
+    con.register("redacted", verdict["redacted"].join(rows.select("row_id", "kind"), on="row_id").to_arrow())
+    con.execute(
+        "INSERT INTO quality_rows SELECT v.row_id, v.language, v.language_confidence, v.reason, v.detail, "
+        "r.messages, r.responses, r.dedup_text, sha256(r.kind || chr(0) || r.dedup_text), r.n_chars "
+        "FROM verdict v LEFT JOIN redacted r USING (row_id)")
+    con.unregister("verdict")
+    con.unregister("redacted")
+    insert_columns(con, "pii_matches", verdict["pii"].to_dict(as_series=False))
+    insert_columns(con, "benchmark_matches", verdict["benchmark"].to_dict(as_series=False))
+
+
 def run_quality(cfg: PipelineConfig, clean: DataResult, run_id: str = "local") -> DataResult:
     started = utcnow()
     d = cfg.data.decontaminate
@@ -258,30 +281,24 @@ def run_quality(cfg: PipelineConfig, clean: DataResult, run_id: str = "local") -
     if d.against:
         parts, unreadable = decontaminate.load_parts(d.against)
         index = decontaminate.BenchmarkIndex.build(parts, d.ngram)
+    rows = redacted = 0
     with open_warehouse(cfg.warehouse_url) as con:
-        rows = con.sql("SELECT row_id, kind, messages, responses FROM clean_rows WHERE reason IS NULL "
-                       "ORDER BY row_seq").pl()
-        verdict = judge(rows, cfg, index, stored_languages(con))
+        languages_of = stored_languages(con)
         with zstd_text(con):  # the redacted rows' text
             con.begin()
             for table in ("quality_rows", "pii_matches", "benchmark_matches"):
                 con.execute(f"DELETE FROM {table}")
-            con.register("verdict", verdict["rows"].to_arrow())
-            con.register("redacted", verdict["redacted"].join(rows.select("row_id", "kind"), on="row_id").to_arrow())
-            con.execute(
-                "INSERT INTO quality_rows SELECT v.row_id, v.language, v.language_confidence, v.reason, v.detail, "
-                "r.messages, r.responses, r.dedup_text, sha256(r.kind || chr(0) || r.dedup_text), r.n_chars "
-                "FROM verdict v LEFT JOIN redacted r USING (row_id)")
-            con.unregister("verdict")
-            con.unregister("redacted")
-            insert_columns(con, "pii_matches", verdict["pii"].to_dict(as_series=False))
-            insert_columns(con, "benchmark_matches", verdict["benchmark"].to_dict(as_series=False))
+            for batch in stream(con, "SELECT row_id, kind, messages, responses FROM clean_rows WHERE reason IS NULL "
+                                     "ORDER BY row_seq", cfg.data.batch_rows):
+                verdict = judge(batch, cfg, index, languages_of)
+                _store_verdict(con, verdict, batch)
+                rows, redacted = rows + len(batch), redacted + len(verdict["redacted"])
             con.commit()
             con.execute("CHECKPOINT")  # a small table's rows are only in the write-ahead log until a checkpoint
         by_reason = dict(con.execute("SELECT coalesce(reason, 'passed'), count(*) FROM quality_rows "
                                      "GROUP BY ALL ORDER BY ALL").fetchall())
-        stats = {"rows": len(rows), "passed": by_reason.pop("passed", 0), "rejected_by_reason": by_reason,
-                 "redacted_rows": len(verdict["redacted"]),
+        stats = {"rows": rows, "passed": by_reason.pop("passed", 0), "rejected_by_reason": by_reason,
+                 "redacted_rows": redacted,
                  "pii_matches": dict(con.execute("SELECT kind, sum(matches)::BIGINT FROM pii_matches "
                                                  "GROUP BY ALL ORDER BY ALL").fetchall()),
                  "benchmark_parts": len(index.parts) if index else 0, "unreadable_benchmark_items": unreadable}
