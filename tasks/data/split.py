@@ -158,7 +158,7 @@ class TrainingNgrams:
     queried: the texts that will be looked up, when known: only training n-grams that occur in them are kept (the
     rest can never be a hit), which keeps the index a fraction of the training split's n-grams."""
 
-    def __init__(self, s: SplitConfig, queried: list[str] | None = None):
+    def __init__(self, s: SplitConfig, queried: list[str] | pl.Series | None = None):
         self.s, self.row_ids = s, []  # row_ids: training rows in the order they were added
         self.hashes = np.empty(0, np.uint64)  # sorted, distinct
         self.owner = np.empty(0, np.int64)  # position in row_ids of the first row that has each hash
@@ -167,12 +167,12 @@ class TrainingNgrams:
             grams = [flat for _, flat, _ in minhash.ngram_hash_batches(queried, s.decontam_ngram)]
             self.relevant = minhash.HashSet(np.concatenate(grams) if grams else np.empty(0, np.uint64))
 
-    def add(self, rows: list[tuple[str, str]]) -> None:
-        """rows: (row_id, text) of training rows."""
+    def add(self, row_ids: list[str], texts: list[str] | pl.Series) -> None:
+        """Training rows and their texts (a polars Series keeps them out of Python strings but a batch at a time)."""
         base = len(self.row_ids)
-        self.row_ids += [r for r, _ in rows]
+        self.row_ids += row_ids
         hashes, owners = [np.empty(0, np.uint64)], [np.empty(0, np.int64)]
-        for idx, flat, n in minhash.ngram_hash_batches([t for _, t in rows], self.s.decontam_ngram):
+        for idx, flat, n in minhash.ngram_hash_batches(texts, self.s.decontam_ngram):
             owner = np.repeat(idx, n).astype(np.int64) + base
             keep = self.relevant.contains(flat) if self.relevant is not None else slice(None)
             hashes.append(flat[keep])
@@ -225,36 +225,41 @@ class TrainingNgrams:
 def contamination(train: list[tuple[str, str]], held_out: list[tuple[str, str, str]], s: SplitConfig):
     """Held-out rows (row_id, split, text) overlapping the training rows (row_id, text); see TrainingNgrams."""
     index = TrainingNgrams(s, [t for _, _, t in held_out])
-    index.add(train)
+    index.add([r for r, _ in train], [t for _, t in train])
     return index.overlapping(held_out)
 
 
-def keep_overlapping_groups_in_train(assigned: pl.DataFrame, texts: dict[str, str], s: SplitConfig):
+def keep_overlapping_groups_in_train(assigned: pl.DataFrame, s: SplitConfig):
     """Move new groups whose held-out rows overlap training into train, until none does; then check every
-    held-out row. assigned: row_id, group_id, split, fresh (the group had no assigned row before this run).
+    held-out row. assigned: row_id, group_id, split, fresh (the group had no assigned row before this run), text.
 
     Moving a group adds its n-grams to training, which can make another new group overlap: hence the loop. Rows
     assigned in earlier runs never move, so what overlaps among them (or joined their groups) stays, and is
-    reported. Returns (assigned, contamination rows, rows moved).
+    reported. Returns (assigned without text, contamination rows, rows moved).
     """
+    def rows_of(frame: pl.DataFrame) -> list[tuple[str, str, str]]:
+        return list(frame.select("row_id", "split", "text").iter_rows())
+
     # Only rows not in train now are ever looked up (moves go to train), so only their n-grams need indexing.
-    index = TrainingNgrams(s, [texts[r] for r in assigned.filter(pl.col("split") != "train")["row_id"]])
-    index.add([(r, texts[r]) for r in assigned.filter(pl.col("split") == "train")["row_id"]])
+    index = TrainingNgrams(s, assigned.filter(pl.col("split") != "train")["text"])
+    train = assigned.filter(pl.col("split") == "train")
+    index.add(train["row_id"].to_list(), train["text"])
+    del train
     moved: set[str] = set()
     candidates = assigned.filter(pl.col("fresh") & (pl.col("split") != "train"))
     while True:
-        found = index.overlapping([(r, sp, texts[r]) for r, sp in candidates.select("row_id", "split").iter_rows()])
+        found = index.overlapping(rows_of(candidates))
         groups = {g for g in candidates.filter(pl.col("row_id").is_in([f[0] for f in found]))["group_id"]}
         if not groups:
             break
-        to_train = candidates.filter(pl.col("group_id").is_in(groups))["row_id"].to_list()
-        index.add([(r, texts[r]) for r in to_train])
-        moved.update(to_train)
+        to_train = candidates.filter(pl.col("group_id").is_in(groups))
+        index.add(to_train["row_id"].to_list(), to_train["text"])
+        moved.update(to_train["row_id"])
         candidates = candidates.filter(~pl.col("group_id").is_in(groups))
     assigned = assigned.with_columns(
         pl.when(pl.col("row_id").is_in(list(moved))).then(pl.lit("train")).otherwise(pl.col("split")).alias("split"))
-    held_out = assigned.filter(pl.col("split") != "train").select("row_id", "split").iter_rows()
-    return assigned, index.overlapping([(r, sp, texts[r]) for r, sp in held_out]), len(moved)
+    found = index.overlapping(rows_of(assigned.filter(pl.col("split") != "train")))
+    return assigned.drop("text"), found, len(moved)
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -267,12 +272,15 @@ def run_split(cfg: PipelineConfig, dedup: DataResult, run_id: str = "local") -> 
     s = cfg.data.split
     started = utcnow()
     with open_warehouse(cfg.warehouse_url) as con:
+        # Of the turns, only what prompt keys are made of; the whole text once, for the overlap check.
         rows = con.sql(
-            "SELECT c.row_id, c.messages, a.split, "
+            "SELECT c.row_id, list_transform(list_filter(c.messages, lambda m: m.role IN ('user', 'system')), "
+            "lambda m: {'role': m.role, 'content': m.content}) AS messages, a.split, "
             "c.dedup_text || chr(10) || coalesce(array_to_string(c.responses, chr(10)), '') AS text "
             "FROM curated_rows c JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative' "
             "LEFT JOIN split_assignments a ON a.cluster_id = c.row_id ORDER BY c.row_seq").pl()
         keys = prompt_keys(rows, s)
+        rows = rows.drop("messages")
         distinct = keys.select("key").unique(maintain_order=True).with_row_index("key_id")
         edges = keys.join(distinct, on="key", maintain_order="left")
         con.begin()
@@ -280,7 +288,7 @@ def run_split(cfg: PipelineConfig, dedup: DataResult, run_id: str = "local") -> 
         assigned, bridges, stats = assign(rows.select("row_id", "split"), edges["row"].to_numpy(),
                                           rep[edges["key_id"].to_numpy()], len(distinct), s)
         assigned, found, stats["kept_in_train_by_overlap"] = keep_overlapping_groups_in_train(
-            assigned, dict(zip(rows["row_id"], rows["text"])), s)
+            assigned.join(rows.select("row_id", "text"), on="row_id", maintain_order="left"), s)
         new = assigned.join(rows.filter(pl.col("split").is_null()).select("row_id"), on="row_id")
         now = utcnow()
         _store(con, "split_assignments", new.select(pl.col("row_id").alias("cluster_id"), "split"),
