@@ -180,6 +180,22 @@ def test_eight_bit_signatures_cluster_like_full_ones_with_an_unbiased_estimate(c
     assert minhash._similarity(narrow, left, right)[unrelated].mean() < raw.mean() - 0.001
 
 
+def test_eight_bit_signatures_of_one_shingle_texts_agree_only_by_chance():
+    # Each text is one 5-token shingle. Cut straight off a * h + b mod 2^64, two such texts whose shingle hashes
+    # share their low 8 bits (1 pair in 256) would agree on all 128 values and be collapsed as identical.
+    from tasks.data.dedup import stored_form
+
+    texts = [f"what is {a} plus {b}" for a in range(40) for b in range(40)]
+    full = minhash.signatures(texts, NUM_PERM, SEED, NGRAM)
+    narrow = stored_form(full)
+    rep, _ = minhash.near_duplicate_clusters(narrow, THRESHOLD, SEED)
+    assert (rep == np.arange(len(texts))).all()
+    assert len(minhash.candidate_pairs(narrow, THRESHOLD, SEED)) == 0
+    left, right = np.triu_indices(300, k=1)
+    agree = (narrow[left] == narrow[right]).mean(axis=1)
+    assert abs(agree.mean() - 1 / 256) < 0.0005 and agree.max() < 0.1
+
+
 def test_clusters_of_empty_and_single_inputs():
     rep, sim = minhash.near_duplicate_clusters(np.empty((0, NUM_PERM), dtype=np.uint64), THRESHOLD, SEED)
     assert rep.shape == (0,) and sim.shape == (0,)

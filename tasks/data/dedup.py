@@ -36,19 +36,19 @@ SIGNATURE_BITS = 8  # b-bit MinHash (Li & Koenig, 2010): the low bits of each va
 
 def signature_params(d: DedupConfig) -> str:
     """Identifies how a stored signature was made; a change re-signs everything."""
-    return f"p{d.num_perm}-s{d.seed}-n{d.ngram}-b{SIGNATURE_BITS}-words-{source_hash(minhash.signatures)[:8]}"
+    return f"p{d.num_perm}-s{d.seed}-n{d.ngram}-b{SIGNATURE_BITS}mix-words-{source_hash(minhash.signatures)[:8]}"
 
 
 def stored_form(sigs: np.ndarray) -> np.ndarray:
-    """The low SIGNATURE_BITS bits of each MinHash value: what the warehouse and the shards keep (an eighth of the
-    64-bit values).
+    """What the warehouse and the shards keep of each MinHash value: SIGNATURE_BITS bits of it, well mixed
+    (minhash.low_bits), an eighth of the 64-bit values.
 
-    Two different minima agree in their low 8 bits with probability 1/256, so a pair of texts with Jaccard J agrees
-    on a value with probability J + (1 - J) / 256. For banding that is harmless: an unrelated pair matches a band of
-    9 values with probability 256^-9, a pair at J = 0.5 about 4 % more often than with full values, and every
-    candidate is confirmed on its texts' exact Jaccard (verify=exact). The similarity estimate is corrected for it
-    (minhash.near_duplicate_clusters, `bits`)."""
-    return (sigs & np.uint64((1 << SIGNATURE_BITS) - 1)).astype(np.uint8)
+    Two different minima agree on them with probability 1/256, so a pair of texts with Jaccard J agrees on a value
+    with probability J + (1 - J) / 256. For banding that is harmless: an unrelated pair matches a band of 9 values
+    with probability 256^-9, a pair at J = 0.5 about 4 % more often than with full values, and every candidate is
+    confirmed on its texts' exact Jaccard (verify=exact). The similarity estimate is corrected for it
+    (minhash._similarity)."""
+    return minhash.low_bits(sigs, SIGNATURE_BITS)
 
 
 def _shard_texts(con, cfg: PipelineConfig, shard: int) -> pl.DataFrame:

@@ -134,6 +134,17 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     return h
 
 
+def low_bits(sigs: np.ndarray, bits: int = 8) -> np.ndarray:
+    """b-bit MinHash: `bits` bits of each signature value after MurmurHash3's finalizer, as uint8.
+
+    The affine64 values are a * h + b mod 2^64, whose low bits depend only on the low bits of h: cut off directly,
+    two texts of one shingle each whose shingle hashes share their low 8 bits would agree on every value. Mixed
+    first, two different minima agree by chance only (2^-bits), independently across permutations."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1..8, got {bits}")
+    return (_fmix64(sigs.astype(np.uint64)) & np.uint64((1 << bits) - 1)).astype(np.uint8)
+
+
 def _hash_tokens(tokens: list[str] | pl.Series, cache: dict[str, int] | None = None) -> np.ndarray:
     if isinstance(tokens, pl.Series):  # hash each distinct token once, then gather
         vocab = tokens.unique()
