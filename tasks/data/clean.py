@@ -47,10 +47,11 @@ _LATIN_STOPWORDS = r"\b(" + "|".join(_any_case(w) for w in (
 PARSED_ROWS = ("SELECT p.row_id, p.kind, f.source, r.row_seq, p.messages, p.responses, p.tools, p.label "
                "FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f USING (file_id) "
                "WHERE p.reason IS NULL ORDER BY r.row_seq")  # what ingest parsed without error, in file order
-# clean_frame's rows into clean_results, each text stored once: turns (answers) that normalising left as ingest
-# parsed them are NULL with messages_as_parsed (responses_as_parsed) true, tools always NULL (clean never changes
-# them), dedup_text NULL where it equals the turns' conversation_text (sql/views.sql); the clean_rows view reads
-# those from parsed_rows and the turns.
+# clean_frame's rows (with parsed_messages / parsed_responses: the batch's rows as ingest parsed them) into
+# clean_results, each text stored once: turns (answers) that normalising left as ingest parsed them are NULL with
+# messages_as_parsed (responses_as_parsed) true, tools always NULL (clean never changes them), dedup_text NULL where
+# it equals the turns' conversation_text (sql/views.sql); the clean_rows view reads those from parsed_rows and the
+# turns.
 STORE_CLEANED = """
 INSERT INTO clean_results BY NAME
 SELECT * EXCLUDE (messages, responses, tools, dedup_text, text_of_turns),
@@ -58,12 +59,13 @@ SELECT * EXCLUDE (messages, responses, tools, dedup_text, text_of_turns),
     CASE WHEN NOT responses_as_parsed THEN responses END AS responses,
     CASE WHEN NOT text_of_turns THEN dedup_text END AS dedup_text
 FROM (
-    SELECT c.* EXCLUDE (messages), CAST(c.messages AS chat_message[]) AS messages,
-        CAST(c.messages AS chat_message[]) IS NOT DISTINCT FROM p.messages AS messages_as_parsed,
-        c.responses IS NOT DISTINCT FROM p.responses AS responses_as_parsed,
+    SELECT c.* EXCLUDE (messages, parsed_messages, parsed_responses), CAST(c.messages AS chat_message[]) AS messages,
+        CAST(c.messages AS chat_message[]) IS NOT DISTINCT FROM CAST(c.parsed_messages AS chat_message[])
+            AS messages_as_parsed,
+        c.responses IS NOT DISTINCT FROM c.parsed_responses AS responses_as_parsed,
         c.dedup_text IS NOT DISTINCT FROM conversation_text(CAST(c.messages AS chat_message[])) AS text_of_turns,
         sha256(c.kind || chr(0) || c.dedup_text) AS content_hash
-    FROM cleaned c JOIN parsed_rows p USING (row_id)
+    FROM cleaned c
 )"""
 
 
@@ -272,7 +274,9 @@ def run_clean(cfg: PipelineConfig, ingest: DataResult, run_id: str = "local") ->
             con.begin()
             con.execute("DELETE FROM clean_results")
             for batch in stream(con, PARSED_ROWS, cfg.data.batch_rows):
-                cleaned = clean_frame(batch, cfg, token_counter, template_problem)
+                cleaned = clean_frame(batch, cfg, token_counter, template_problem).join(
+                    batch.select("row_id", pl.col("messages").alias("parsed_messages"),
+                                 pl.col("responses").alias("parsed_responses")), on="row_id", how="left")
                 con.register("cleaned", cleaned.to_arrow())
                 con.execute(STORE_CLEANED)
                 con.unregister("cleaned")
