@@ -526,3 +526,16 @@ def test_a_warehouse_with_wide_signatures_signs_its_texts_again_in_eight_bits(ma
     stored, distinct = query(cfg, "SELECT count(*), count(DISTINCT (content_hash, params)) FROM minhash_signatures")[0]
     assert stored == distinct == query(cfg, "SELECT count(DISTINCT content_hash) FROM curated_rows "
                                             "WHERE reason IS NULL")[0][0]
+
+
+def test_duckdb_memory_limit_comes_from_the_environment(make_cfg, monkeypatch):
+    from tasks.core.warehouse import MEMORY_LIMIT_ENV, open_warehouse
+
+    cfg = make_cfg()
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "1GiB")
+    with open_warehouse(cfg.warehouse_url) as con:
+        limit = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    assert limit.replace(" ", "") in ("1.0GiB", "1024.0MiB", "1GiB"), limit
+    monkeypatch.delenv(MEMORY_LIMIT_ENV)
+    with open_warehouse(cfg.warehouse_url) as con:
+        assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] != limit

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -26,6 +27,9 @@ SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 # DuckDB releases (and the CLI people have installed) refuse to open. With v1.2.0 every DuckDB from 1.2 on reads
 # the file, the DuckDB CLI that setup installs (duckdb-cli 1.4, .venv/bin/duckdb) included, and text can be stored
 # with ZSTD (v1.0.0 has no ZSTD for strings). Fixed when the file is created: an existing file keeps its format.
+# DuckDB's memory limit for warehouse connections (e.g. "2GiB"); unset: DuckDB's default, 80 % of RAM. Past the
+# limit DuckDB evicts cached blocks and spills sorts, joins and aggregates to disk instead of growing.
+MEMORY_LIMIT_ENV = "SFTPIPE_DUCKDB_MEMORY_LIMIT"
 STORAGE_COMPATIBILITY = "v1.2.0"
 LOCK_NOTE_S = 5.0  # a connection waiting for DuckDB's file lock says who holds it this often
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.+? \(PID \d+\))")
@@ -73,9 +77,10 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = 600.0) ->
     path = Path(path)
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
-    con = _wait_for_file_lock(lambda: duckdb.connect(str(path), read_only=read_only,
-                                                     config={"storage_compatibility_version": STORAGE_COMPATIBILITY}),
-                              path, wait_s)
+    config = {"storage_compatibility_version": STORAGE_COMPATIBILITY}
+    if os.environ.get(MEMORY_LIMIT_ENV):
+        config["memory_limit"] = os.environ[MEMORY_LIMIT_ENV]
+    con = _wait_for_file_lock(lambda: duckdb.connect(str(path), read_only=read_only, config=config), path, wait_s)
     if not read_only:
         _rename_clean_rows(con)
         _drop_wide_signatures(con)
