@@ -153,9 +153,9 @@ CREATE TABLE IF NOT EXISTS benchmark_matches (
 );
 
 -- MinHash signatures by content, so a nightly run signs only texts it has not seen. params names how they were
--- made (permutations, seed, shingle size, bits kept, code version). Each value is the low 8 bits of the 64-bit
--- minimum (b-bit MinHash; tasks/data/dedup.py: stored_form): 128 bytes a text, all that banding, the identical-
--- signature check and the similarity estimate need. No primary key (its index was a fifth of the table's bytes):
+-- made (permutations, seed, shingle size, bits kept, code version). Each value is 8 bits of the 64-bit minimum,
+-- taken after a mixing step (b-bit MinHash; tasks/data/dedup.py: stored_form): 128 bytes a text, all that banding,
+-- the identical-signature check and the similarity estimate need. No primary key (its index was a fifth of the table's bytes):
 -- writers skip content hashes already stored. Older warehouses' table (32 bits a value, keyed) is dropped on open
 -- and its texts signed again.
 CREATE TABLE IF NOT EXISTS minhash_signatures (

@@ -31,7 +31,7 @@ from tasks.core.warehouse import open_warehouse, record_stage, table_fingerprint
 from tasks.data import minhash
 
 ACCEPTED_SQL = "SELECT row_id, kind, row_seq, content_hash, dedup_text FROM curated_rows WHERE reason IS NULL"
-SIGNATURE_BITS = 8  # b-bit MinHash (Li & Koenig, 2010): the low bits of each value, see stored_form
+SIGNATURE_BITS = 8  # b-bit MinHash (Li & Koenig, 2010): bits kept of each value, see stored_form
 
 
 def signature_params(d: DedupConfig) -> str:
