@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -57,17 +56,12 @@ def _model():
 
 def detect_language(text: str) -> tuple[str, float]:
     """(ISO 639 code, probability) of the text's language; ('und', 0.0) for text without letters."""
-    if not any(ch.isalpha() for ch in text):
-        return UNDETERMINED, 0.0
-    line = text.replace("\n", " ")
-    latin = re.findall("[A-Za-z]", line)
-    shouting = sum(ch <= "Z" for ch in latin) > 0.8 * len(latin) and len(line) > 5
-    return _language_of_line(_model(), line, shouting)
+    return detect_languages([text])[0]
 
 
 def detect_languages(texts: list[str]) -> list[tuple[str, float]]:
-    """detect_language of each text, with the input preparation done for the whole batch in polars (what costs
-    most per text after the model itself)."""
+    """detect_language of each text: the input preparation for the whole batch in polars (what costs most per
+    text after the model itself), then one model call per text."""
     if not texts:
         return []
     batch = pl.DataFrame({"text": texts}).select(
