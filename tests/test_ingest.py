@@ -396,6 +396,11 @@ def _write_bulk_edges(d):
     _write_jsonl(d / "preference_text.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "system": "Math."},
                                                {"prompt": "", "chosen": "same", "rejected": "same"}])
     (d / "gzipped.jsonl.gz").write_bytes(gzip.compress("".join(t + "\n" for t in text).encode()))
+    # Rows that are not JSON objects are quarantined one by one beside the bulk rows, as the per-line path does.
+    (d / "not_objects_between.jsonl").write_text("\n".join(
+        ['[1, 2]', text[0], text[1][: len(text[1]) // 2], '"just a string"', "null", "42", text[2], "{", "[1, 2,]"])
+        + "\n", encoding="utf-8")
+    _write_jsonl(d / "not_objects.jsonl", [ALPACA, ["a"], "text"])
     _write_jsonl(d / "preference_turns.jsonl", [
         {"conversations": [{"from": "human", "value": "Pick"}], "chosen": {"from": "gpt", "value": "A"},
          "rejected": {"from": "gpt", "value": "B"}}])
@@ -419,10 +424,12 @@ def _write_bulk_edges(d):
          "rejected": {"from": "gpt", "value": "B"}}])
     _write_jsonl(d / "empty_conversation.jsonl", [{"messages": []}])
     _write_jsonl(d / "missing_value.jsonl", [{"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]}])
-    _write_jsonl(d / "not_objects.jsonl", [ALPACA, ["a"], "text"])
+    # So many rows that are JSON but not objects come first that the file's format is detected on them alone.
+    (d / "leading_non_objects.jsonl").write_text("[1]\n" * formats.DETECTION_SAMPLE + text[0] + "\n", encoding="utf-8")
     _write_jsonl(d / "mixed_layouts.jsonl", [ALPACA, {"messages": [{"role": "user", "content": "Hi"}]}])
     return {"crlf_blank_lines": True, "gzipped": True, "optional_fields": True, "unicode_escapes": True, "kto_labels": True,
-            "sharegpt_system": True, "preference_text": True, "preference_turns": True}
+            "sharegpt_system": True, "preference_text": True, "preference_turns": True, "not_objects_between": True,
+            "not_objects": True}
 
 
 def _warehouse(cfg) -> dict:

@@ -2,9 +2,11 @@
 readers and DuckDB's JSON functions, without a Python object per row.
 
 It takes a file only when it is certain to give exactly what the per-line path (tasks/data/ingest.py +
-formats.py) gives: every row a JSON object in one layout the SQL below covers, with the field types and speakers that
-layout needs. Anything else (a malformed or unusual row, tool calls, content parts, transcripts, a configured mapping
-or format) makes bulk_file return None, and the caller reads the whole file line by line instead.
+formats.py) gives: every row that is a JSON object in one layout the SQL below covers, with the field types and
+speakers that layout needs. Rows that are not JSON objects at all (truncated lines, bare strings or arrays) do not
+stop it: they are few, carry no records, and the caller quarantines them one by one as the per-line path does. Any
+other doubt (an object of another layout, tool calls, content parts, transcripts, a configured mapping or format)
+makes bulk_file return None, and the caller reads the whole file line by line instead.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import polars as pl
 
 from tasks.data import formats
 
-LINES = "_bulk_lines"
+INPUT = "_bulk_input"  # every row of the file
+ODD = "_bulk_odd"      # the rows that are not JSON objects (their sequence numbers)
+LINES = "_bulk_lines"  # the rest: the rows put in canonical form in SQL
 # DuckDB's JSON parser accepts what orjson (the per-line parser) rejects: trailing commas, NaN / Infinity and
 # numbers out of double range. Rows that may hold one (this pattern, or a number read as DOUBLE) are parsed by orjson
 # too, and one it rejects sends the file down the per-line path.
@@ -283,36 +287,62 @@ def layout_sql(layout: Layout) -> tuple[list[str], list[str], dict[str, str]]:
 class BulkFile(NamedTuple):
     fmt: str
     n_rows: int
-    source: str                # SQL: the registered rows with the layout's extracted columns
+    source: str                # SQL: the object rows with the layout's extracted columns
     canonical: dict[str, str]  # SQL over `source`: kind, messages, responses, label
+    odd: pl.DataFrame          # (row_number, raw) of the rows that are not JSON objects, for the per-line parser
+
+
+def _odd_rows(con: duckdb.DuckDBPyConnection) -> pl.DataFrame | None:
+    """(seq, row_number, raw) of the registered rows that are not JSON objects; None when the per-line path could
+    treat them differently: one of them is an object to orjson, or so many come first that the file's format would
+    be detected without any object row (formats.detect_file_format votes over the first parsed records)."""
+    odd = con.sql(f"SELECT seq, row_number, raw FROM {INPUT} WHERE NOT coalesce(CASE WHEN json_valid(raw) "
+                  f"THEN json_type(raw) = 'OBJECT' END, false) ORDER BY seq").pl()
+    parsed_before_first_object = 0
+    for leading, (seq, raw) in enumerate(zip(odd["seq"], odd["raw"]), start=1):
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            return None
+        parsed_before_first_object += seq == leading  # odd rows are sorted: the leading ones are seq 1, 2, ...
+    return None if parsed_before_first_object >= formats.DETECTION_SAMPLE else odd
 
 
 def bulk_file(con: duckdb.DuckDBPyConnection, lines: pl.DataFrame) -> BulkFile | None:
-    """Registers the rows (row_number, raw) as LINES on con and says how to insert them in canonical form; None
-    (and nothing registered) when any row is not certain to come out as the per-line path makes it."""
+    """Registers the rows (row_number, raw) on con and says how to insert them in canonical form; None (and nothing
+    registered) when any object row is not certain to come out as the per-line path makes it."""
     if lines.is_empty():
         return None
-    con.register(LINES, lines.with_row_index("seq", offset=1).to_arrow(compat_level=pl.CompatLevel.newest()))
-    layout = survey(con)
+    con.register(INPUT, lines.with_row_index("seq", offset=1).to_arrow(compat_level=pl.CompatLevel.newest()))
+    odd = _odd_rows(con)
     bulk = None
-    if layout is not None:
-        columns, tests, canonical = layout_sql(layout)
-        source = f"SELECT seq, row_number, raw, {', '.join(columns)} FROM {LINES}"
-        try:
-            certain = not tests or con.execute(f"SELECT bool_and({' AND '.join(tests)}) FROM ({source})").fetchall()[0][0]
-        except duckdb.Error:
-            certain = False
-        if certain:
-            bulk = BulkFile(layout.fmt, lines.height, source, canonical)
+    if odd is not None and odd.height < lines.height:
+        con.register(ODD, odd.select("seq").to_arrow())
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {LINES} AS SELECT * FROM {INPUT}" +
+                    (f" ANTI JOIN {ODD} USING (seq)" if odd.height else ""))
+        layout = survey(con)
+        if layout is not None:
+            columns, tests, canonical = layout_sql(layout)
+            source = f"SELECT seq, row_number, raw, {', '.join(columns)} FROM {LINES}"
+            try:
+                certain = not tests or con.execute(
+                    f"SELECT bool_and({' AND '.join(tests)}) FROM ({source})").fetchall()[0][0]
+            except duckdb.Error:
+                certain = False
+            if certain:
+                bulk = BulkFile(layout.fmt, lines.height, source, canonical, odd.select("row_number", "raw"))
     if bulk is None:
-        con.unregister(LINES)
+        release(con)
     return bulk
 
 
 def insert_rows(con: duckdb.DuckDBPyConnection, bulk: BulkFile, file_id: str, run_id: str, seq0: int) -> None:
-    """raw_rows and parsed_rows of a bulk file, as ingest's per-line path writes them."""
+    """raw_rows of every row and parsed_rows of the object rows, as ingest's per-line path writes them (the caller
+    parses the odd rows)."""
     con.execute(f"INSERT INTO raw_rows (row_id, file_id, row_number, row_seq, raw, raw_bytes, ingest_run_id) "
-                f"SELECT $file || ':' || row_number, $file, row_number, $seq0 + seq, raw, NULL, $run FROM {LINES}",
+                f"SELECT $file || ':' || row_number, $file, row_number, $seq0 + seq, raw, NULL, $run FROM {INPUT}",
                 {"file": file_id, "seq0": seq0, "run": run_id})
     c = bulk.canonical
     con.execute(f"INSERT INTO parsed_rows (row_id, kind, messages, responses, tools, label, reason, detail) "
@@ -336,4 +366,6 @@ def bounded_buffer_pool(con: duckdb.DuckDBPyConnection, n_rows: int) -> Iterator
 
 
 def release(con: duckdb.DuckDBPyConnection) -> None:
-    con.unregister(LINES)
+    con.execute(f"DROP VIEW IF EXISTS {LINES}")
+    for name in (ODD, INPUT):
+        con.unregister(name)

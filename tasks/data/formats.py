@@ -87,7 +87,10 @@ def detect(record: dict) -> str | None:
     return None
 
 
-def detect_file_format(records: list[Any], sample: int = 200) -> str | None:
+DETECTION_SAMPLE = 200
+
+
+def detect_file_format(records: list[Any], sample: int = DETECTION_SAMPLE) -> str | None:
     """Majority format over the first `sample` records of a file (files are one format; stray rows are rejected)."""
     votes = Counter(detect(r) for r in records[:sample] if isinstance(r, dict))
     votes.pop(None, None)

@@ -396,7 +396,10 @@ def _insert_read_rows(con: duckdb.DuckDBPyConnection, read: FileRead, records: l
         "raw_bytes": pa.array([r.raw_bytes for r in read.rows], pa.binary()),
         "ingest_run_id": [run_id] * len(row_ids),
     })
-    parsed = [parse_row(r, rec, fmt) for r, rec in zip(read.rows, records)]
+    _insert_parsed(con, row_ids, [parse_row(r, rec, fmt) for r, rec in zip(read.rows, records)])
+
+
+def _insert_parsed(con: duckdb.DuckDBPyConnection, row_ids: list[str], parsed: list[ParsedRow]) -> None:
     insert_columns(con, "parsed_rows", {
         "row_id": row_ids,
         "kind": pa.array([p.kind for p in parsed], pa.string()),
@@ -449,6 +452,8 @@ def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: Pipe
     if bulk:
         del data  # the rows are held as Arrow now
         read, records, fmt = FileRead(file_type_of(local)[0]), [], bulk.fmt
+        # Rows that are not JSON objects are parsed here, one by one, as the per-line path parses them.
+        odd_rows = [_json_row(n, raw) for n, raw in bulk.odd.iter_rows()]
     else:
         read = read or read_file(local, data, cfg.data.ingest.csv_delimiter)
         mapping = file_mapping(url, cfg)
@@ -460,6 +465,8 @@ def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: Pipe
     def insert_rows(seq0: int) -> None:
         if bulk:
             bulk_ingest.insert_rows(con, bulk, file_id, run_id, seq0)
+            _insert_parsed(con, [f"{file_id}:{r.row_number}" for r in odd_rows],
+                           [parse_row(r, r.record, fmt) for r in odd_rows])
         elif read.rows:
             _insert_read_rows(con, read, records, fmt, file_id, run_id, seq0)
 
@@ -474,7 +481,8 @@ def ingest_file(con: duckdb.DuckDBPyConnection, url: str, run_id: str, cfg: Pipe
         if bulk:
             bulk_ingest.release(con)
     return {"path": url, "file_id": file_id, "skipped": False, "rows": n_rows, "format": fmt,
-            "unreadable_rows": sum(1 for r in read.rows if r.reason), "file_reason": read.reason, "bulk": bool(bulk)}
+            "unreadable_rows": sum(1 for r in (odd_rows if bulk else read.rows) if r.reason),
+            "file_reason": read.reason, "bulk": bool(bulk)}
 
 
 def input_paths(cfg: PipelineConfig) -> list[str]:
