@@ -1,7 +1,9 @@
 """Ingest: raw files → DuckDB, every row verbatim with provenance, in one transaction per file.
 
 A JSON Lines or Parquet file whose rows all fit a plain layout is read in bulk (bulk_ingest.py: native readers and
-DuckDB's JSON functions, no Python object per row). Every other file takes the per-line path here: CSV and Parquet
+DuckDB's JSON functions, no Python object per row). Lines of such a file that are not JSON objects (a truncated
+line, a bare string or number) stay on the bulk path too: only they are parsed here one by one and quarantined with
+their reason, in the same transaction. Every other file takes the per-line path here: CSV and Parquet
 read by DuckDB itself, JSON / JSON Lines parsed with orjson line by line, because DuckDB's JSON reader either fails
 the whole file on one bad line or drops it silently (ignore_errors), and here a bad line must be kept and
 quarantined with its line number. Both paths write the same rows.
