@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import polars as pl
@@ -261,6 +262,33 @@ def test_each_leakage_shape_shares_a_prompt_group(tmp_path, make_cfg):
     leaks = contamination([(r, t) for r, sp, t in by_row if sp == "train"],
                           [(r, sp, t) for r, sp, t in by_row if sp != "train"], cfg.data.split)
     assert len(leaks) > 0.25 * sum(sp != "train" for _, sp, _ in by_row)
+
+
+def test_training_ngrams_merged_a_few_rows_at_a_time_find_what_one_merge_finds(monkeypatch):
+    from tasks.data.split import TrainingNgrams
+
+    # Rows built from a small pool of sentences: held-out rows share n-grams with several training rows, so which
+    # row is the closest (most shared n-grams, the earliest on a tie) depends on every merge keeping owners right.
+    sentences = [f"sentence {i} tells of the {w} river and the hills around it" for i, w in
+                 enumerate("red green blue grey black white brown pink".split())]
+    text = lambda i: " ".join(sentences[(i * k) % len(sentences)] for k in (1, 3, 5))  # noqa: E731
+    train = [(f"t{i}", text(i)) for i in range(30)]
+    held_out = [(f"h{i}", "validation", text(i + 100) + " and one new clause") for i in range(12)]
+    at_once = contamination(train, held_out, SplitConfig())
+    monkeypatch.setattr(TrainingNgrams, "ROWS_PER_MERGE", 7)
+    assert contamination(train, held_out, SplitConfig()) == at_once
+    # The same by hand, on word 8-grams: each n-gram belongs to the first training row that has it; the closest
+    # row is the one that owns most of a held-out row's n-grams (the earliest on a tie).
+    grams = lambda t: {tuple(t.split()[k : k + 8]) for k in range(len(t.split()) - 7)}  # noqa: E731
+    owner: dict[tuple, int] = {}
+    for i, (_, t) in enumerate(train):
+        for g in grams(t):
+            owner.setdefault(g, i)
+    expected = []
+    for _, _, t in held_out:
+        owned = Counter(owner[g] for g in grams(t) if g in owner)
+        expected.append(f"t{min(owned, key=lambda i: (-owned[i], i))}")
+    assert [closest for *_, closest in at_once] == expected
 
 
 def test_prompt_keys_first_turn_long_follow_ups_and_optional_system_prompt():

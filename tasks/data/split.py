@@ -167,8 +167,14 @@ class TrainingNgrams:
             grams = [flat for _, flat, _ in minhash.ngram_hash_batches(queried, s.decontam_ngram)]
             self.relevant = minhash.HashSet(np.concatenate(grams) if grams else np.empty(0, np.uint64))
 
+    ROWS_PER_MERGE = 100_000  # rows' n-grams (with their owners) held at once before they are merged in
+
     def add(self, row_ids: list[str], texts: list[str] | pl.Series) -> None:
         """Training rows and their texts (a polars Series keeps them out of Python strings but a batch at a time)."""
+        for lo in range(0, len(row_ids), self.ROWS_PER_MERGE):
+            self._add(row_ids[lo : lo + self.ROWS_PER_MERGE], texts[lo : lo + self.ROWS_PER_MERGE])
+
+    def _add(self, row_ids: list[str], texts: list[str] | pl.Series) -> None:
         base = len(self.row_ids)
         self.row_ids += row_ids
         hashes, owners = [np.empty(0, np.uint64)], [np.empty(0, np.int64)]
