@@ -556,6 +556,25 @@ def test_a_warehouse_with_wide_signatures_signs_its_texts_again_in_eight_bits(ma
                                             "WHERE reason IS NULL")[0][0]
 
 
+def test_texts_signed_a_few_at_a_time_store_what_one_slice_stores(make_cfg, monkeypatch):
+    from tasks.core.warehouse import open_warehouse
+    from tasks.data import dedup
+
+    cfg = make_cfg()
+    texts = [r["instruction"] + " " + r["output"] for r in json.loads(ALPACA_EN.read_text())[:25]]
+    hashes = [f"h{i}" for i in range(len(texts))]
+    with open_warehouse(cfg.warehouse_url) as con:
+        whole, signed = dedup.signatures_of(con, texts, hashes, cfg.data.dedup)
+        assert signed == 25
+        con.execute("DELETE FROM minhash_signatures")
+        monkeypatch.setattr(dedup, "SIGN_SLICE", 4)
+        sliced, signed = dedup.signatures_of(con, texts, hashes, cfg.data.dedup)
+        assert signed == 25 and np.array_equal(sliced, whole)
+        monkeypatch.setattr(dedup, "SIGN_SLICE", 10**9)
+        stored, signed = dedup.signatures_of(con, texts, hashes, cfg.data.dedup)  # read back, none signed
+        assert signed == 0 and np.array_equal(stored, whole)
+
+
 def test_duckdb_memory_limit_comes_from_the_environment(make_cfg, monkeypatch):
     from tasks.core.warehouse import MEMORY_LIMIT_ENV, open_warehouse
 

@@ -175,13 +175,19 @@ def load_signatures(con, content_hashes: list[str], d: DedupConfig) -> tuple[np.
     return sigs, missing
 
 
+SIGN_SLICE = 100_000
+
+
 def signatures_of(con, texts: list[str], content_hashes: list[str], d: DedupConfig) -> tuple[np.ndarray, int]:
     """(signatures, newly signed) of `texts` (keyed by `content_hashes`): stored ones are read back, the rest signed
     and stored, so a nightly run signs only texts it has not seen. Needs a writable connection."""
     sigs, missing = load_signatures(con, content_hashes, d)
     todo = np.flatnonzero(missing)
     if len(todo):
-        new = stored_form(minhash.signatures([texts[i] for i in todo], d.num_perm, d.seed, d.ngram))
+        # signed in slices: the 64-bit values (1 KiB a text) exist for one slice at a time, only 8 bits are kept
+        new = np.concatenate([
+            stored_form(minhash.signatures([texts[i] for i in todo[lo : lo + SIGN_SLICE]], d.num_perm, d.seed, d.ngram))
+            for lo in range(0, len(todo), SIGN_SLICE)])
         sigs[todo] = new
         con.register("new_sigs", pa.table({
             "content_hash": pa.array([content_hashes[i] for i in todo], pa.string()),

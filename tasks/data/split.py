@@ -24,6 +24,7 @@ and left out of the views training and evaluation read (eval_exclusions counts i
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import polars as pl
@@ -38,6 +39,7 @@ from tasks.core.warehouse import (
     insert_columns,
     open_warehouse,
     record_stage,
+    stream,
     table_fingerprint,
     utcnow,
 )
@@ -235,24 +237,33 @@ def contamination(train: list[tuple[str, str]], held_out: list[tuple[str, str, s
     return index.overlapping(held_out)
 
 
-def keep_overlapping_groups_in_train(assigned: pl.DataFrame, s: SplitConfig):
+def keep_overlapping_groups_in_train(assigned: pl.DataFrame, s: SplitConfig,
+                                     held_out_text: Callable[[pl.Series], pl.DataFrame],
+                                     training_text: Callable[[], Iterator[pl.DataFrame]]):
     """Move new groups whose held-out rows overlap training into train, until none does; then check every
-    held-out row. assigned: row_id, group_id, split, fresh (the group had no assigned row before this run), text.
+    held-out row. assigned: row_id, group_id, split, fresh (the group had no assigned row before this run).
+    held_out_text(row_ids) -> (row_id, text) of those rows; training_text() -> (row_id, text) frames of every row, in
+    row order, a batch at a time: the training split's text is never held whole (1.5 GiB of the stage's 5.8 GiB
+    peak at 1M rows).
 
     Moving a group adds its n-grams to training, which can make another new group overlap: hence the loop. Rows
     assigned in earlier runs never move, so what overlaps among them (or joined their groups) stays, and is
-    reported. Returns (assigned without text, contamination rows, rows moved).
+    reported. Returns (assigned, contamination rows, rows moved).
     """
     def rows_of(frame: pl.DataFrame) -> list[tuple[str, str, str]]:
         return list(frame.select("row_id", "split", "text").iter_rows())
 
+    held_out = assigned.filter(pl.col("split") != "train")
+    held_out = held_out.join(held_out_text(held_out["row_id"]), on="row_id", maintain_order="left")
     # Only rows not in train now are ever looked up (moves go to train), so only their n-grams need indexing.
-    index = TrainingNgrams(s, assigned.filter(pl.col("split") != "train")["text"])
-    train = assigned.filter(pl.col("split") == "train")
-    index.add(train["row_id"].to_list(), train["text"])
+    index = TrainingNgrams(s, held_out["text"])
+    train = assigned.filter(pl.col("split") == "train").select("row_id")
+    for batch in training_text():
+        batch = batch.join(train, on="row_id", how="semi", maintain_order="left")
+        index.add(batch["row_id"].to_list(), batch["text"])
     del train
     moved: set[str] = set()
-    candidates = assigned.filter(pl.col("fresh") & (pl.col("split") != "train"))
+    candidates = held_out.filter(pl.col("fresh"))
     while True:
         found = index.overlapping(rows_of(candidates))
         groups = {g for g in candidates.filter(pl.col("row_id").is_in([f[0] for f in found]))["group_id"]}
@@ -264,11 +275,26 @@ def keep_overlapping_groups_in_train(assigned: pl.DataFrame, s: SplitConfig):
         candidates = candidates.filter(~pl.col("group_id").is_in(groups))
     assigned = assigned.with_columns(
         pl.when(pl.col("row_id").is_in(list(moved))).then(pl.lit("train")).otherwise(pl.col("split")).alias("split"))
-    found = index.overlapping(rows_of(assigned.filter(pl.col("split") != "train")))
-    return assigned.drop("text"), found, len(moved)
+    found = index.overlapping(rows_of(held_out.filter(~pl.col("row_id").is_in(list(moved)))))
+    return assigned, found, len(moved)
 
 
 # ------------------------------------------------------------------------------------------------ the stage
+_REPRESENTATIVES = ("curated_rows c JOIN cluster_members m ON m.row_id = c.row_id "
+                    "AND m.method = 'representative'")
+_TEXT = "c.dedup_text || chr(10) || coalesce(array_to_string(c.responses, chr(10)), '')"  # what the overlap check reads
+
+
+def _texts_of(con, row_ids: pl.Series) -> pl.DataFrame:
+    """(row_id, text) of these representatives: the few held-out ones, read at once."""
+    con.register("wanted_rows", pl.DataFrame({"row_id": row_ids}).to_arrow())
+    try:
+        return con.sql(f"SELECT c.row_id, {_TEXT} AS text FROM {_REPRESENTATIVES} "
+                       "JOIN wanted_rows w ON w.row_id = c.row_id").pl()
+    finally:
+        con.unregister("wanted_rows")
+
+
 def _store(con, table: str, frame: pl.DataFrame, **constants) -> None:
     insert_columns(con, table, {**{c: frame[c].to_list() for c in frame.columns},
                                 **{k: [v] * len(frame) for k, v in constants.items()}})
@@ -278,12 +304,10 @@ def run_split(cfg: PipelineConfig, dedup: DataResult, run_id: str = "local") -> 
     s = cfg.data.split
     started = utcnow()
     with open_warehouse(cfg.warehouse_url) as con:
-        # Of the turns, only what prompt keys are made of; the whole text once, for the overlap check.
+        # Of the turns, only what prompt keys are made of; the overlap check's text is read later.
         rows = con.sql(
             "SELECT c.row_id, list_transform(list_filter(c.messages, lambda m: m.role IN ('user', 'system')), "
-            "lambda m: {'role': m.role, 'content': m.content}) AS messages, a.split, "
-            "c.dedup_text || chr(10) || coalesce(array_to_string(c.responses, chr(10)), '') AS text "
-            "FROM curated_rows c JOIN cluster_members m ON m.row_id = c.row_id AND m.method = 'representative' "
+            f"lambda m: {{'role': m.role, 'content': m.content}}) AS messages, a.split FROM {_REPRESENTATIVES} "
             "LEFT JOIN split_assignments a ON a.cluster_id = c.row_id ORDER BY c.row_seq").pl()
         keys = prompt_keys(rows, s)
         rows = rows.drop("messages")
@@ -294,7 +318,9 @@ def run_split(cfg: PipelineConfig, dedup: DataResult, run_id: str = "local") -> 
         assigned, bridges, stats = assign(rows.select("row_id", "split"), edges["row"].to_numpy(),
                                           rep[edges["key_id"].to_numpy()], len(distinct), s)
         assigned, found, stats["kept_in_train_by_overlap"] = keep_overlapping_groups_in_train(
-            assigned.join(rows.select("row_id", "text"), on="row_id", maintain_order="left"), s)
+            assigned, s, lambda row_ids: _texts_of(con, row_ids),
+            lambda: stream(con, f"SELECT c.row_id, {_TEXT} AS text FROM {_REPRESENTATIVES} ORDER BY c.row_seq",
+                           cfg.data.batch_rows))
         new = assigned.join(rows.filter(pl.col("split").is_null()).select("row_id"), on="row_id")
         now = utcnow()
         _store(con, "split_assignments", new.select(pl.col("row_id").alias("cluster_id"), "split"),
