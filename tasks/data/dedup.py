@@ -51,6 +51,17 @@ def stored_form(sigs: np.ndarray) -> np.ndarray:
     return minhash.low_bits(sigs, SIGNATURE_BITS)
 
 
+SIGN_SLICE = 100_000
+
+
+def stored_signatures(texts: list[str], d: DedupConfig) -> np.ndarray:
+    """stored_form of the texts' signatures, signed SIGN_SLICE texts at a time: the 64-bit values (1 KiB a text)
+    exist for one slice only."""
+    starts = range(0, len(texts), SIGN_SLICE) or range(1)  # no texts: one empty slice, for the shape and dtype
+    return np.concatenate([stored_form(minhash.signatures(texts[lo : lo + SIGN_SLICE], d.num_perm, d.seed, d.ngram))
+                           for lo in starts])
+
+
 def _shard_texts(con, cfg: PipelineConfig, shard: int) -> pl.DataFrame:
     d = cfg.data.dedup
     return con.sql(
@@ -67,7 +78,7 @@ def compute_signature_shard(cfg: PipelineConfig, clean: DataResult, shard: int) 
     d = cfg.data.dedup
     with open_warehouse(cfg.warehouse_url, read_only=True) as con:
         todo = _shard_texts(con, cfg, shard)
-    sigs = stored_form(minhash.signatures(todo["text"].to_list(), d.num_perm, d.seed, d.ngram))
+    sigs = stored_signatures(todo["text"].to_list(), d)
     url = cfg.url("dedup", signature_params(d), f"{clean.fingerprint}-shard{shard}.parquet")
     out = storage.local_path(url)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,19 +186,13 @@ def load_signatures(con, content_hashes: list[str], d: DedupConfig) -> tuple[np.
     return sigs, missing
 
 
-SIGN_SLICE = 100_000
-
-
 def signatures_of(con, texts: list[str], content_hashes: list[str], d: DedupConfig) -> tuple[np.ndarray, int]:
     """(signatures, newly signed) of `texts` (keyed by `content_hashes`): stored ones are read back, the rest signed
     and stored, so a nightly run signs only texts it has not seen. Needs a writable connection."""
     sigs, missing = load_signatures(con, content_hashes, d)
     todo = np.flatnonzero(missing)
     if len(todo):
-        # signed in slices: the 64-bit values (1 KiB a text) exist for one slice at a time, only 8 bits are kept
-        new = np.concatenate([
-            stored_form(minhash.signatures([texts[i] for i in todo[lo : lo + SIGN_SLICE]], d.num_perm, d.seed, d.ngram))
-            for lo in range(0, len(todo), SIGN_SLICE)])
+        new = stored_signatures([texts[i] for i in todo], d)
         sigs[todo] = new
         con.register("new_sigs", pa.table({
             "content_hash": pa.array([content_hashes[i] for i in todo], pa.string()),

@@ -102,7 +102,8 @@ def detector_key(language_chars: int) -> str:
 
 
 Languages = list[tuple[str, float]]
-# Below this many texts to detect, a second process costs more to start (~1 s: imports, model) than it saves.
+# Below this many texts to detect, a second process costs more to start (~2.5 s: it imports this module's
+# dependencies, loads the model) than it saves.
 SECOND_PROCESS_FROM = 20_000
 # The second process's share of a batch: this process scans for PII first (~0.4 of language ID's time), then
 # detects the rest itself, so both cores finish at about the same time.
@@ -121,20 +122,21 @@ def language_process() -> Iterator[Callable[[list[str]], Callable[[], Languages]
     second process takes the first SECOND_PROCESS_SHARE of the texts at once; this one detects the rest when the
     wait is called (after its PII scan). The process starts on the first batch large enough to need it and serves
     every later one."""
-    broken: list[BaseException] = []
+    child_failed = False
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         def submit(texts: list[str]) -> Callable[[], Languages]:
-            if len(texts) < SECOND_PROCESS_FROM or broken:
+            if len(texts) < SECOND_PROCESS_FROM or child_failed:
                 return detect_now(texts)
             split = int(len(texts) * SECOND_PROCESS_SHARE)
             theirs = pool.submit(detect_languages, texts[:split])
 
             def wait() -> Languages:
+                nonlocal child_failed
                 mine = detect_languages(texts[split:])
                 try:
                     return theirs.result() + mine
-                except BrokenProcessPool as e:  # a spawned child cannot start, e.g. under `python -` (no main file)
-                    broken.append(e)
+                except BrokenProcessPool:  # a spawned child cannot start, e.g. under `python -` (no main file)
+                    child_failed = True
                     return detect_languages(texts[:split]) + mine
             return wait
         yield submit
