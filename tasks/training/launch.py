@@ -76,6 +76,16 @@ def launched_job(argv: list[str] | None, description: str) -> tuple[dict, Pipeli
     return job, PipelineConfig.model_validate(job["config"])
 
 
+def end_process_group() -> None:
+    """Tear down the process group before the interpreter exits. Left to finalization, gloo's worker threads can
+    still hold tensors then, and a rank now and then aborts on exit ("terminate called without an active
+    exception", SIGABRT) after training finished, which fails the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def die_with_launcher() -> None:
     """torchrun starts each rank in its own session, so killing the stage (a lost worker, a Prefect cancel) would
     leave the ranks training on and writing checkpoints under the retry's feet. On Linux, have the kernel kill this

@@ -41,7 +41,7 @@ from tasks.training.distributed import (
     needs_launcher,
     save_adapter_weights,
 )
-from tasks.training.launch import last_checkpoint, launched_job, train_in_processes
+from tasks.training.launch import end_process_group, last_checkpoint, launched_job, train_in_processes
 from tasks.training.loading import (
     compute_dtype,
     configure_threads,
@@ -339,7 +339,10 @@ def adapter_stage_task(method: AdapterMethod, run: Callable):
 def launched_main(method: AdapterMethod, argv: list[str] | None = None) -> None:
     """Entry point of every process accelerate launch / torchrun starts for `method`."""
     job, cfg = launched_job(argv, f"{method.title} training process")
-    train_adapter(method, cfg, TrainingJob(out_dir=job["out_dir"], base_path=job["base_path"],
-                                           train=read_jsonl(job["train"]), validation=read_jsonl(job["validation"]),
-                                           adapter_path=job.get("adapter_path"), extra=job.get("extra") or {}))
+    try:
+        train_adapter(method, cfg, TrainingJob(out_dir=job["out_dir"], base_path=job["base_path"],
+                                               train=read_jsonl(job["train"]), validation=read_jsonl(job["validation"]),
+                                               adapter_path=job.get("adapter_path"), extra=job.get("extra") or {}))
+    finally:
+        end_process_group()
 
