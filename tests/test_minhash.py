@@ -76,6 +76,25 @@ def test_signatures_other_settings(real_texts, num_perm, seed, ngram):
     )
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_small_batches_on_threads_give_datasketch_signatures_and_ngrams_in_order(real_texts, monkeypatch, threads):
+    """Batches of 7 texts on 1 or 3 threads: every batch's signatures land on its own rows, and the n-gram batches
+    come back in text order, as one batch of everything gives them."""
+    texts = real_texts[:60] + EDGE_TEXTS
+    whole = list(minhash.ngram_hash_batches(texts, 3))
+    monkeypatch.setattr(minhash, "_DOCS_PER_BATCH", 7)
+    monkeypatch.setattr(minhash, "BATCH_THREADS", threads)
+    np.testing.assert_array_equal(minhash.signatures(texts, 32, SEED, NGRAM), _reference(texts, 32))
+    batched = list(minhash.ngram_hash_batches(texts, 3))
+    assert len(batched) > len(texts) // 7  # one or two per batch (polars and Python tokenised texts)
+    rows = np.concatenate([r for r, _, _ in batched])
+    assert sorted(rows.tolist()) == list(range(len(texts)))
+    assert [r.min() for r, _, _ in batched] == sorted(r.min() for r, _, _ in batched)  # batches in order
+    per_row = lambda parts: {int(r): h[o : o + n].tolist() for rows, h, ns in parts  # noqa: E731
+                             for r, o, n in zip(rows, np.cumsum(ns) - ns, ns)}
+    assert per_row(batched) == per_row(whole)
+
+
 def test_signatures_of_no_texts():
     assert minhash.signatures([], NUM_PERM, SEED, NGRAM).shape == (0, NUM_PERM)
 
