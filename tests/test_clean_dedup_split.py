@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
+import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -575,7 +577,7 @@ def test_texts_signed_a_few_at_a_time_store_what_one_slice_stores(make_cfg, monk
         assert signed == 0 and np.array_equal(stored, whole)
 
 
-def test_duckdb_memory_limit_comes_from_the_environment(make_cfg, monkeypatch):
+def test_duckdb_memory_limit_comes_from_the_environment_or_is_half_a_gib_a_core(make_cfg, monkeypatch):
     from tasks.core.warehouse import MEMORY_LIMIT_ENV, open_warehouse
 
     cfg = make_cfg()
@@ -584,5 +586,7 @@ def test_duckdb_memory_limit_comes_from_the_environment(make_cfg, monkeypatch):
         limit = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
     assert limit.replace(" ", "") in ("1.0GiB", "1024.0MiB", "1GiB"), limit
     monkeypatch.delenv(MEMORY_LIMIT_ENV)
-    with open_warehouse(cfg.warehouse_url) as con:
-        assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] != limit
+    with open_warehouse(cfg.warehouse_url) as con:  # unset: 512 MiB per core, not DuckDB's 80 % of RAM
+        default = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    half_gib_a_core = duckdb.connect(config={"memory_limit": f"{512 * len(os.sched_getaffinity(0))}MiB"})
+    assert default == half_gib_a_core.execute("SELECT current_setting('memory_limit')").fetchone()[0]

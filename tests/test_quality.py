@@ -240,6 +240,43 @@ def test_clean_and_quality_in_batches_of_two_rows_write_what_one_batch_writes(qu
         assert sorted(query(batched, f"SELECT * FROM {table}")) == sorted(query(cfg, f"SELECT * FROM {table}")), table
 
 
+@pytest.mark.parametrize("stage", ["clean", "quality"])
+def test_a_stage_that_fails_mid_way_leaves_its_tables_as_they_were(quality_run, tmp_path, monkeypatch, stage):
+    """Batches are committed to staging tables as they come (DuckDB keeps a transaction's appends in memory); the
+    stage's tables change only in the closing transaction, so a failure on the third batch of two rows changes
+    nothing a reader sees and leaves no staging table behind, and the rerun writes what a run without it writes."""
+    import shutil
+
+    from tasks.core.config import apply_overrides
+    from tasks.data import clean, quality
+
+    cfg, results = quality_run
+    shutil.copytree(os.path.dirname(cfg.warehouse_url), tmp_path / "copy")
+    copy = apply_overrides(cfg, [f"storage_root={tmp_path / 'copy'}", "data.batch_rows=2"])
+    tables = {"clean": ["clean_results"], "quality": list(quality.QUALITY_TABLES)}[stage]
+    before = {t: sorted(query(copy, f"SELECT * FROM {t}")) for t in tables}
+    module, name = (clean, "clean_frame") if stage == "clean" else (quality, "judge")
+    real, calls = getattr(module, name), []
+
+    def fails_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("worker lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, fails_on_the_third_batch)
+    run = {"clean": lambda: clean.run_clean(copy, results["ingest"]),
+           "quality": lambda: quality.run_quality(copy, results["clean"])}[stage]
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run()
+    assert len(calls) == 3
+    assert {t: sorted(query(copy, f"SELECT * FROM {t}")) for t in tables} == before
+    assert query(copy, "SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE 'staging_%'") == [(0,)]
+    monkeypatch.setattr(module, name, real)
+    assert run().fingerprint == results[stage].fingerprint
+    assert {t: sorted(query(copy, f"SELECT * FROM {t}")) for t in tables} == before
+
+
 def test_language_id_in_a_second_process_writes_what_it_writes_in_this_one(quality_run, tmp_path, monkeypatch):
     from tasks.core.config import apply_overrides
     from tasks.data import quality

@@ -6,8 +6,8 @@ Corpus (cached under benchmarks/out/dataplane/): the dedup benchmark's generator
 English and 20 % Chinese documents, 25 % near-duplicates, 8 % exact and 4 % normalised copies, 8 % hard negatives,
 each document one Alpaca row (the first third of its words, or characters for Chinese, is the instruction, the rest
 the output), plus 0.5 % malformed lines (truncated JSON, not an object). Every stage runs in one fresh process, in
-order, the way `sftpipe run` calls them without Prefect; per stage it records wall time, peak RSS (sampled every
-20 ms), the warehouse file's size after the stage (with a bucket storage root that whole file is uploaded after
+order, the way `sftpipe run` calls them without Prefect; per stage it records wall time, peak RSS of the process
+tree (sampled every 20 ms), the warehouse file's size after the stage (with a bucket storage root that whole file is uploaded after
 every writer, so it is the stage's upload bytes) plus any other file the stage published under the root (MinHash
 signature shards). Dedup precision/recall are scored on the generator's ground truth with the dedup benchmark's
 metrics (benchmarks/dedup/metrics.py); rows rejected before dedup count as their own cluster.
@@ -84,19 +84,29 @@ def build(rows: int, seed: int = 0) -> tuple[Path, Path]:
 
 
 class PeakRss:
-    """Peak RSS of this process between reset() calls, sampled every 20 ms in a thread."""
+    """Peak RSS of this process and its children (the quality stage's language-ID process) between reset() calls,
+    sampled every 20 ms in a thread."""
 
     def __init__(self):
         self.proc, self.peak, self.stop = psutil.Process(), 0, False
         threading.Thread(target=self._sample, daemon=True).start()
 
+    def _tree_rss(self) -> int:
+        rss = self.proc.memory_info().rss
+        for child in self.proc.children(recursive=True):
+            try:
+                rss += child.memory_info().rss
+            except psutil.NoSuchProcess:  # ended between listing and reading
+                pass
+        return rss
+
     def _sample(self):
         while not self.stop:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.peak = max(self.peak, self._tree_rss())
             time.sleep(0.02)
 
     def reset(self) -> int:
-        peak, self.peak = max(self.peak, self.proc.memory_info().rss), 0
+        peak, self.peak = max(self.peak, self._tree_rss()), 0
         return peak
 
 

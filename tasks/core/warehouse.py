@@ -12,7 +12,7 @@ import re
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,9 +27,13 @@ SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 # DuckDB releases (and the CLI people have installed) refuse to open. With v1.2.0 every DuckDB from 1.2 on reads
 # the file, the DuckDB CLI that setup installs (duckdb-cli 1.4, .venv/bin/duckdb) included, and text can be stored
 # with ZSTD (v1.0.0 has no ZSTD for strings). Fixed when the file is created: an existing file keeps its format.
-# DuckDB's memory limit for warehouse connections (e.g. "2GiB"); unset: DuckDB's default, 80 % of RAM. Past the
-# limit DuckDB evicts cached blocks and spills sorts, joins and aggregates to disk instead of growing.
+# DuckDB's memory limit for warehouse connections (e.g. "2GiB"); unset: DEFAULT_MEMORY_PER_CORE_MIB per core. Past
+# the limit DuckDB evicts cached blocks and spills sorts, joins and aggregates to disk instead of growing. DuckDB's
+# own default (80 % of RAM) assumes it is alone in the process; ours also holds the stages' polars frames, MinHash
+# arrays and models, and at 1M rows DuckDB's block cache alone took dedup from 2.9 to 5.0 GiB (spilling costs it
+# ~3 s of 30; benchmarks/README.md).
 MEMORY_LIMIT_ENV = "SFTPIPE_DUCKDB_MEMORY_LIMIT"
+DEFAULT_MEMORY_PER_CORE_MIB = 512
 STORAGE_COMPATIBILITY = "v1.2.0"
 LOCK_NOTE_S = 5.0  # a connection waiting for DuckDB's file lock says who holds it this often
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.+? \(PID \d+\))")
@@ -68,6 +72,12 @@ def _wait_for_file_lock(open_: Callable[[], Any], path: Path, wait_s: float, not
             time.sleep(1.0)
 
 
+def memory_limit() -> str:
+    """DuckDB's memory limit for warehouse connections: SFTPIPE_DUCKDB_MEMORY_LIMIT, or 512 MiB per core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return os.environ.get(MEMORY_LIMIT_ENV) or f"{DEFAULT_MEMORY_PER_CORE_MIB * cores}MiB"
+
+
 def connect(path: str | Path, read_only: bool = False, wait_s: float = 600.0) -> duckdb.DuckDBPyConnection:
     """Open (creating if needed) the warehouse with schema and views applied.
 
@@ -77,9 +87,7 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = 600.0) ->
     path = Path(path)
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
-    config = {"storage_compatibility_version": STORAGE_COMPATIBILITY}
-    if os.environ.get(MEMORY_LIMIT_ENV):
-        config["memory_limit"] = os.environ[MEMORY_LIMIT_ENV]
+    config = {"storage_compatibility_version": STORAGE_COMPATIBILITY, "memory_limit": memory_limit()}
     con = _wait_for_file_lock(lambda: duckdb.connect(str(path), read_only=read_only, config=config), path, wait_s)
     if not read_only:
         _rename_clean_rows(con)
@@ -251,6 +259,37 @@ def stream(con: duckdb.DuckDBPyConnection, query: str, batch_rows: int) -> Itera
             yield pl.from_arrow(batch)
     finally:
         reader.close()
+
+
+@contextmanager
+def rebuilding(con: duckdb.DuckDBPyConnection, *tables: str) -> Iterator[dict[str, str]]:
+    """Rebuild whole tables from batches: yields {table: its staging table}; the caller appends each batch to the
+    staging tables, each append committed on its own, and on leaving the block one transaction replaces every
+    table's rows with its staging table's and drops the staging tables. Readers see the old rows or all the new ones,
+    never a part; an error leaves the tables as they were.
+
+    Why not the batches in one transaction: DuckDB holds a transaction's uncommitted appends in memory, outside its
+    memory limit, so clean's 1M rows grew the process by ~0.3 GiB a batch (2.4 → 5.2 GiB) where committed
+    appends are on disk; the closing INSERT … SELECT writes whole row groups straight to the file."""
+    staged = {table: f"staging_{table}" for table in tables}
+    for table, staging in staged.items():  # a crashed run's staging table is replaced
+        con.execute(f"CREATE OR REPLACE TABLE {staging} AS FROM {table} LIMIT 0")
+    try:
+        yield staged
+        con.begin()
+        try:
+            for table, staging in staged.items():
+                con.execute(f"DELETE FROM {table}")
+                con.execute(f"INSERT INTO {table} BY NAME FROM {staging}")
+                con.execute(f"DROP TABLE {staging}")
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+    finally:
+        for staging in staged.values():
+            with suppress(duckdb.Error):  # after an error: never hide it behind a failed clean-up
+                con.execute(f"DROP TABLE IF EXISTS {staging}")
 
 
 def table_fingerprint(con: duckdb.DuckDBPyConnection, query: str) -> str:

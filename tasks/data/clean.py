@@ -29,7 +29,15 @@ from tasks.core import storage
 from tasks.core.caching import current_run_id, stage_task
 from tasks.core.config import CleanConfig, PipelineConfig
 from tasks.core.results import DataResult
-from tasks.core.warehouse import open_warehouse, record_stage, stream, table_fingerprint, utcnow, zstd_text
+from tasks.core.warehouse import (
+    open_warehouse,
+    rebuilding,
+    record_stage,
+    stream,
+    table_fingerprint,
+    utcnow,
+    zstd_text,
+)
 from tasks.data.chat_template import DEFAULT_CHAT_TEMPLATE, tools_problem
 
 
@@ -48,12 +56,12 @@ PARSED_ROWS = ("SELECT p.row_id, p.kind, f.source, r.row_seq, p.messages, p.resp
                "FROM parsed_rows p JOIN raw_rows r USING (row_id) JOIN source_files f USING (file_id) "
                "WHERE p.reason IS NULL ORDER BY r.row_seq")  # what ingest parsed without error, in file order
 # clean_frame's rows (with parsed_messages / parsed_responses: the batch's rows as ingest parsed them) into
-# clean_results, each text stored once: turns (answers) that normalising left as ingest parsed them are NULL with
-# messages_as_parsed (responses_as_parsed) true, tools always NULL (clean never changes them), dedup_text NULL where
-# it equals the turns' conversation_text (sql/views.sql); the clean_rows view reads those from parsed_rows and the
-# turns.
+# clean_results (its staging table while the stage runs), each text stored once: turns (answers) that normalising
+# left as ingest parsed them are NULL with messages_as_parsed (responses_as_parsed) true, tools always NULL (clean
+# never changes them), dedup_text NULL where it equals the turns' conversation_text (sql/views.sql); the clean_rows
+# view reads those from parsed_rows and the turns.
 STORE_CLEANED = """
-INSERT INTO clean_results BY NAME
+INSERT INTO {table} BY NAME
 SELECT * EXCLUDE (messages, responses, tools, dedup_text, text_of_turns),
     CASE WHEN NOT messages_as_parsed THEN messages END AS messages,
     CASE WHEN NOT responses_as_parsed THEN responses END AS responses,
@@ -271,17 +279,15 @@ def run_clean(cfg: PipelineConfig, ingest: DataResult, run_id: str = "local") ->
     rows = 0
     with open_warehouse(cfg.warehouse_url) as con:
         with zstd_text(con):
-            con.begin()
-            con.execute("DELETE FROM clean_results")
-            for batch in stream(con, PARSED_ROWS, cfg.data.batch_rows):
-                cleaned = clean_frame(batch, cfg, token_counter, template_problem).join(
-                    batch.select("row_id", pl.col("messages").alias("parsed_messages"),
-                                 pl.col("responses").alias("parsed_responses")), on="row_id", how="left")
-                con.register("cleaned", cleaned.to_arrow())
-                con.execute(STORE_CLEANED)
-                con.unregister("cleaned")
-                rows += len(cleaned)
-            con.commit()
+            with rebuilding(con, "clean_results") as staged:
+                for batch in stream(con, PARSED_ROWS, cfg.data.batch_rows):
+                    cleaned = clean_frame(batch, cfg, token_counter, template_problem).join(
+                        batch.select("row_id", pl.col("messages").alias("parsed_messages"),
+                                     pl.col("responses").alias("parsed_responses")), on="row_id", how="left")
+                    con.register("cleaned", cleaned.to_arrow())
+                    con.execute(STORE_CLEANED.format(table=staged["clean_results"]))
+                    con.unregister("cleaned")
+                    rows += len(cleaned)
             con.execute("CHECKPOINT")  # a small table's rows are only in the write-ahead log until a checkpoint
         by_reason = dict(con.execute(
             "SELECT coalesce(reason, 'passed'), count(*) FROM clean_results GROUP BY ALL ORDER BY ALL").fetchall())

@@ -36,6 +36,7 @@ from tasks.core.results import DataResult
 from tasks.core.warehouse import (
     insert_columns,
     open_warehouse,
+    rebuilding,
     record_stage,
     stream,
     table_fingerprint,
@@ -316,19 +317,22 @@ def judge(rows: pl.DataFrame, cfg: PipelineConfig, index: decontaminate.Benchmar
             "benchmark": benchmark}
 
 
-def _store_verdict(con, verdict: dict[str, pl.DataFrame], rows: pl.DataFrame) -> None:
-    """One batch's verdicts into quality_rows (with the redacted text of the rows that changed), pii_matches and
-    benchmark_matches."""
+QUALITY_TABLES = ("quality_rows", "pii_matches", "benchmark_matches")
+
+
+def _store_verdict(con, verdict: dict[str, pl.DataFrame], rows: pl.DataFrame, tables: dict[str, str]) -> None:
+    """One batch's verdicts into (the staging tables `tables` names for) quality_rows, with the redacted text of the
+    rows that changed, pii_matches and benchmark_matches."""
     con.register("verdict", verdict["rows"].to_arrow())
     con.register("redacted", verdict["redacted"].join(rows.select("row_id", "kind"), on="row_id").to_arrow())
     con.execute(
-        "INSERT INTO quality_rows SELECT v.row_id, v.language, v.language_confidence, v.reason, v.detail, "
+        f"INSERT INTO {tables['quality_rows']} SELECT v.row_id, v.language, v.language_confidence, v.reason, v.detail, "
         "r.messages, r.responses, r.dedup_text, sha256(r.kind || chr(0) || r.dedup_text), r.n_chars "
         "FROM verdict v LEFT JOIN redacted r USING (row_id)")
     con.unregister("verdict")
     con.unregister("redacted")
-    insert_columns(con, "pii_matches", verdict["pii"].to_dict(as_series=False))
-    insert_columns(con, "benchmark_matches", verdict["benchmark"].to_dict(as_series=False))
+    insert_columns(con, tables["pii_matches"], verdict["pii"].to_dict(as_series=False))
+    insert_columns(con, tables["benchmark_matches"], verdict["benchmark"].to_dict(as_series=False))
 
 
 def run_quality(cfg: PipelineConfig, clean: DataResult, run_id: str = "local") -> DataResult:
@@ -342,15 +346,12 @@ def run_quality(cfg: PipelineConfig, clean: DataResult, run_id: str = "local") -
     with open_warehouse(cfg.warehouse_url) as con, language_process() as detect:
         languages_of = stored_languages(con, detect)
         with zstd_text(con):  # the redacted rows' text
-            con.begin()
-            for table in ("quality_rows", "pii_matches", "benchmark_matches"):
-                con.execute(f"DELETE FROM {table}")
-            for batch in stream(con, "SELECT row_id, kind, messages, responses FROM clean_rows WHERE reason IS NULL "
-                                     "ORDER BY row_seq", cfg.data.batch_rows):
-                verdict = judge(batch, cfg, index, languages_of)
-                _store_verdict(con, verdict, batch)
-                rows, redacted = rows + len(batch), redacted + len(verdict["redacted"])
-            con.commit()
+            with rebuilding(con, *QUALITY_TABLES) as staged:
+                for batch in stream(con, "SELECT row_id, kind, messages, responses FROM clean_rows "
+                                         "WHERE reason IS NULL ORDER BY row_seq", cfg.data.batch_rows):
+                    verdict = judge(batch, cfg, index, languages_of)
+                    _store_verdict(con, verdict, batch, staged)
+                    rows, redacted = rows + len(batch), redacted + len(verdict["redacted"])
             con.execute("CHECKPOINT")  # a small table's rows are only in the write-ahead log until a checkpoint
         by_reason = dict(con.execute("SELECT coalesce(reason, 'passed'), count(*) FROM quality_rows "
                                      "GROUP BY ALL ORDER BY ALL").fetchall())
