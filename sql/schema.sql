@@ -4,6 +4,8 @@
 -- row written twice. Tables a stage rebuilds whole from rows that are unique by construction (clean_results,
 -- quality_rows, cluster_members, split_groups, ...) have none: each key's index costs 3.75 MiB per 100k rows and
 -- checks nothing there. Warehouses made before keep theirs (same rows, more bytes).
+-- While clean and quality run, staging_<table> copies of their tables (same columns) take the batches; the stage's
+-- last transaction moves the rows over and drops them (tasks/core/warehouse.py: rebuilding).
 
 -- One row: the warehouse's identity, so caches keyed on it miss when the file is recreated.
 CREATE TABLE IF NOT EXISTS warehouse_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
