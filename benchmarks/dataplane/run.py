@@ -7,10 +7,10 @@ English and 20 % Chinese documents, 25 % near-duplicates, 8 % exact and 4 % norm
 each document one Alpaca row (the first third of its words, or characters for Chinese, is the instruction, the rest
 the output), plus 0.5 % malformed lines (truncated JSON, not an object). Every stage runs in one fresh process, in
 order, the way `sftpipe run` calls them without Prefect; per stage it records wall time, peak RSS of the process
-tree (sampled every 20 ms), the warehouse file's size after the stage (with a bucket storage root that whole file is uploaded after
-every writer, so it is the stage's upload bytes) plus any other file the stage published under the root (MinHash
-signature shards). Dedup precision/recall are scored on the generator's ground truth with the dedup benchmark's
-metrics (benchmarks/dedup/metrics.py); rows rejected before dedup count as their own cluster.
+tree (sampled every 20 ms), the warehouse file's size after the stage (with a bucket storage root that whole file
+is uploaded after every writer, so it is the stage's upload bytes) plus any other file the stage published under
+the root (MinHash signature shards). Dedup precision/recall are scored on the generator's ground truth with the
+dedup benchmark's metrics (benchmarks/dedup/metrics.py); rows rejected before dedup count as their own cluster.
 
 Side by side, in the same run after ours: datatrove's nearest equivalent on the same file (datatrove_peer.py: its
 JsonlReader, a LambdaFilter with our clean rules that apply, its PII formatter, its four MinHash stages at our

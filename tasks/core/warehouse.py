@@ -72,10 +72,14 @@ def _wait_for_file_lock(open_: Callable[[], Any], path: Path, wait_s: float, not
             time.sleep(1.0)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the platform has one, e.g. a container's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def memory_limit() -> str:
     """DuckDB's memory limit for warehouse connections: SFTPIPE_DUCKDB_MEMORY_LIMIT, or 512 MiB per core."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return os.environ.get(MEMORY_LIMIT_ENV) or f"{DEFAULT_MEMORY_PER_CORE_MIB * cores}MiB"
+    return os.environ.get(MEMORY_LIMIT_ENV) or f"{DEFAULT_MEMORY_PER_CORE_MIB * usable_cores()}MiB"
 
 
 def connect(path: str | Path, read_only: bool = False, wait_s: float = 600.0) -> duckdb.DuckDBPyConnection:

@@ -18,7 +18,6 @@ Speed (1M documents in well under a minute of signature time on 2 cores) comes f
 from __future__ import annotations
 
 import functools
-import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -29,6 +28,8 @@ import numpy as np
 import polars as pl
 import xxhash
 from datasketch import LeanMinHash, MinHash
+
+from tasks.core.warehouse import usable_cores
 
 # One token per CJK / kana / hangul / Thai character; otherwise runs of word characters.
 _TOKEN = re.compile(
@@ -41,7 +42,7 @@ _DOCS_PER_BATCH = 50_000  # bounds the polars token lists held at once
 _SHINGLES_PER_BLOCK = 1 << 16  # one block of uint64 shingle hashes stays in L2 across the permutation loop
 # Batches worked on at once, each on a thread: a batch's token lists and hashes (~0.3 GB for 50k Alpaca-sized texts)
 # exist once per thread, hence the cap.
-BATCH_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+BATCH_THREADS = min(4, usable_cores())
 T = TypeVar("T")
 
 

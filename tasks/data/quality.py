@@ -326,8 +326,8 @@ def _store_verdict(con, verdict: dict[str, pl.DataFrame], rows: pl.DataFrame, ta
     con.register("verdict", verdict["rows"].to_arrow())
     con.register("redacted", verdict["redacted"].join(rows.select("row_id", "kind"), on="row_id").to_arrow())
     con.execute(
-        f"INSERT INTO {tables['quality_rows']} SELECT v.row_id, v.language, v.language_confidence, v.reason, v.detail, "
-        "r.messages, r.responses, r.dedup_text, sha256(r.kind || chr(0) || r.dedup_text), r.n_chars "
+        f"INSERT INTO {tables['quality_rows']} SELECT v.row_id, v.language, v.language_confidence, v.reason, "
+        "v.detail, r.messages, r.responses, r.dedup_text, sha256(r.kind || chr(0) || r.dedup_text), r.n_chars "
         "FROM verdict v LEFT JOIN redacted r USING (row_id)")
     con.unregister("verdict")
     con.unregister("redacted")
