@@ -95,6 +95,30 @@ def test_small_batches_on_threads_give_datasketch_signatures_and_ngrams_in_order
     assert per_row(batched) == per_row(whole)
 
 
+def test_ngrams_kept_only_in_a_set_are_the_whole_ngrams_filtered_row_by_row(real_texts):
+    """`only` keeps each row's n-grams that are in the set, in order, with per-row counts of what is left."""
+    texts = real_texts[:40] + EDGE_TEXTS
+    whole = list(minhash.ngram_hash_batches(texts, 3))
+    every = np.concatenate([h for _, h, _ in whole])
+    chosen = minhash.HashSet(every[::3])
+    assert 0 < len(chosen) < len(np.unique(every))
+    per_row = lambda parts: {int(r): h[o : o + n].tolist() for rows, h, ns in parts  # noqa: E731
+                             for r, o, n in zip(rows, np.cumsum(ns) - ns, ns)}
+    members = set(chosen.hashes.tolist())
+    expected = {r: [g for g in grams if g in members] for r, grams in per_row(whole).items()}
+    assert per_row(minhash.ngram_hash_batches(texts, 3, only=chosen)) == expected
+    assert any(expected.values()) and not all(len(v) == len(per_row(whole)[r]) for r, v in expected.items())
+
+
+def test_hash_set_finds_exactly_its_members_at_any_bitmap_size():
+    rng = np.random.default_rng(0)
+    members, others = rng.integers(0, 2**63, 5000, dtype=np.uint64), rng.integers(0, 2**63, 5000, dtype=np.uint64)
+    probe = np.concatenate([others, members])
+    for bits in (None, 8, 20):
+        found = minhash.HashSet(members, bits).contains(probe)
+        np.testing.assert_array_equal(found, np.isin(probe, members))
+
+
 def test_signatures_of_no_texts():
     assert minhash.signatures([], NUM_PERM, SEED, NGRAM).shape == (0, NUM_PERM)
 

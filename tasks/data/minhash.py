@@ -234,17 +234,19 @@ def _permute_min(hashes: np.ndarray, n_shingles: np.ndarray, a: np.ndarray, b: n
     return out.T
 
 
-def _token_hash_batches(texts: list[str]):
-    """Yield (row indices, flat token hashes, tokens per row) covering every text of `texts`."""
-    series = pl.Series(texts, dtype=pl.String)
+def _token_hash_batches(texts: list[str] | pl.Series):
+    """Yield (row indices, flat token hashes, tokens per row) covering every text of `texts` (a polars Series is
+    read as it is: its strings never become Python objects, except those tokenised the Python way)."""
+    series = texts if isinstance(texts, pl.Series) else pl.Series(texts, dtype=pl.String)
     unsafe = series.str.contains(_polars_unsafe_pattern()).to_numpy()
     safe_rows = np.flatnonzero(~unsafe)
     if len(safe_rows):
-        tokens = series.gather(safe_rows).str.to_lowercase().str.extract_all(_TOKEN.pattern)
+        safe = series if len(safe_rows) == len(series) else series.gather(safe_rows)
+        tokens = safe.str.to_lowercase().str.extract_all(_TOKEN.pattern)
         yield safe_rows, _hash_tokens(tokens.explode().drop_nulls()), tokens.list.len().to_numpy()
     unsafe_rows = np.flatnonzero(unsafe)
     if len(unsafe_rows):
-        per_row = [tokenize(texts[i]) for i in unsafe_rows]
+        per_row = [tokenize(t) for t in series.gather(unsafe_rows).to_list()]
         flat = [t for row in per_row for t in row]
         yield unsafe_rows, _hash_tokens(flat, {}), np.array([len(r) for r in per_row], dtype=np.int64)
 
@@ -271,7 +273,7 @@ def signatures(texts: list[str], num_perm: int, seed: int, ngram: int) -> np.nda
     out = np.empty((len(texts), num_perm), dtype=np.uint64)
 
     def sign(lo: int) -> None:
-        for rows, token_hash, n_tokens in _token_hash_batches(list(texts[lo : lo + _DOCS_PER_BATCH])):
+        for rows, token_hash, n_tokens in _token_hash_batches(texts[lo : lo + _DOCS_PER_BATCH]):
             hashes, n_shingles = _shingle_hashes(token_hash, n_tokens.astype(np.int64), ngram)
             out[lo + rows] = _permute_min(hashes, n_shingles, a, b)  # batches write disjoint rows
 
@@ -285,24 +287,27 @@ def shingle_hash_batches(texts: list[str], ngram: int):
     batches of bounded size: the bulk form of `shingle_sets` (hashes as `hash64` gives them, repeats kept)."""
     def batch(lo: int) -> list:
         return [(lo + rows, *_shingle_hashes(token_hash, n_tokens.astype(np.int64), ngram))
-                for rows, token_hash, n_tokens in _token_hash_batches(list(texts[lo : lo + _DOCS_PER_BATCH]))]
+                for rows, token_hash, n_tokens in _token_hash_batches(texts[lo : lo + _DOCS_PER_BATCH])]
 
     for parts in in_threads(batch, range(0, len(texts), _DOCS_PER_BATCH)):
         yield from parts
 
 
-def ngram_hash_batches(texts: list[str], ngram: int):
+def ngram_hash_batches(texts: list[str], ngram: int, only: HashSet | None = None):
     """Like `shingle_hash_batches`, but only whole n-grams: a text of fewer than `ngram` tokens has none (instead of
-    one shingle of all its tokens)."""
+    one shingle of all its tokens). With `only`, just the n-grams in that set (and per row how many of them), tested
+    on the batch's own thread, so the lookups run on every core too."""
     def batch(lo: int) -> list:
         parts = []
-        for rows, token_hash, n_tokens in _token_hash_batches(list(texts[lo : lo + _DOCS_PER_BATCH])):
+        for rows, token_hash, n_tokens in _token_hash_batches(texts[lo : lo + _DOCS_PER_BATCH]):
             n_tokens = n_tokens.astype(np.int64)
             hashes, n_shingles = _shingle_hashes(token_hash, n_tokens, ngram)
-            short = n_tokens < ngram
-            if short.any():
-                hashes = hashes[np.repeat(~short, n_shingles)]
-                n_shingles = np.where(short, 0, n_shingles)
+            keep = np.repeat(n_tokens >= ngram, n_shingles)
+            if only is not None:
+                keep &= only.contains(hashes)
+            if not keep.all():
+                row_of = np.repeat(np.arange(len(rows)), n_shingles)[keep]
+                hashes, n_shingles = hashes[keep], np.bincount(row_of, minlength=len(rows)).astype(np.int64)
             parts.append((lo + rows, hashes, n_shingles))
         return parts
 
@@ -311,12 +316,16 @@ def ngram_hash_batches(texts: list[str], ngram: int):
 
 
 class HashSet:
-    """Membership of 64-bit hashes in a fixed set: a bitmap over the top `prefix_bits` bits first (16 MiB at 27; a
-    few per cent false positives at 3M members), then the sorted array for what passes it, looked up in ascending
-    order so the binary searches stay in cache."""
+    """Membership of 64-bit hashes in a fixed set: a bitmap over the top `prefix_bits` bits first, then the sorted
+    array for what passes it, looked up in ascending order so the binary searches stay in cache.
 
-    def __init__(self, hashes: np.ndarray, prefix_bits: int = 27):
+    The bitmap has about 32 bits a member (2^20 to 2^30 bits: 128 KiB to 128 MiB), so about 3 % of the hashes that
+    are not members pass it: the sort and search after it, not the bitmap, are the cost of a lookup."""
+
+    def __init__(self, hashes: np.ndarray, prefix_bits: int | None = None):
         self.hashes = np.unique(hashes)
+        if prefix_bits is None:
+            prefix_bits = int(np.clip(np.ceil(np.log2(max(len(self.hashes), 1) * 32)), 20, 30))
         self.shift = np.uint64(64 - prefix_bits)
         self.bitmap = np.zeros(1 << (prefix_bits - 3), dtype=np.uint8)
         prefix = self.hashes >> self.shift

@@ -157,17 +157,21 @@ class TrainingNgrams:
     """The n-grams of the training split (hashed as the dedup stage hashes shingles, whole n-grams only), each with
     the first training row that has it. Kept as sorted arrays, so a lookup is one vectorised searchsorted.
 
-    queried: the texts that will be looked up, when known: only training n-grams that occur in them are kept (the
-    rest can never be a hit), which keeps the index a fraction of the training split's n-grams."""
+    queried: the texts that will be looked up (held-out rows). Their distinct n-grams are hashed once and kept
+    (row, hash), so asking again after training grew costs lookups only; and only training n-grams that occur in
+    them are indexed (the rest can never be a hit), a fraction of the training split's n-grams."""
 
-    def __init__(self, s: SplitConfig, queried: list[str] | pl.Series | None = None):
+    def __init__(self, s: SplitConfig, queried: list[str] | pl.Series):
         self.s, self.row_ids = s, []  # row_ids: training rows in the order they were added
         self.hashes = np.empty(0, np.uint64)  # sorted, distinct
         self.owner = np.empty(0, np.int64)  # position in row_ids of the first row that has each hash
-        self.relevant = None
-        if queried is not None:
-            grams = [flat for _, flat, _ in minhash.ngram_hash_batches(queried, s.decontam_ngram)]
-            self.relevant = minhash.HashSet(np.concatenate(grams) if grams else np.empty(0, np.uint64))
+        frames = [pl.DataFrame({"row": np.repeat(idx, n).astype(np.int32), "hash": flat}).unique()  # rows: one batch
+                  for idx, flat, n in minhash.ngram_hash_batches(queried, s.decontam_ngram)]
+        grams = pl.concat(frames) if frames else pl.DataFrame(schema={"row": pl.Int32, "hash": pl.UInt64})
+        del frames
+        self.queried = grams.sort("hash")  # hash order: the searchsorted lookups stay in cache
+        del grams
+        self.relevant = minhash.HashSet(self.queried["hash"].to_numpy())
 
     ROWS_PER_MERGE = 100_000  # rows' n-grams (with their owners) held at once before they are merged in
 
@@ -180,11 +184,9 @@ class TrainingNgrams:
         base = len(self.row_ids)
         self.row_ids += row_ids
         hashes, owners = [np.empty(0, np.uint64)], [np.empty(0, np.int64)]
-        for idx, flat, n in minhash.ngram_hash_batches(texts, self.s.decontam_ngram):
-            owner = np.repeat(idx, n).astype(np.int64) + base
-            keep = self.relevant.contains(flat) if self.relevant is not None else slice(None)
-            hashes.append(flat[keep])
-            owners.append(owner[keep])
+        for idx, flat, n in minhash.ngram_hash_batches(texts, self.s.decontam_ngram, only=self.relevant):
+            hashes.append(flat)
+            owners.append(np.repeat(idx, n).astype(np.int64) + base)
         pairs = pl.DataFrame({"hash": np.concatenate(hashes), "owner": np.concatenate(owners)}).sort("hash", "owner")
         h, o = pairs["hash"].to_numpy(), pairs["owner"].to_numpy()
         first = np.ones(len(h), dtype=bool)
@@ -203,38 +205,30 @@ class TrainingNgrams:
         pos = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
         return np.where(self.hashes[pos] == hashes, self.owner[pos], -1)
 
-    def _hits(self, texts: list[str]) -> pl.DataFrame:
-        """Per text (row: position in texts) with at least one n-gram: grams (distinct), hits (of those in training),
-        closest (the training row holding most of the hits; ties: the earliest added)."""
-        frames = []
-        for idx, flat, n in minhash.ngram_hash_batches(texts, self.s.decontam_ngram):
-            # sorted: searchsorted over ascending keys stays in cache
-            grams = pl.DataFrame({"row": np.repeat(idx, n).astype(np.int64), "hash": flat}).unique().sort("hash")
-            frames.append(grams.select("row", pl.Series("owner", self._owners(grams["hash"].to_numpy()))))
-        if not frames:
-            return pl.DataFrame(schema={"row": pl.Int64, "grams": pl.UInt32, "hits": pl.UInt32, "closest": pl.Int64})
-        grams = pl.concat(frames)
+    def overlapping(self, rows: np.ndarray) -> pl.DataFrame:
+        """Queried texts (positions in `queried`) whose n-grams are in the training split at or above the threshold
+        share: row (position), overlap, closest (row id of the training row holding most of the hits; ties: the
+        earliest added), in row order."""
+        grams = self.queried.filter(pl.col("row").is_in(pl.Series(rows, dtype=pl.Int32)))
+        grams = grams.with_columns(pl.Series("owner", self._owners(grams["hash"].to_numpy()))).drop("hash")
         closest = (grams.filter(pl.col("owner") >= 0).group_by("row", "owner").len()
                    .sort("row", "len", "owner", descending=[False, True, False])
                    .unique("row", keep="first").select("row", pl.col("owner").alias("closest")))
-        return (grams.group_by("row").agg(pl.len().alias("grams"), (pl.col("owner") >= 0).sum().alias("hits"))
-                .join(closest, on="row", how="left"))
-
-    def overlapping(self, held_out: list[tuple[str, str, str]]) -> list[tuple[str, str, float, str]]:
-        """Held-out rows (row_id, split, text) whose n-grams are in the training split at or above the threshold
-        share: (row_id, split, overlap, closest_train_row), in the order given."""
-        hits = (self._hits([t for _, _, t in held_out])
-                .with_columns((pl.col("hits") / pl.col("grams")).alias("overlap"))
-                .filter(pl.col("overlap") >= self.s.decontam_threshold).sort("row"))
-        return [(held_out[row][0], held_out[row][1], overlap, self.row_ids[closest])
-                for row, overlap, closest in hits.select("row", "overlap", "closest").iter_rows()]
+        hits = (grams.group_by("row").agg((pl.col("owner") >= 0).mean().alias("overlap"))
+                .filter(pl.col("overlap") >= self.s.decontam_threshold)
+                .join(closest, on="row").sort("row"))
+        owners = pl.Series(self.row_ids, dtype=pl.String)
+        return hits.select(pl.col("row").cast(pl.Int64), "overlap",
+                           owners.gather(hits["closest"].to_numpy()).alias("closest"))
 
 
 def contamination(train: list[tuple[str, str]], held_out: list[tuple[str, str, str]], s: SplitConfig):
-    """Held-out rows (row_id, split, text) overlapping the training rows (row_id, text); see TrainingNgrams."""
+    """Held-out rows (row_id, split, text) overlapping the training rows (row_id, text), as (row_id, split, overlap,
+    closest_train_row) in the order given; see TrainingNgrams."""
     index = TrainingNgrams(s, [t for _, _, t in held_out])
     index.add([r for r, _ in train], [t for _, t in train])
-    return index.overlapping(held_out)
+    found = index.overlapping(np.arange(len(held_out)))
+    return [(held_out[row][0], held_out[row][1], overlap, closest) for row, overlap, closest in found.iter_rows()]
 
 
 def keep_overlapping_groups_in_train(assigned: pl.DataFrame, s: SplitConfig,
@@ -250,32 +244,34 @@ def keep_overlapping_groups_in_train(assigned: pl.DataFrame, s: SplitConfig,
     assigned in earlier runs never move, so what overlaps among them (or joined their groups) stays, and is
     reported. Returns (assigned, contamination rows, rows moved).
     """
-    def rows_of(frame: pl.DataFrame) -> list[tuple[str, str, str]]:
-        return list(frame.select("row_id", "split", "text").iter_rows())
-
     held_out = assigned.filter(pl.col("split") != "train")
     held_out = held_out.join(held_out_text(held_out["row_id"]), on="row_id", maintain_order="left")
     # Only rows not in train now are ever looked up (moves go to train), so only their n-grams need indexing.
     index = TrainingNgrams(s, held_out["text"])
+    held_out = held_out.with_row_index("pos")  # pos: the row's position in the index's queried texts
     train = assigned.filter(pl.col("split") == "train").select("row_id")
     for batch in training_text():
         batch = batch.join(train, on="row_id", how="semi", maintain_order="left")
         index.add(batch["row_id"].to_list(), batch["text"])
     del train
-    moved: set[str] = set()
+    moved = held_out.clear().select("row_id")
     candidates = held_out.filter(pl.col("fresh"))
     while True:
-        found = index.overlapping(rows_of(candidates))
-        groups = {g for g in candidates.filter(pl.col("row_id").is_in([f[0] for f in found]))["group_id"]}
-        if not groups:
+        found = index.overlapping(candidates["pos"].to_numpy())
+        groups = candidates.filter(pl.col("pos").is_in(found["row"]))["group_id"].unique()
+        if not len(groups):
             break
         to_train = candidates.filter(pl.col("group_id").is_in(groups))
         index.add(to_train["row_id"].to_list(), to_train["text"])
-        moved.update(to_train["row_id"])
+        moved = pl.concat([moved, to_train.select("row_id")])
         candidates = candidates.filter(~pl.col("group_id").is_in(groups))
     assigned = assigned.with_columns(
-        pl.when(pl.col("row_id").is_in(list(moved))).then(pl.lit("train")).otherwise(pl.col("split")).alias("split"))
-    found = index.overlapping(rows_of(held_out.filter(~pl.col("row_id").is_in(list(moved)))))
+        pl.when(pl.col("row_id").is_in(moved["row_id"])).then(pl.lit("train")).otherwise(pl.col("split")).alias("split"))
+    remaining = held_out.filter(~pl.col("row_id").is_in(moved["row_id"]))
+    found = (index.overlapping(remaining["pos"].to_numpy())
+             .join(remaining.select(pl.col("pos").cast(pl.Int64).alias("row"), "row_id", "split"), on="row")
+             .select("row_id", "split", "overlap", pl.col("closest").alias("closest_train_row")))
+    found = list(found.iter_rows())
     return assigned, found, len(moved)
 
 
@@ -300,23 +296,33 @@ def _store(con, table: str, frame: pl.DataFrame, **constants) -> None:
                                 **{k: [v] * len(frame) for k, v in constants.items()}})
 
 
+def prompt_groups(con, cfg: PipelineConfig):
+    """(rows: row_id, split so far, in ingest order; then assign()'s output) over the representatives' prompt keys,
+    clustered. Needs a writable connection (new keys' signatures are stored). Its own function so the turns and the
+    key texts (per row, distinct) are freed before the overlap check."""
+    s = cfg.data.split
+    # Of the turns, only what prompt keys are made of; the overlap check's text is read later.
+    rows = con.sql(
+        "SELECT c.row_id, list_transform(list_filter(c.messages, lambda m: m.role IN ('user', 'system')), "
+        f"lambda m: {{'role': m.role, 'content': m.content}}) AS messages, a.split FROM {_REPRESENTATIVES} "
+        "LEFT JOIN split_assignments a ON a.cluster_id = c.row_id ORDER BY c.row_seq").pl()
+    keys = prompt_keys(rows, s)
+    rows = rows.drop("messages")
+    distinct = keys.select("key").unique(maintain_order=True).with_row_index("key_id")
+    edges = keys.join(distinct, on="key", maintain_order="left").select("row", "key_id")
+    del keys
+    rep, signed = key_clusters(con, distinct["key"].to_list(), cfg.data.dedup, s.prompt_threshold)
+    assigned, bridges, stats = assign(rows.select("row_id", "split"), edges["row"].to_numpy(),
+                                      rep[edges["key_id"].to_numpy()], len(distinct), s)
+    return rows, assigned, bridges, {**stats, "prompt_keys": len(distinct), "newly_signed_prompt_keys": signed}
+
+
 def run_split(cfg: PipelineConfig, dedup: DataResult, run_id: str = "local") -> DataResult:
     s = cfg.data.split
     started = utcnow()
     with open_warehouse(cfg.warehouse_url) as con:
-        # Of the turns, only what prompt keys are made of; the overlap check's text is read later.
-        rows = con.sql(
-            "SELECT c.row_id, list_transform(list_filter(c.messages, lambda m: m.role IN ('user', 'system')), "
-            f"lambda m: {{'role': m.role, 'content': m.content}}) AS messages, a.split FROM {_REPRESENTATIVES} "
-            "LEFT JOIN split_assignments a ON a.cluster_id = c.row_id ORDER BY c.row_seq").pl()
-        keys = prompt_keys(rows, s)
-        rows = rows.drop("messages")
-        distinct = keys.select("key").unique(maintain_order=True).with_row_index("key_id")
-        edges = keys.join(distinct, on="key", maintain_order="left")
         con.begin()
-        rep, signed = key_clusters(con, distinct["key"].to_list(), cfg.data.dedup, s.prompt_threshold)
-        assigned, bridges, stats = assign(rows.select("row_id", "split"), edges["row"].to_numpy(),
-                                          rep[edges["key_id"].to_numpy()], len(distinct), s)
+        rows, assigned, bridges, stats = prompt_groups(con, cfg)
         assigned, found, stats["kept_in_train_by_overlap"] = keep_overlapping_groups_in_train(
             assigned, s, lambda row_ids: _texts_of(con, row_ids),
             lambda: stream(con, f"SELECT c.row_id, {_TEXT} AS text FROM {_REPRESENTATIVES} ORDER BY c.row_seq",
@@ -334,8 +340,7 @@ def run_split(cfg: PipelineConfig, dedup: DataResult, run_id: str = "local") -> 
         con.commit()
         sizes = assigned["split"].value_counts()
         stats = {"new_rows": len(new), **{k: 0 for k in ("train", "validation", "test")},
-                 **dict(sizes.iter_rows()), **stats, "bridged_rows": len(bridges), "contaminated_eval_rows": len(found),
-                 "prompt_keys": len(distinct), "newly_signed_prompt_keys": signed}
+                 **dict(sizes.iter_rows()), **stats, "bridged_rows": len(bridges), "contaminated_eval_rows": len(found)}
         fingerprint = table_fingerprint(
             con, "SELECT m.row_id, a.split, k.row_id IS NULL AS usable FROM cluster_members m "
                  "JOIN split_assignments a USING (cluster_id) LEFT JOIN contamination k ON k.row_id = m.row_id "
