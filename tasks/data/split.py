@@ -187,11 +187,11 @@ class TrainingNgrams:
         for idx, flat, n in minhash.ngram_hash_batches(texts, self.s.decontam_ngram, only=self.relevant):
             hashes.append(flat)
             owners.append(np.repeat(idx, n).astype(np.int64) + base)
-        pairs = pl.DataFrame({"hash": np.concatenate(hashes), "owner": np.concatenate(owners)}).sort("hash", "owner")
+        # The earliest row per hash by a hash table, then a sort of what is left: most kept n-grams are repeats
+        # (in 270k rows of the 1M benchmark, 20M become 0.7M distinct).
+        pairs = (pl.DataFrame({"hash": np.concatenate(hashes), "owner": np.concatenate(owners)})
+                 .group_by("hash").agg(pl.col("owner").min()).sort("hash"))
         h, o = pairs["hash"].to_numpy(), pairs["owner"].to_numpy()
-        first = np.ones(len(h), dtype=bool)
-        first[1:] = h[1:] != h[:-1]  # the earliest row per hash
-        h, o = h[first], o[first]
         new = self._owners(h) < 0  # n-grams an earlier row already owns stay its own
         h, o = h[new], o[new]
         # merged into place (a memory move), so each call costs the rows added, not the whole index again
