@@ -295,13 +295,12 @@ def language_id_seconds(warehouse: str) -> float:
     import duckdb
 
     from tasks.core.config import load_config
-    from tasks.data.quality import _content_text, detect_language, detect_languages
+    from tasks.data.quality import _content_text, detect_language, detect_languages, language_id_input
 
     n = load_config(None, []).data.quality.language_chars
     with duckdb.connect(warehouse, read_only=True) as con:
         rows = con.sql("SELECT messages, responses FROM clean_rows WHERE reason IS NULL").pl()
-    texts = rows.select(_content_text(pl.col("messages"), pl.col("responses")).str.slice(0, n)
-                        .str.replace_all("\n", " ", literal=True)).to_series().to_list()
+    texts = language_id_input(rows.select(_content_text(pl.col("messages"), pl.col("responses"))).to_series(), n)
     detect_language("warm up the model")
     start = time.perf_counter()
     detect_languages(texts)

@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import polars as pl
 
-from benchmarks.common import machine, write_results
+from benchmarks.common import ROOT, machine, write_results
 from tasks.data.formats import detect_file_format, normalize
-from tasks.data.quality import _content_text, detect_language, detect_languages
+from tasks.data.quality import _content_text, detect_language, detect_languages, language_id_input
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def shared_rows() -> pl.DataFrame:
@@ -50,7 +49,7 @@ def measure(chars: list[int], repeats: int) -> dict:
     detect_language("warm up the model")
     labels, seconds = {}, {}
     for n in chars:
-        sample = text.str.slice(0, n).str.replace_all("\n", " ", literal=True).to_list()
+        sample = language_id_input(text, n)
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()

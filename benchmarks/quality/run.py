@@ -97,7 +97,7 @@ def child(method: str, rows_path: str, items_path: str) -> dict:
     from tasks.core.config import load_config
     from tasks.data import decontaminate
     from tasks.data.clean import clean_frame
-    from tasks.data.quality import _content_text, detect_language, detect_languages, judge, redact_rows
+    from tasks.data.quality import _content_text, detect_language, detect_languages, judge, language_id_input, redact_rows
 
     cfg = load_config(None, [f"data.decontaminate.against=[{items_path}]"])
     rows = pl.read_parquet(rows_path)
@@ -114,7 +114,7 @@ def child(method: str, rows_path: str, items_path: str) -> dict:
     elif method == "language":
         texts = rows.select(_content_text(pl.col("messages"), pl.col("responses")))
         n = cfg.data.quality.language_chars
-        langs = [lang for lang, _ in detect_languages([t[:n].replace("\n", " ") for t in texts.to_series().to_list()])]
+        langs = [lang for lang, _ in detect_languages(language_id_input(texts.to_series(), n))]
         extra["languages"] = dict(pl.Series(langs).value_counts().iter_rows())
     elif method == "pii":
         findings, redacted = redact_rows(rows, cfg)

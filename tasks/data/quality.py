@@ -233,10 +233,15 @@ def _rebuilt(frames: dict[str, pl.DataFrame], changed: pl.DataFrame) -> pl.DataF
 Rule = tuple[pl.Expr, pl.Expr, pl.Expr]  # (broken, reason code, detail) over judge's frame
 
 
+def language_id_input(text: pl.Series, language_chars: int) -> list[str]:
+    """What the detector reads of each text: its first language_chars characters, on one line."""
+    return text.str.slice(0, language_chars).str.replace_all("\n", " ", literal=True).to_list()
+
+
 def _start_language_id(text: pl.Series, cfg: PipelineConfig, languages_of) -> Callable[[], Languages]:
     """Starts language ID on the first language_chars characters of each text; returns the wait for it."""
     n = cfg.data.quality.language_chars
-    sample = text.str.slice(0, n).str.replace_all("\n", " ", literal=True).to_list()
+    sample = language_id_input(text, n)
     return detect_now(sample) if languages_of is None else languages_of(sample, detector_key(n))
 
 
