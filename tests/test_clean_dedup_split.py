@@ -291,6 +291,12 @@ def test_training_ngrams_merged_a_few_rows_at_a_time_find_what_one_merge_finds(m
         owned = Counter(owner[g] for g in grams(t) if g in owner)
         expected.append(f"t{min(owned, key=lambda i: (-owned[i], i))}")
     assert [closest for *_, closest in at_once] == expected
+    # Rows added in any order (the stage streams them unsorted) give the same index: owners are the smallest row_seq.
+    shuffled = TrainingNgrams(SplitConfig(), [t for *_, t in held_out])
+    rows = pl.DataFrame({"row_seq": range(len(train)), "text": [t for _, t in train]})
+    for lo in (20, 10, 0):
+        shuffled.add(rows.slice(lo, 10).reverse())
+    assert [f"t{seq}" for seq in shuffled.overlapping(np.arange(len(held_out)))["closest"]] == expected
 
 
 def test_prompt_keys_first_turn_long_follow_ups_and_optional_system_prompt():

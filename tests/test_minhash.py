@@ -257,6 +257,25 @@ def test_exact_jaccard_is_the_jaccard_of_the_shingle_sets(real_texts):
         assert len(sets[i]) == len(a)
 
 
+def test_exact_similarity_of_many_pairs_is_their_shingle_sets_jaccard(real_texts):
+    # Every pair of a small pool (repeats, empty and one-token texts included): the check gives the Jaccard of Python
+    # sets of the shingles, and asks for each row's text once.
+    texts = real_texts[:30] + [real_texts[0], real_texts[1] + " and one more clause"] + EDGE_TEXTS + ["", "one"]
+    left, right = np.triu_indices(len(texts), k=0)
+    asked = []
+
+    def texts_of(rows):
+        asked.append(len(rows))
+        return [texts[i] for i in rows]
+
+    got = minhash.exact_similarity(texts_of, NGRAM)(left, right)
+    sets = [set(minhash.shingles(t, NGRAM)) for t in texts]
+    want = [len(sets[i] & sets[j]) / len(sets[i] | sets[j]) if sets[i] | sets[j] else 1.0
+            for i, j in zip(left.tolist(), right.tolist())]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert asked == [len(texts)] and (np.array(want) == 1.0).sum() > len(texts) and 0 < np.mean(want) < 0.5
+
+
 def _edited_pairs(n: int, seed: int = 7):
     """(origin, copy) pairs: 30-60 distinct words with one replaced, so true Jaccard falls on both sides of 0.8."""
     rng = random.Random(seed)

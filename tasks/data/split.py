@@ -155,16 +155,20 @@ def assign(rows: pl.DataFrame, edge_rows: np.ndarray, edge_keys: np.ndarray, n_k
 # ------------------------------------------------------------------------------------------------ contamination
 class TrainingNgrams:
     """The n-grams of the training split (hashed as the dedup stage hashes shingles, whole n-grams only), each with
-    the first training row that has it. Kept as sorted arrays, so a lookup is one vectorised searchsorted.
+    the earliest training row (smallest row_seq) that has it. Kept as sorted arrays, so a lookup is one vectorised
+    searchsorted; rows may be added in any order and the index comes out the same.
 
     queried: the texts that will be looked up (held-out rows). Their distinct n-grams are hashed once and kept
     (row, hash), so asking again after training grew costs lookups only; and only training n-grams that occur in
-    them are indexed (the rest can never be a hit), a fraction of the training split's n-grams."""
+    them are indexed (the rest can never be a hit), a fraction of the training split's n-grams.
+
+    Rows are known by row_seq alone: keeping each added batch's row ids (small allocations among the freed texts)
+    held ~0.4 GiB of the stream's memory at 1M rows."""
 
     def __init__(self, s: SplitConfig, queried: list[str] | pl.Series):
-        self.s, self.row_ids = s, []  # row_ids: training rows in the order they were added
+        self.s = s
         self.hashes = np.empty(0, np.uint64)  # sorted, distinct
-        self.owner = np.empty(0, np.int64)  # position in row_ids of the first row that has each hash
+        self.owner = np.empty(0, np.int64)  # row_seq of the earliest training row that has each hash
         frames = [pl.DataFrame({"row": np.repeat(idx, n).astype(np.int32), "hash": flat}).unique()  # rows: one batch
                   for idx, flat, n in minhash.ngram_hash_batches(queried, s.decontam_ngram)]
         grams = pl.concat(frames) if frames else pl.DataFrame(schema={"row": pl.Int32, "hash": pl.UInt64})
@@ -175,31 +179,34 @@ class TrainingNgrams:
 
     ROWS_PER_MERGE = 100_000  # rows' n-grams (with their owners) held at once before they are merged in
 
-    def add(self, row_ids: list[str], texts: list[str] | pl.Series) -> None:
-        """Training rows and their texts (a polars Series keeps them out of Python strings but a batch at a time)."""
-        for lo in range(0, len(row_ids), self.ROWS_PER_MERGE):
-            self._add(row_ids[lo : lo + self.ROWS_PER_MERGE], texts[lo : lo + self.ROWS_PER_MERGE])
+    def add(self, rows: pl.DataFrame) -> None:
+        """Training rows: row_seq (their order of ingest) and text; a polars frame keeps the texts out of Python
+        strings but a batch at a time."""
+        for lo in range(0, len(rows), self.ROWS_PER_MERGE):
+            self._add(rows.slice(lo, self.ROWS_PER_MERGE))
 
-    def _add(self, row_ids: list[str], texts: list[str] | pl.Series) -> None:
-        base = len(self.row_ids)
-        self.row_ids += row_ids
+    def _add(self, rows: pl.DataFrame) -> None:
+        seqs = rows["row_seq"].cast(pl.Int64).to_numpy()
         hashes, owners = [np.empty(0, np.uint64)], [np.empty(0, np.int64)]
-        for idx, flat, n in minhash.ngram_hash_batches(texts, self.s.decontam_ngram, only=self.relevant):
+        for idx, flat, n in minhash.ngram_hash_batches(rows["text"], self.s.decontam_ngram, only=self.relevant):
             hashes.append(flat)
-            owners.append(np.repeat(idx, n).astype(np.int64) + base)
+            owners.append(np.repeat(seqs[idx], n))
         # The earliest row per hash by a hash table, then a sort of what is left: most kept n-grams are repeats
         # (in 270k rows of the 1M benchmark, 20M become 0.7M distinct).
         pairs = (pl.DataFrame({"hash": np.concatenate(hashes), "owner": np.concatenate(owners)})
                  .group_by("hash").agg(pl.col("owner").min()).sort("hash"))
         h, o = pairs["hash"].to_numpy(), pairs["owner"].to_numpy()
-        new = self._owners(h) < 0  # n-grams an earlier row already owns stay its own
-        h, o = h[new], o[new]
+        pos = np.minimum(np.searchsorted(self.hashes, h), max(len(self.hashes) - 1, 0))
+        known = (self.hashes[pos] == h) if len(self.hashes) else np.zeros(len(h), bool)
+        # an n-gram already indexed keeps the earlier of its two owners
+        self.owner[pos[known]] = np.minimum(self.owner[pos[known]], o[known])
+        h, o = h[~known], o[~known]
         # merged into place (a memory move), so each call costs the rows added, not the whole index again
         at = np.searchsorted(self.hashes, h)
         self.hashes, self.owner = np.insert(self.hashes, at, h), np.insert(self.owner, at, o)
 
     def _owners(self, hashes: np.ndarray) -> np.ndarray:
-        """The owner position of each hash, -1 where no training row has it."""
+        """The owner (row_seq) of each hash, -1 where no training row has it."""
         if not len(self.hashes):
             return np.full(len(hashes), -1, np.int64)
         pos = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
@@ -207,8 +214,8 @@ class TrainingNgrams:
 
     def overlapping(self, rows: np.ndarray) -> pl.DataFrame:
         """Queried texts (positions in `queried`) whose n-grams are in the training split at or above the threshold
-        share: row (position), overlap, closest (row id of the training row holding most of the hits; ties: the
-        earliest added), in row order."""
+        share: row (position), overlap, closest (row_seq of the training row holding most of the hits; ties: the
+        earliest), in row order."""
         grams = self.queried.filter(pl.col("row").is_in(pl.Series(rows, dtype=pl.Int32)))
         grams = grams.with_columns(pl.Series("owner", self._owners(grams["hash"].to_numpy()))).drop("hash")
         closest = (grams.filter(pl.col("owner") >= 0).group_by("row", "owner").len()
@@ -217,18 +224,18 @@ class TrainingNgrams:
         hits = (grams.group_by("row").agg((pl.col("owner") >= 0).mean().alias("overlap"))
                 .filter(pl.col("overlap") >= self.s.decontam_threshold)
                 .join(closest, on="row").sort("row"))
-        owners = pl.Series(self.row_ids, dtype=pl.String)
-        return hits.select(pl.col("row").cast(pl.Int64), "overlap",
-                           owners.gather(hits["closest"].to_numpy()).alias("closest"))
+        return hits.select(pl.col("row").cast(pl.Int64), "overlap", "closest")
 
 
 def contamination(train: list[tuple[str, str]], held_out: list[tuple[str, str, str]], s: SplitConfig):
-    """Held-out rows (row_id, split, text) overlapping the training rows (row_id, text), as (row_id, split, overlap,
-    closest_train_row) in the order given; see TrainingNgrams."""
+    """Held-out rows (row_id, split, text) overlapping the training rows (row_id, text; earliest first), as (row_id,
+    split, overlap, closest_train_row) in the order given; see TrainingNgrams."""
     index = TrainingNgrams(s, [t for _, _, t in held_out])
-    index.add([r for r, _ in train], [t for _, t in train])
+    index.add(pl.DataFrame({"row_seq": np.arange(len(train), dtype=np.int64), "text": [t for _, t in train]},
+                           schema={"row_seq": pl.Int64, "text": pl.String}))
     found = index.overlapping(np.arange(len(held_out)))
-    return [(held_out[row][0], held_out[row][1], overlap, closest) for row, overlap, closest in found.iter_rows()]
+    return [(held_out[row][0], held_out[row][1], overlap, train[closest][0])
+            for row, overlap, closest in found.iter_rows()]
 
 
 def keep_overlapping_groups_in_train(assigned: pl.DataFrame, s: SplitConfig,
@@ -236,13 +243,14 @@ def keep_overlapping_groups_in_train(assigned: pl.DataFrame, s: SplitConfig,
                                      training_text: Callable[[], Iterator[pl.DataFrame]]):
     """Move new groups whose held-out rows overlap training into train, until none does; then check every
     held-out row. assigned: row_id, group_id, split, fresh (the group had no assigned row before this run).
-    held_out_text(row_ids) -> (row_id, text) of those rows; training_text() -> (row_id, text) frames of every row, in
-    row order, a batch at a time: the training split's text is never held whole (1.5 GiB of the stage's 5.8 GiB
-    peak at 1M rows).
+    held_out_text(row_ids) -> (row_id, row_seq, text) of those rows; training_text() -> (row_id, row_seq, text)
+    frames of every row, in any order, a batch at a time: the training split's text is never held whole (1.5 GiB of
+    the stage's 5.8 GiB peak at 1M rows).
 
     Moving a group adds its n-grams to training, which can make another new group overlap: hence the loop. Rows
     assigned in earlier runs never move, so what overlaps among them (or joined their groups) stays, and is
-    reported. Returns (assigned, contamination rows, rows moved).
+    reported. Returns (assigned, contamination: row_id, split, overlap, closest_seq (the closest training row's
+    row_seq), rows moved).
     """
     held_out = assigned.filter(pl.col("split") != "train")
     held_out = held_out.join(held_out_text(held_out["row_id"]), on="row_id", maintain_order="left")
@@ -251,8 +259,7 @@ def keep_overlapping_groups_in_train(assigned: pl.DataFrame, s: SplitConfig,
     held_out = held_out.with_row_index("pos")  # pos: the row's position in the index's queried texts
     train = assigned.filter(pl.col("split") == "train").select("row_id")
     for batch in training_text():
-        batch = batch.join(train, on="row_id", how="semi", maintain_order="left")
-        index.add(batch["row_id"].to_list(), batch["text"])
+        index.add(batch.join(train, on="row_id", how="semi", maintain_order="left"))
     del train
     moved = held_out.clear().select("row_id")
     candidates = held_out.filter(pl.col("fresh"))
@@ -262,7 +269,7 @@ def keep_overlapping_groups_in_train(assigned: pl.DataFrame, s: SplitConfig,
         if not len(groups):
             break
         to_train = candidates.filter(pl.col("group_id").is_in(groups))
-        index.add(to_train["row_id"].to_list(), to_train["text"])
+        index.add(to_train)
         moved = pl.concat([moved, to_train.select("row_id")])
         candidates = candidates.filter(~pl.col("group_id").is_in(groups))
     assigned = assigned.with_columns(
@@ -270,8 +277,7 @@ def keep_overlapping_groups_in_train(assigned: pl.DataFrame, s: SplitConfig,
     remaining = held_out.filter(~pl.col("row_id").is_in(moved["row_id"]))
     found = (index.overlapping(remaining["pos"].to_numpy())
              .join(remaining.select(pl.col("pos").cast(pl.Int64).alias("row"), "row_id", "split"), on="row")
-             .select("row_id", "split", "overlap", pl.col("closest").alias("closest_train_row")))
-    found = list(found.iter_rows())
+             .select("row_id", "split", "overlap", pl.col("closest").alias("closest_seq")))
     return assigned, found, len(moved)
 
 
@@ -282,10 +288,10 @@ _TEXT = "c.dedup_text || chr(10) || coalesce(array_to_string(c.responses, chr(10
 
 
 def _texts_of(con, row_ids: pl.Series) -> pl.DataFrame:
-    """(row_id, text) of these representatives: the few held-out ones, read at once."""
+    """(row_id, row_seq, text) of these representatives: the few held-out ones, read at once."""
     con.register("wanted_rows", pl.DataFrame({"row_id": row_ids}).to_arrow())
     try:
-        return con.sql(f"SELECT c.row_id, {_TEXT} AS text FROM {_REPRESENTATIVES} "
+        return con.sql(f"SELECT c.row_id, c.row_seq, {_TEXT} AS text FROM {_REPRESENTATIVES} "
                        "JOIN wanted_rows w ON w.row_id = c.row_id").pl()
     finally:
         con.unregister("wanted_rows")
@@ -297,13 +303,13 @@ def _store(con, table: str, frame: pl.DataFrame, **constants) -> None:
 
 
 def prompt_groups(con, cfg: PipelineConfig):
-    """(rows: row_id, split so far, in ingest order; then assign()'s output) over the representatives' prompt keys,
+    """(rows: row_id, row_seq, split so far, in ingest order; then assign()'s output) over the representatives' prompt keys,
     clustered. Needs a writable connection (new keys' signatures are stored). Its own function so the turns and the
     key texts (per row, distinct) are freed before the overlap check."""
     s = cfg.data.split
     # Of the turns, only what prompt keys are made of; the overlap check's text is read later.
     rows = con.sql(
-        "SELECT c.row_id, list_transform(list_filter(c.messages, lambda m: m.role IN ('user', 'system')), "
+        "SELECT c.row_id, c.row_seq, list_transform(list_filter(c.messages, lambda m: m.role IN ('user', 'system')), "
         f"lambda m: {{'role': m.role, 'content': m.content}}) AS messages, a.split FROM {_REPRESENTATIVES} "
         "LEFT JOIN split_assignments a ON a.cluster_id = c.row_id ORDER BY c.row_seq").pl()
     keys = prompt_keys(rows, s)
@@ -325,7 +331,8 @@ def run_split(cfg: PipelineConfig, dedup: DataResult, run_id: str = "local") -> 
         rows, assigned, bridges, stats = prompt_groups(con, cfg)
         assigned, found, stats["kept_in_train_by_overlap"] = keep_overlapping_groups_in_train(
             assigned, s, lambda row_ids: _texts_of(con, row_ids),
-            lambda: stream(con, f"SELECT c.row_id, {_TEXT} AS text FROM {_REPRESENTATIVES} ORDER BY c.row_seq",
+            # no ORDER BY: the index is order-independent, and a sort would hold every training text at once
+            lambda: stream(con, f"SELECT c.row_id, c.row_seq, {_TEXT} AS text FROM {_REPRESENTATIVES}",
                            cfg.data.batch_rows))
         new = assigned.join(rows.filter(pl.col("split").is_null()).select("row_id"), on="row_id")
         now = utcnow()
@@ -335,8 +342,9 @@ def run_split(cfg: PipelineConfig, dedup: DataResult, run_id: str = "local") -> 
         con.execute("DELETE FROM split_groups")
         _store(con, "split_groups", assigned.select(pl.col("row_id").alias("cluster_id"), "group_id"))
         con.execute("DELETE FROM contamination")
-        _store(con, "contamination", pl.DataFrame(
-            found, schema=["row_id", "split", "overlap", "closest_train_row"], orient="row"))
+        found = found.join(rows.select(pl.col("row_seq").alias("closest_seq"), pl.col("row_id").alias(
+            "closest_train_row")), on="closest_seq", how="left", maintain_order="left").drop("closest_seq")
+        _store(con, "contamination", found)
         con.commit()
         sizes = assigned["split"].value_counts()
         stats = {"new_rows": len(new), **{k: 0 for k in ("train", "validation", "test")},
