@@ -196,8 +196,7 @@ class TrainingNgrams:
         pairs = (pl.DataFrame({"hash": np.concatenate(hashes), "owner": np.concatenate(owners)})
                  .group_by("hash").agg(pl.col("owner").min()).sort("hash"))
         h, o = pairs["hash"].to_numpy(), pairs["owner"].to_numpy()
-        pos = np.minimum(np.searchsorted(self.hashes, h), max(len(self.hashes) - 1, 0))
-        known = (self.hashes[pos] == h) if len(self.hashes) else np.zeros(len(h), bool)
+        pos, known = self._find(h)
         # an n-gram already indexed keeps the earlier of its two owners
         self.owner[pos[known]] = np.minimum(self.owner[pos[known]], o[known])
         h, o = h[~known], o[~known]
@@ -205,12 +204,19 @@ class TrainingNgrams:
         at = np.searchsorted(self.hashes, h)
         self.hashes, self.owner = np.insert(self.hashes, at, h), np.insert(self.owner, at, o)
 
+    def _find(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in the index, whether it is there) of each hash."""
+        if not len(self.hashes):
+            return np.zeros(len(hashes), np.int64), np.zeros(len(hashes), bool)
+        pos = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
+        return pos, self.hashes[pos] == hashes
+
     def _owners(self, hashes: np.ndarray) -> np.ndarray:
         """The owner (row_seq) of each hash, -1 where no training row has it."""
         if not len(self.hashes):
             return np.full(len(hashes), -1, np.int64)
-        pos = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
-        return np.where(self.hashes[pos] == hashes, self.owner[pos], -1)
+        pos, known = self._find(hashes)
+        return np.where(known, self.owner[pos], -1)
 
     def overlapping(self, rows: np.ndarray) -> pl.DataFrame:
         """Queried texts (positions in `queried`) whose n-grams are in the training split at or above the threshold
@@ -303,13 +309,14 @@ def _store(con, table: str, frame: pl.DataFrame, **constants) -> None:
 
 
 def prompt_groups(con, cfg: PipelineConfig):
-    """(rows: row_id, row_seq, split so far, in ingest order; then assign()'s output) over the representatives' prompt keys,
-    clustered. Needs a writable connection (new keys' signatures are stored). Its own function so the turns and the
-    key texts (per row, distinct) are freed before the overlap check."""
+    """(rows: row_id, row_seq, split so far, in ingest order; then assign()'s output) over the representatives'
+    prompt keys, clustered. Needs a writable connection (new keys' signatures are stored). Its own function so the
+    turns and the key texts (per row, distinct) are freed before the overlap check."""
     s = cfg.data.split
     # Of the turns, only what prompt keys are made of; the overlap check's text is read later.
     rows = con.sql(
-        "SELECT c.row_id, c.row_seq, list_transform(list_filter(c.messages, lambda m: m.role IN ('user', 'system')), "
+        "SELECT c.row_id, c.row_seq, "
+        "list_transform(list_filter(c.messages, lambda m: m.role IN ('user', 'system')), "
         f"lambda m: {{'role': m.role, 'content': m.content}}) AS messages, a.split FROM {_REPRESENTATIVES} "
         "LEFT JOIN split_assignments a ON a.cluster_id = c.row_id ORDER BY c.row_seq").pl()
     keys = prompt_keys(rows, s)
